@@ -1,0 +1,240 @@
+"""The Python API: ``passforge.optimize(model, ...) -> Optimized`` and ``passforge.load(dir)``.
+
+    opt = passforge.optimize("tiny-lm", pipeline="cleanup,cast(dtype=bf16)")
+    opt.report["passes"][-1]["ppl"]; opt(tokens); opt.generate("def main(", 32); opt.save("out/")
+    again = passforge.load("out/")
+
+``model`` is an ``nn.Module`` (with ``example_inputs``), a preset name, a Hugging Face folder or a ``.pt2``.
+The user's model object is never mutated: capture shares its tensors read-only and passes never write
+tensors in place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from passforge.ir.capture import capture
+from passforge.ir.serialize import load_graph, save_graph, write_text_atomic
+from passforge.models.registry import ModelError, ModelSource, read_tokens, resolve
+from passforge.passes.base import Context
+from passforge.passes.hooks import DumpHook, VerifyHook
+from passforge.passes.manager import Hook, OnError, PassManager, PipelineResult
+from passforge.runtime.executor import Executor, GenerationStats, KVGenerator, resolve_device
+from passforge.runtime.profile import ProfileHook
+from passforge.tools.report import build_report
+
+DEFAULT_PIPELINE = "cleanup,cast(dtype=bf16),cleanup"
+FORMAT = "passforge-optimized/1"
+PREFILL_LEN = 64
+
+
+@dataclass
+class Optimized:
+    """An optimized model: the forward graph, its report, and (for our LLaMA models) generation graphs."""
+
+    graph: fx.GraphModule
+    report: dict[str, object]
+    example_inputs: tuple[torch.Tensor, ...]
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    prefill: fx.GraphModule | None = None
+    decode: fx.GraphModule | None = None
+    max_seq_len: int = 0
+    source: ModelSource | None = None
+
+    def __post_init__(self) -> None:
+        self._executor = Executor(self.graph, self.device)
+
+    def __call__(self, *inputs: torch.Tensor) -> object:
+        return self._executor(*inputs)
+
+    def generate(
+        self, prompt: str | torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0
+    ) -> tuple[str | torch.Tensor, GenerationStats]:
+        """Continue ``prompt`` (text, or int64 ids (1, T)) with the KV-cache graphs; returns (same kind, stats)."""
+        if self.prefill is None or self.decode is None:
+            raise RuntimeError("this model has no prefill/decode graphs; generate() needs a passforge LLaMA model")
+        generator = KVGenerator(
+            Executor(self.prefill, self.device), Executor(self.decode, self.device),
+            max_seq_len=self.max_seq_len, prefill_len=int(self.prefill_inputs()[0].shape[1]),
+        )
+        from passforge.models import tokenizer
+
+        ids = torch.tensor([tokenizer.encode(prompt)]) if isinstance(prompt, str) else prompt
+        tokens, stats = generator.generate(ids, max_new_tokens, temperature=temperature)
+        return (tokenizer.decode(tokens[0].tolist()) if isinstance(prompt, str) else tokens), stats
+
+    def prefill_inputs(self) -> tuple[torch.Tensor, ...]:
+        assert self.prefill is not None
+        return tuple(_zeros_like_meta(n) for n in self.prefill.graph.nodes if n.op == "placeholder")
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``model.pt2`` (+ ``prefill.pt2``/``decode.pt2``), ``manifest.json`` and ``report.json``.
+
+        The folder is built beside the target and swapped in by rename: a failure leaves any previous
+        contents intact.
+        """
+        target = Path(directory).resolve()
+        _refuse_overwriting_input(target, self.source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            save_graph(self.graph.cpu(), staging / "model.pt2", self.example_inputs)
+            graphs = {"forward": "model.pt2"}
+            if self.prefill is not None and self.decode is not None:
+                save_graph(self.prefill.cpu(), staging / "prefill.pt2", self.prefill_inputs())
+                decode_inputs = tuple(_zeros_like_meta(n) for n in self.decode.graph.nodes if n.op == "placeholder")
+                save_graph(self.decode.cpu(), staging / "decode.pt2", decode_inputs)
+                graphs.update(prefill="prefill.pt2", decode="decode.pt2")
+            manifest = {
+                "format": FORMAT,
+                "model": self.report.get("model"),
+                "pipeline": self.report.get("pipeline"),
+                "graphs": graphs,
+                "max_seq_len": self.max_seq_len,
+            }
+            write_text_atomic(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+            write_text_atomic(staging / "report.json", json.dumps(self.report, indent=2) + "\n")
+            _swap_in(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return target
+
+
+def _zeros_like_meta(node: fx.Node) -> torch.Tensor:
+    val = node.meta["val"]
+    return torch.zeros([int(d) for d in val.shape], dtype=val.dtype)
+
+
+def _refuse_overwriting_input(target: Path, source: ModelSource | None) -> None:
+    if source is None or source.pt2_path is None:
+        return
+    model_path = source.pt2_path.resolve()
+    if model_path == target or target in model_path.parents:
+        raise ModelError(f"output folder {target} contains the input model {model_path}; choose another --out")
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` by ``staging`` with renames (old contents removed only after the new are in place)."""
+    old = None
+    if target.exists():
+        if not target.is_dir():
+            raise ModelError(f"{target} exists and is not a folder; choose another --out")
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load(directory: str | os.PathLike[str], *, device: str | torch.device | None = None) -> Optimized:
+    """Load what :meth:`Optimized.save` wrote."""
+    folder = Path(directory)
+    manifest_path = folder / "manifest.json"
+    if not manifest_path.is_file():
+        raise ModelError(f"{folder}: no manifest.json; not a folder written by passforge optimize / Optimized.save")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT:
+        raise ModelError(f"{folder}: format {manifest.get('format')!r}, this passforge reads {FORMAT!r}")
+    graphs = {name: load_graph(folder / file) for name, file in manifest["graphs"].items()}
+    report_path = folder / "report.json"
+    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
+    forward = graphs["forward"]
+    example = tuple(_zeros_like_meta(n) for n in forward.graph.nodes if n.op == "placeholder")
+    return Optimized(
+        graph=forward, report=report, example_inputs=example, device=resolve_device(device),
+        prefill=graphs.get("prefill"), decode=graphs.get("decode"), max_seq_len=int(manifest.get("max_seq_len", 0)),
+    )
+
+
+def optimize(
+    model: torch.nn.Module | str | os.PathLike[str] | None = None,
+    example_inputs: Sequence[torch.Tensor] | None = None,
+    *,
+    pipeline: str = DEFAULT_PIPELINE,
+    device: str | torch.device | None = None,
+    calib_data: str | os.PathLike[str] | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
+    dump_dir: str | os.PathLike[str] | None = None,
+    repro_dir: str | os.PathLike[str] | None = None,
+    on_error: OnError = "stop",
+    profile: bool = True,
+    generation: bool = True,
+    seq_len: int = 128,
+    hooks: Sequence[Hook] = (),
+) -> Optimized:
+    """Capture ``model``, run ``pipeline`` with verification (and profiling), return the result.
+
+    Raises :class:`passforge.passes.manager.PassFailure` (with the partial result) when a pass fails under
+    ``on_error="stop"``.
+    """
+    source = _source_for(model, example_inputs, seq_len)
+    dev = resolve_device(device)
+    manager = PassManager.parse(pipeline, on_error=on_error)  # parse first: a bad spec fails before any work
+    gm = load_graph(source.pt2_path) if source.pt2_path else capture(source.module, source.example_inputs)
+    example = source.example_inputs or tuple(_zeros_like_meta(n) for n in gm.graph.nodes if n.op == "placeholder")
+    ctx = Context(
+        example_inputs=example,
+        device=dev,
+        calib_tokens=read_tokens(calib_data, source) if calib_data else _tokens(source, source.calib_text),
+        eval_tokens=read_tokens(eval_data, source) if eval_data else _tokens(source, source.eval_text),
+        repro_dir=Path(repro_dir) if repro_dir else None,
+    )
+    all_hooks: list[Hook] = [VerifyHook()]
+    if dump_dir:
+        all_hooks.append(DumpHook(dump_dir))
+    if profile:
+        all_hooks.append(ProfileHook(lm=source.is_lm))
+    all_hooks.extend(hooks)
+    manager.hooks = all_hooks
+    result = manager.run(gm, ctx)
+    report = build_report(result, model=source.name, device=dev)
+    optimized = Optimized(result.graph, report, example, device=dev, source=source)
+    if generation and source.kv_model is not None:
+        _add_generation_graphs(optimized, source, pipeline, ctx)
+    return optimized
+
+
+def _source_for(
+    model: torch.nn.Module | str | os.PathLike[str] | None, example_inputs: Sequence[torch.Tensor] | None, seq_len: int
+) -> ModelSource:
+    if isinstance(model, torch.nn.Module):
+        if example_inputs is None:
+            raise ModelError("optimize(module) needs example_inputs, e.g. (torch.randint(0, V, (1, 64)),)")
+        from passforge.models.llama import Llama
+
+        kv = model if isinstance(model, Llama) else None
+        return ModelSource(type(model).__name__, model, tuple(example_inputs), is_lm=kv is not None, kv_model=kv)
+    return resolve(model, seq_len=seq_len)
+
+
+def _tokens(source: ModelSource, text: str | None) -> torch.Tensor | None:
+    if text is None or source.encode is None:
+        return None
+    return torch.tensor(source.encode(text), dtype=torch.long)
+
+
+def _add_generation_graphs(optimized: Optimized, source: ModelSource, pipeline: str, ctx: Context) -> None:
+    """Capture the prefill and one-token decode steps and run the same pipeline on each (verified)."""
+    from passforge.models.llama import DecodeStep, PrefillStep, example_decode_inputs
+
+    model = source.kv_model
+    prefill_len = min(PREFILL_LEN, model.config.max_seq_len)
+    prefill_in = (torch.zeros(1, prefill_len, dtype=torch.long),)
+    decode_in = example_decode_inputs(model)
+    graphs = []
+    for step, inputs in ((PrefillStep(model), prefill_in), (DecodeStep(model), decode_in)):
+        gm = capture(step, inputs, name=f"{source.name}:{type(step).__name__}")
+        step_ctx = Context(example_inputs=inputs, device=ctx.device, repro_dir=ctx.repro_dir)
+        result: PipelineResult = PassManager.parse(pipeline, hooks=[VerifyHook()]).run(gm, step_ctx)
+        graphs.append(result.graph)
+    optimized.prefill, optimized.decode = graphs
+    optimized.max_seq_len = model.config.max_seq_len

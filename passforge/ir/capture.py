@@ -1,0 +1,203 @@
+"""Capture: any ``nn.Module`` (our reference models, a Hugging Face folder) becomes the passforge IR.
+
+The IR is the ``GraphModule`` ``torch.export`` produces, unlifted (``ExportedProgram.module()``):
+
+- user inputs are ``placeholder`` nodes, in the order of the example inputs;
+- parameters and buffers are ``get_attr`` nodes and live on the GraphModule under their original names
+  (``layers.0.attention.wq.weight``) — the one documented way parameters are handled. The tensors are shared
+  with the source model, never copied; passes must not mutate a tensor in place (ir/INVARIANTS.md), so the
+  user's model is never changed;
+- every node carries ``meta["val"]`` (a FakeTensor: shape, dtype, device; symbolic for dynamic dims) and
+  ``meta["passforge.pass"] = "capture"``;
+- calling it takes and returns the same pytree as the model (``gm(tokens) -> logits``).
+
+When ``torch.export`` fails, :class:`CaptureError` says what failed, where in the user's code, why, and what
+to try, instead of a raw export traceback.
+"""
+
+from __future__ import annotations
+
+import linecache
+import os
+import traceback
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from passforge.ir.graph import PASS_META
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+class CaptureError(RuntimeError):
+    """Capture failed; the message has what, where, why and what to try."""
+
+
+def capture(
+    model: torch.nn.Module,
+    example_inputs: Sequence[object],
+    *,
+    dynamic_shapes: object = None,
+    name: str | None = None,
+) -> fx.GraphModule:
+    """Export ``model`` on ``example_inputs`` to an ATen-level GraphModule (see the module docstring).
+
+    ``dynamic_shapes`` is passed to ``torch.export.export`` (e.g. ``({1: Dim("T", max=256)},)``).
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(
+            f"capture: expected a torch.nn.Module, got {type(model).__name__}; wrap plain functions in a Module."
+        )
+    example_inputs = tuple(example_inputs)
+    label = name or type(model).__name__
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+            exported = exported.run_decompositions({})
+            gm = exported.module()
+    except Exception as exc:
+        raise CaptureError(explain_export_failure(label, exc)) from exc
+    finally:
+        model.train(was_training)
+    _strip_guards(gm)
+    for node in gm.graph.nodes:
+        node.meta[PASS_META] = "capture"
+    gm.meta["passforge.source"] = label
+    return gm
+
+
+def _strip_guards(gm: fx.GraphModule) -> None:
+    """Drop export's runtime assertions: the ``_guards_fn`` input-shape check and the dtype asserts a no-op
+    ``x.float()`` leaves behind (they would fire wrongly once a pass changes dtypes). ``meta["val"]`` keeps
+    the same facts, and the executor checks inputs against it."""
+    for node in list(gm.graph.nodes):
+        is_guard = node.op == "call_module" and node.target == "_guards_fn"
+        if is_guard or node.target is torch.ops.aten._assert_tensor_metadata.default:
+            gm.graph.erase_node(node)
+    if hasattr(gm, "_guards_fn"):
+        delattr(gm, "_guards_fn")
+    gm.graph.lint()
+    gm.recompile()
+
+
+_REASONS: tuple[tuple[tuple[str, ...], str, str], ...] = (
+    (
+        ("GuardOnDataDependentSymNode", "data-dependent", "Could not guard on data-dependent"),
+        "the model branches or sizes a tensor on a tensor's *value* (data-dependent control flow)",
+        "rewrite the branch with torch.where / torch.cond, or move the value-dependent part out of forward()",
+    ),
+    (
+        ("Unsupported", "not supported", "NotImplementedError"),
+        "an operation the exporter does not support",
+        "replace the operation with a standard torch op, or register it as a torch.library custom op",
+    ),
+    (
+        ("ConstraintViolation", "Constraints violated", "specialized", "Dim"),
+        "a dimension declared dynamic is fixed by the model (or vice versa)",
+        "drop that dimension from dynamic_shapes, or export with the example's static shape",
+    ),
+    (
+        ("size mismatch", "must match the size", "shape", "Expected", "expected"),
+        "the example inputs do not fit the model (wrong shape, dtype or count)",
+        "check the example inputs against forward()'s signature (e.g. token ids must be int64 of shape (B, T))",
+    ),
+)
+
+
+def explain_export_failure(label: str, exc: BaseException) -> str:
+    """Turn a torch.export exception into: what failed, where in user code, why, and what to try."""
+    text = f"{type(exc).__name__}: {exc}"
+    first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    why, hint = "torch.export could not trace the model", "run torch.export.export on the model directly for details"
+    for needles, reason, fix in _REASONS:
+        if any(needle in text for needle in needles):
+            why, hint = reason, fix
+            break
+    where = _user_frame(exc)
+    lines = [f"capture of {label} failed: {why}.", f"  error: {first_line[:300]}"]
+    if where:
+        lines.append(f"  at: {where}")
+    lines.append(f"  try: {hint}.")
+    return "\n".join(lines)
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """``file:line: source`` of the deepest traceback frame outside torch, if any."""
+    found: str | None = None
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if not frame.filename.startswith(_TORCH_DIR) and "passforge/ir/capture.py" not in frame.filename:
+            source = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
+            found = f"{frame.filename}:{frame.lineno}: {source}"
+    return found
+
+
+class _LogitsOnly(torch.nn.Module):
+    """Adapter: a Hugging Face causal LM as ``tokens (B, T) -> logits (B, T, V)``, no cache, no dict."""
+
+    def __init__(self, hf_model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = hf_model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False, return_dict=True).logits
+
+
+def load_hf_causal_lm(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a Hugging Face causal LM from a local folder: never the hub, never pickled weights.
+
+    Only ``*.safetensors`` weights are accepted (pickled ``.bin`` checkpoints can run code when loaded).
+    """
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise CaptureError(f"{folder}: not a Hugging Face model folder (no config.json); pass the folder path.")
+    if not any(folder.glob("*.safetensors")):
+        raise CaptureError(
+            f"{folder}: no *.safetensors weights. passforge does not unpickle .bin checkpoints; convert them "
+            "once in a trusted environment with model.save_pretrained(dir, safe_serialization=True)."
+        )
+    try:
+        import transformers
+    except ImportError as exc:
+        raise CaptureError("loading Hugging Face folders needs transformers: pip install 'passforge[hf]'") from exc
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, dtype=dtype
+        )
+    model.eval()
+    return model
+
+
+def capture_hf(
+    path: str | os.PathLike[str],
+    *,
+    seq_len: int = 16,
+    batch: int = 1,
+    dynamic_seq: bool = False,
+) -> tuple[fx.GraphModule, torch.nn.Module, tuple[torch.Tensor]]:
+    """Capture a local Hugging Face causal LM as ``input_ids (B, T) -> logits``.
+
+    Returns ``(graph, eager_model, example_inputs)``; the eager model is the reference for accuracy.
+    """
+    hf_model = load_hf_causal_lm(path)
+    wrapped = _LogitsOnly(hf_model)
+    vocab = int(getattr(hf_model.config, "vocab_size", 256))
+    generator = torch.Generator().manual_seed(0)
+    example = (torch.randint(0, vocab, (batch, seq_len), generator=generator),)
+    dynamic = None
+    if dynamic_seq:
+        max_len = int(getattr(hf_model.config, "max_position_embeddings", 2048))
+        dynamic = ({1: torch.export.Dim("T", min=2, max=max_len)},)
+    gm = capture(wrapped, example, dynamic_shapes=dynamic, name=f"hf:{Path(path).name}")
+    return gm, wrapped, example
+
+
+def example_from_meta(gm: fx.GraphModule) -> Mapping[str, object]:
+    """``{placeholder name: meta["val"]}`` — what the graph expects as inputs."""
+    return {node.name: node.meta.get("val") for node in gm.graph.nodes if node.op == "placeholder"}

@@ -1,0 +1,212 @@
+"""Small helpers over the IR: an ATen-level ``torch.fx.GraphModule`` whose parameters are ``get_attr`` nodes.
+
+Every pass, the verifier and the profiler read graphs through these helpers, so "how many nodes", "which
+parameters", "what does this node compute" have one answer in the code base.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+PASS_META = "passforge.pass"
+"""``node.meta`` key naming the pass that created a node (``"capture"`` for captured nodes)."""
+
+
+def op_name(node: fx.Node) -> str:
+    """A short, stable name for what a node computes: ``aten.linear.default``, ``placeholder``, ..."""
+    if node.op == "call_function":
+        target = node.target
+        if isinstance(target, torch._ops.OpOverload):
+            return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+        return getattr(target, "__name__", str(target))
+    if node.op == "call_module":
+        return f"module:{node.target}"
+    return node.op
+
+
+def op_counts(gm: fx.GraphModule, *, compute_only: bool = True) -> Counter[str]:
+    """Count nodes by :func:`op_name`; ``compute_only`` leaves out placeholders, get_attr and output."""
+    counts: Counter[str] = Counter()
+    for node in gm.graph.nodes:
+        if compute_only and node.op not in ("call_function", "call_method", "call_module"):
+            continue
+        counts[op_name(node)] += 1
+    return counts
+
+
+def count_calls(gm: fx.GraphModule, target: object) -> int:
+    """Number of ``call_function`` nodes calling ``target`` (an OpOverload or OpOverloadPacket)."""
+    return sum(1 for node in gm.graph.nodes if node.op == "call_function" and matches_target(node, target))
+
+
+def matches_target(node: fx.Node, target: object) -> bool:
+    """True when ``node`` calls ``target``; an ``OpOverloadPacket`` matches any of its overloads."""
+    if node.op != "call_function":
+        return False
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return getattr(node.target, "overloadpacket", None) is target
+    return node.target is target
+
+
+def num_compute_nodes(gm: fx.GraphModule) -> int:
+    return sum(1 for node in gm.graph.nodes if node.op in ("call_function", "call_method", "call_module"))
+
+
+def tensor_attrs(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer the graph reads through ``get_attr`` (each once)."""
+    seen: set[str] = set()
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and node.target not in seen:
+            seen.add(node.target)
+            value = get_attr(gm, node.target)
+            if isinstance(value, torch.Tensor):
+                yield node.target, value
+
+
+def param_stats(gm: fx.GraphModule) -> tuple[int, int]:
+    """``(elements, bytes)`` over the tensors the graph reads; storage shared by two names counts once."""
+    elements = 0
+    nbytes = 0
+    storages: set[int] = set()
+    for _, tensor in tensor_attrs(gm):
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        elements += tensor.numel()
+        if key not in storages:
+            storages.add(key)
+            nbytes += tensor.numel() * tensor.element_size()
+    return elements, nbytes
+
+
+def get_attr(gm: torch.nn.Module, qualname: str) -> object:
+    obj: object = gm
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def set_tensor_attr(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
+    """Store ``value`` at ``qualname`` as a parameter (floating) or buffer, creating submodules as needed."""
+    *path, leaf = qualname.split(".")
+    owner: torch.nn.Module = gm
+    for part in path:
+        if not hasattr(owner, part):
+            owner.add_module(part, torch.nn.Module())
+        owner = getattr(owner, part)
+    if hasattr(owner, leaf):
+        delattr(owner, leaf)
+    if value.is_floating_point():
+        owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
+    else:
+        owner.register_buffer(leaf, value)
+
+
+def fresh_attr_name(gm: fx.GraphModule, stem: str) -> str:
+    """A top-level attribute name starting with ``stem`` that ``gm`` does not use yet."""
+    stem = stem.replace(".", "_")
+    name, i = stem, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{stem}_{i}"
+    return name
+
+
+def drop_unused_attrs(gm: fx.GraphModule) -> int:
+    """Delete ``get_attr`` nodes nobody uses and the tensors only they referenced; returns how many went."""
+    removed = 0
+    for node in list(gm.graph.nodes):
+        if node.op == "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+            removed += 1
+    used = {node.target for node in gm.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()) + list(gm.named_buffers()):
+        if name not in used:
+            *path, leaf = name.split(".")
+            owner = gm.get_submodule(".".join(path)) if path else gm
+            delattr(owner, leaf)
+    return removed
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A deep copy (graph, metadata and tensors) that a pass may change freely."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch's own TreeSpec deprecation noise
+        return copy.deepcopy(gm)
+
+
+def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:
+    """The fake mode (with its ShapeEnv, so dynamic dims stay symbolic) the graph was captured under."""
+    vals = [node.meta.get("val") for node in gm.graph.nodes if node.op == "placeholder"]
+    mode = detect_fake_mode(vals)
+    return mode if mode is not None else FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def propagate_meta(gm: fx.GraphModule) -> dict[fx.Node, object]:
+    """Recompute what every node produces (shape, dtype, device) with fake tensors.
+
+    Placeholders keep their captured ``meta["val"]`` so symbolic dimensions survive; returns ``{node: val}``
+    without touching ``node.meta`` (the verifier compares, :func:`refresh_meta` stores).
+    """
+    mode = fake_mode_of(gm)
+    inputs = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
+    prop = _ValueRecorder(gm, mode)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        prop.propagate_dont_convert_inputs(*inputs)
+    return prop.values
+
+
+def refresh_meta(gm: fx.GraphModule) -> None:
+    """Store a freshly propagated ``meta["val"]`` on every node (after a pass changed what nodes compute)."""
+    for node, val in propagate_meta(gm).items():
+        node.meta["val"] = val
+
+
+class _ValueRecorder(FakeTensorProp):
+    def __init__(self, module: fx.GraphModule, mode: FakeTensorMode) -> None:
+        super().__init__(module, mode)
+        self.values: dict[fx.Node, object] = {}
+
+    def run_node(self, n: fx.Node) -> object:
+        if n.op == "get_attr":
+            # Parameters are real tensors; fake them under the graph's own mode.
+            real = get_attr(self.module, n.target)
+            result = self._mode.from_tensor(real, static_shapes=True) if isinstance(real, torch.Tensor) else real
+        else:
+            result = super().run_node(n)
+        if n.op != "output":
+            self.values[n] = result
+        return result
+
+
+def describe_val(val: object) -> str:
+    """``f32[2, s0, 64]`` for a tensor value, ``repr`` otherwise; used in error messages and dumps."""
+    if isinstance(val, torch.Tensor):
+        return f"{dtype_short(val.dtype)}[{', '.join(str(d) for d in val.shape)}]"
+    if isinstance(val, (list, tuple)):
+        return "(" + ", ".join(describe_val(v) for v in val) + ")"
+    return repr(val)
+
+
+_DTYPE_SHORT = {
+    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+    torch.int64: "i64", torch.int32: "i32", torch.int8: "i8", torch.uint8: "u8", torch.bool: "b8",
+}
+
+
+def dtype_short(dtype: torch.dtype) -> str:
+    return _DTYPE_SHORT.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def tensor_nodes(nodes: Iterable[fx.Node]) -> Iterator[fx.Node]:
+    for node in nodes:
+        if isinstance(node.meta.get("val"), torch.Tensor):
+            yield node

@@ -1,0 +1,143 @@
+"""Resolve what the user names as MODEL — a preset, a Hugging Face folder, a ``.pt2`` — into something to capture.
+
+A :class:`ModelSource` bundles the eager module (the accuracy reference), example inputs, whether it is a
+language model, its tokenizer, and for our own LLaMA models the prefill/decode steps used for generation.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "tiny-lm"
+DEFAULT_SEQ_LEN = 128
+
+
+class ModelError(ValueError):
+    """MODEL does not name anything passforge can load."""
+
+
+@dataclass
+class ModelSource:
+    name: str
+    module: torch.nn.Module | None  # None for a loaded .pt2 (the graph is its own reference)
+    example_inputs: tuple[torch.Tensor, ...]
+    is_lm: bool
+    encode: Callable[[str], list[int]] | None = None
+    decode: Callable[[list[int]], str] | None = None
+    eval_text: str | None = None
+    calib_text: str | None = None
+    kv_model: torch.nn.Module | None = None  # a passforge Llama: prefill/decode graphs for generate()
+    pt2_path: Path | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+def _byte_tokens(cfg_vocab: int, seq_len: int, batch: int = 1) -> tuple[torch.Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, min(cfg_vocab, 256), (batch, seq_len), generator=generator),)
+
+
+def _llama_source(name: str, model: torch.nn.Module, seq_len: int, **extra: object) -> ModelSource:
+    from passforge.models import tokenizer
+
+    seq_len = min(seq_len, model.config.max_seq_len)
+    return ModelSource(
+        name=name,
+        module=model,
+        example_inputs=_byte_tokens(model.config.vocab_size, seq_len),
+        is_lm=True,
+        encode=tokenizer.encode,
+        decode=tokenizer.decode,
+        kv_model=model,
+        **extra,
+    )
+
+
+def preset_names() -> list[str]:
+    from passforge.models.llama import PRESETS
+    from passforge.models.nanogpt import PRESETS as GPT_PRESETS
+
+    return [DEFAULT_MODEL, *PRESETS, *(f"nanogpt-{p}" for p in GPT_PRESETS)]
+
+
+def resolve(model: str | os.PathLike[str] | None, *, seq_len: int = DEFAULT_SEQ_LEN) -> ModelSource:
+    """``None``/``"tiny-lm"`` → the bundled trained LM; a preset name; an HF folder; a ``.pt2`` file."""
+    spec = str(model) if model is not None else DEFAULT_MODEL
+    path = Path(spec)
+    if spec == DEFAULT_MODEL:
+        from passforge.models import bundled
+
+        return _llama_source(
+            DEFAULT_MODEL, bundled.load_tiny_lm(), seq_len,
+            eval_text=bundled.eval_text(), calib_text=bundled.calib_text(),
+        )
+    from passforge.models import llama, nanogpt
+
+    if spec in llama.PRESETS:
+        return _llama_source(spec, llama.build(spec), seq_len)
+    if spec.startswith("nanogpt-") and spec.removeprefix("nanogpt-") in nanogpt.PRESETS:
+        from passforge.models import tokenizer
+
+        gpt = nanogpt.build(spec.removeprefix("nanogpt-")).eval()
+        cfg = gpt.config
+        return ModelSource(
+            spec, gpt, _byte_tokens(cfg.vocab_size, min(seq_len, cfg.block_size)), True,
+            tokenizer.encode, tokenizer.decode,
+        )
+    if path.is_dir():
+        return _hf_source(path, seq_len)
+    if path.suffix == ".pt2":
+        if not path.is_file():
+            raise ModelError(f"{path}: no such file")
+        return ModelSource(path.name, None, (), is_lm=False, pt2_path=path)
+    if path.exists():
+        raise ModelError(f"{path}: not a model passforge reads (expected a Hugging Face folder or a .pt2 file)")
+    raise ModelError(
+        f"unknown model '{spec}': not a preset ({', '.join(preset_names())}), a folder, or a .pt2 file"
+    )
+
+
+def _hf_source(path: Path, seq_len: int) -> ModelSource:
+    from passforge.ir.capture import _LogitsOnly, load_hf_causal_lm
+
+    hf_model = load_hf_causal_lm(path)
+    encode = decode = None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        encode = lambda text: tok(text)["input_ids"]  # noqa: E731
+        decode = tok.decode
+    except (OSError, ValueError):
+        pass  # a folder without tokenizer files: token-id data only
+    vocab = int(getattr(hf_model.config, "vocab_size", 256))
+    max_pos = int(getattr(hf_model.config, "max_position_embeddings", seq_len) or seq_len)
+    return ModelSource(
+        name=f"hf:{path.name}",
+        module=_LogitsOnly(hf_model),
+        example_inputs=_byte_tokens(vocab, min(seq_len, max_pos)),
+        is_lm=True,
+        encode=encode,
+        decode=decode,
+    )
+
+
+def read_tokens(path: str | os.PathLike[str], source: ModelSource) -> torch.Tensor:
+    """A data file as a 1-D int64 token stream: UTF-8 text through the model's tokenizer."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such data file")
+    if source.encode is None:
+        raise ModelError(f"{path}: model {source.name} has no tokenizer to read text data with")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    ids = source.encode(text)
+    if len(ids) < 2:
+        raise ModelError(f"{path}: holds {len(ids)} tokens; need at least a sequence's worth")
+    return torch.tensor(ids, dtype=torch.long)

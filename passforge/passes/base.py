@@ -1,0 +1,113 @@
+"""What a pass is: a frozen dataclass whose fields are its options and whose ``name`` is its pipeline key.
+
+    @register
+    @dataclass(frozen=True)
+    class Cast(Pass):
+        name: ClassVar[str] = "cast"
+        lossy: ClassVar[bool] = True
+        dtype: Literal["bf16", "fp16"] = "bf16"
+
+        def run(self, gm, ctx): ...          # returns PassResult(gm, modified=..., stats=...)
+
+``Cast(dtype="fp16").spec == "cast(dtype=fp16)"`` and ``PassManager.parse("cast(dtype=fp16)")`` builds it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+
+class PassError(RuntimeError):
+    """A pass failed; carries the pass's spec and the specs of the passes that ran before it."""
+
+    def __init__(self, message: str, *, pass_spec: str = "", before: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.pass_spec = pass_spec
+        self.before = tuple(before)
+
+
+class PreconditionError(PassError):
+    """The graph is not something this pass can work on (e.g. no example inputs for a pass that needs them)."""
+
+
+@dataclass
+class Context:
+    """What passes, hooks and the profiler may read besides the graph.
+
+    ``example_inputs`` are the flat inputs the graph is called with; ``calib_tokens`` and ``eval_tokens`` are
+    1-D int64 token streams (for calibration-driven passes and perplexity); ``reference`` is the original
+    model's callable, for accuracy figures.
+    """
+
+    example_inputs: tuple[object, ...] = ()
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dynamic_shapes: object = None
+    calib_tokens: torch.Tensor | None = None
+    eval_tokens: torch.Tensor | None = None
+    eval_seq_len: int = 128
+    reference: Callable[..., object] | None = None
+    repro_dir: Path | None = None
+    seed: int = 0
+
+
+@dataclass
+class PassResult:
+    """What a pass hands back: the graph (usually the one it was given, changed in place), whether anything
+    changed, and counters (``{"cse": 12, "folded": 3}``) that go into the report."""
+
+    graph: fx.GraphModule
+    modified: bool
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pass(ABC):
+    """A named graph transformation; subclasses are frozen dataclasses whose fields are the options."""
+
+    name: ClassVar[str]
+    lossy: ClassVar[bool] = False
+    # Tolerance of the verifier's before/after comparison for lossless passes (float reassociation only).
+    rtol: ClassVar[float] = 1e-5
+    atol: ClassVar[float] = 1e-5
+
+    @abstractmethod
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        """Transform ``gm`` (in place or into a new module) and report what changed."""
+
+    @property
+    def spec(self) -> str:
+        """The pipeline text that rebuilds this pass: its name plus every option that differs from default."""
+        options = [
+            f"{f.name}={_format_value(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if f.init and getattr(self, f.name) != _default_of(f)
+        ]
+        return f"{self.name}({','.join(options)})" if options else self.name
+
+    @classmethod
+    def doc(cls) -> str:
+        return (cls.__doc__ or "").strip()
+
+
+def _default_of(f: dataclasses.Field) -> object:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ";".join(_format_value(v) for v in value)
+    return str(value)

@@ -1,0 +1,69 @@
+"""The standard hooks: verification and IR dumps (profiling lives in :mod:`passforge.runtime.profile`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from passforge.ir.graph import num_compute_nodes
+from passforge.ir.serialize import write_text_atomic
+from passforge.ir.verify import check_finite, check_meta, check_outputs_close, lint
+from passforge.passes.base import Context, Pass
+from passforge.passes.manager import Hook, PassRecord
+
+
+def run_graph(gm: fx.GraphModule, inputs: tuple[object, ...]) -> list[torch.Tensor]:
+    """Call ``gm`` without autograd and flatten its outputs to a list of tensors."""
+    with torch.inference_mode():
+        out = gm(*inputs)
+    flat, _ = torch.utils._pytree.tree_flatten(out)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+class VerifyHook(Hook):
+    """After each pass: lint, ``meta["val"]`` consistency, then a run on ``ctx.example_inputs`` (when there are
+    any): a lossless pass must keep outputs within its declared ``rtol``/``atol``; a lossy pass must still
+    run and keep outputs finite where they were (its accuracy is the profiler's to measure).
+    """
+
+    def __init__(self, *, numerics: bool = True) -> None:
+        self.numerics = numerics
+
+    def after_pass(
+        self, pass_: Pass, before: fx.GraphModule, after: fx.GraphModule, ctx: Context, record: PassRecord
+    ) -> None:
+        lint(after)
+        check_meta(after)
+        if not (self.numerics and ctx.example_inputs):
+            return
+        expected = run_graph(before, ctx.example_inputs)
+        actual = run_graph(after, ctx.example_inputs)
+        if pass_.lossy:
+            check_finite(expected, actual)
+        else:
+            check_outputs_close(expected, actual, rtol=pass_.rtol, atol=pass_.atol)
+
+
+class DumpHook(Hook):
+    """Writes the IR before the first pass and after each one: ``DIR/00_capture.txt``, ``DIR/01_cleanup.txt``…"""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self._index = 0
+
+    def start(self, gm: fx.GraphModule, ctx: Context, baseline: dict[str, object]) -> None:
+        self._index = 0
+        self._write("capture", gm)
+
+    def after_pass(
+        self, pass_: Pass, before: fx.GraphModule, after: fx.GraphModule, ctx: Context, record: PassRecord
+    ) -> None:
+        self._index += 1
+        self._write(pass_.name, after)
+
+    def _write(self, label: str, gm: fx.GraphModule) -> None:
+        header = f"# {label}: {num_compute_nodes(gm)} compute nodes\n"
+        text = header + gm.print_readable(print_output=False, include_stride=False, colored=False)
+        write_text_atomic(self.directory / f"{self._index:02d}_{label}.txt", text)

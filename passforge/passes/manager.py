@@ -1,0 +1,174 @@
+"""The pass manager: runs a pipeline of passes with one hook mechanism and a rollback-on-failure policy.
+
+    pm = PassManager.parse("cleanup,cast(dtype=bf16)", hooks=[VerifyHook(), ProfileHook(...)])
+    result = pm.run(gm, ctx)          # result.graph, result.records (one PassRecord per pass)
+
+Each pass runs on the current graph while the manager keeps a snapshot of it (graph structure copied, tensors
+shared — passes never mutate tensors in place). If the pass raises, or a hook's ``after_pass`` raises (the
+verifier does when the graph is broken), the snapshot is restored, the record says ``rolled_back``, a
+reproducer is written when the context names a folder for it, and the pipeline stops (``on_error="stop"``,
+raising :class:`PassFailure`) or carries on without the pass (``on_error="skip"``).
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import fx
+
+from passforge.ir.graph import PASS_META, copy_graph_module, propagate_meta
+from passforge.passes.base import Context, Pass, PassError
+from passforge.passes.spec import format_pipeline, parse_pipeline
+
+Status = Literal["ok", "rolled_back", "skipped"]
+OnError = Literal["stop", "skip"]
+
+
+@dataclass
+class PassRecord:
+    """One pass's row: what ran, how it ended, its own time, its counters, and what hooks measured."""
+
+    name: str
+    spec: str
+    lossy: bool
+    status: Status = "ok"
+    time_s: float | None = None
+    modified: bool = False
+    stats: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, object] = field(default_factory=dict)
+    error: str | None = None
+    reproducer: str | None = None
+
+
+@dataclass
+class PipelineResult:
+    graph: fx.GraphModule
+    pipeline: str
+    records: list[PassRecord]
+    baseline: dict[str, object] = field(default_factory=dict)
+
+
+class PassFailure(PassError):
+    """A pass failed under ``on_error="stop"``; ``partial`` holds the pipeline up to (not including) it."""
+
+    def __init__(self, message: str, *, pass_spec: str, before: Sequence[str], partial: PipelineResult) -> None:
+        super().__init__(message, pass_spec=pass_spec, before=before)
+        self.partial = partial
+
+
+class Hook:
+    """Called around every pass. The one mechanism for timing, verification, dumps and profiling.
+
+    ``after_pass`` may raise to reject the pass: the manager then rolls it back.
+    """
+
+    def start(self, gm: fx.GraphModule, ctx: Context, baseline: dict[str, object]) -> None:
+        """Once, on the captured graph, before the first pass; may fill ``baseline``."""
+
+    def before_pass(self, pass_: Pass, gm: fx.GraphModule, ctx: Context) -> None:
+        """Before ``pass_`` runs on ``gm``."""
+
+    def after_pass(
+        self, pass_: Pass, before: fx.GraphModule, after: fx.GraphModule, ctx: Context, record: PassRecord
+    ) -> None:
+        """After ``pass_`` turned ``before`` into ``after``; write figures into ``record.metrics``."""
+
+
+class PassManager:
+    """An ordered list of passes plus hooks; see the module docstring for the failure policy."""
+
+    def __init__(self, passes: Sequence[Pass], *, hooks: Sequence[Hook] = (), on_error: OnError = "stop") -> None:
+        if on_error not in ("stop", "skip"):
+            raise ValueError(f"on_error must be 'stop' or 'skip', got {on_error!r}")
+        self.passes = list(passes)
+        self.hooks = list(hooks)
+        self.on_error = on_error
+
+    @classmethod
+    def parse(cls, spec: str, *, hooks: Sequence[Hook] = (), on_error: OnError = "stop") -> PassManager:
+        return cls(parse_pipeline(spec), hooks=hooks, on_error=on_error)
+
+    @property
+    def spec(self) -> str:
+        return format_pipeline(self.passes)
+
+    def run(self, gm: fx.GraphModule, ctx: Context | None = None) -> PipelineResult:
+        """Run every pass on a copy of ``gm`` (the caller's graph is never changed)."""
+        ctx = ctx or Context()
+        work = copy_graph_module(gm)
+        result = PipelineResult(graph=work, pipeline=self.spec, records=[])
+        for hook in self.hooks:
+            hook.start(work, ctx, result.baseline)
+        for pass_ in self.passes:
+            record = PassRecord(name=pass_.name, spec=pass_.spec, lossy=pass_.lossy)
+            result.records.append(record)
+            snapshot = copy_graph_module(work)
+            try:
+                work = self._run_one(pass_, work, snapshot, ctx, record)
+            except Exception as exc:
+                work = snapshot
+                record.status = "rolled_back" if self.on_error == "stop" else "skipped"
+                record.error = f"{type(exc).__name__}: {exc}"
+                before = [r.spec for r in result.records[:-1] if r.status == "ok"]
+                if ctx.repro_dir is not None:
+                    from passforge.passes.repro import write_reproducer
+
+                    record.reproducer = str(
+                        write_reproducer(ctx.repro_dir, snapshot, pass_, ctx, exc, passes_before=before)
+                    )
+                if self.on_error == "stop":
+                    result.graph = work
+                    raise PassFailure(
+                        _failure_message(pass_, before, exc, record.reproducer),
+                        pass_spec=pass_.spec,
+                        before=before,
+                        partial=result,
+                    ) from exc
+            result.graph = work
+        return result
+
+    def _run_one(
+        self, pass_: Pass, work: fx.GraphModule, snapshot: fx.GraphModule, ctx: Context, record: PassRecord
+    ) -> fx.GraphModule:
+        for hook in self.hooks:
+            hook.before_pass(pass_, work, ctx)
+        start = time.perf_counter()
+        out = pass_.run(work, ctx)
+        after = out.graph
+        _complete_meta(after, pass_.name)
+        record.time_s = time.perf_counter() - start
+        record.modified = out.modified
+        record.stats = dict(out.stats)
+        for hook in self.hooks:
+            hook.after_pass(pass_, snapshot, after, ctx, record)
+        return after
+
+
+def _complete_meta(gm: fx.GraphModule, pass_name: str) -> None:
+    """Stamp nodes the pass created with its name and give them ``meta["val"]`` if the pass did not."""
+    missing_val = False
+    for node in gm.graph.nodes:
+        node.meta.setdefault(PASS_META, pass_name)
+        if node.op != "output" and "val" not in node.meta:
+            missing_val = True
+    if missing_val:
+        for node, val in propagate_meta(gm).items():
+            node.meta.setdefault("val", val)
+
+
+def _failure_message(pass_: Pass, before: Sequence[str], exc: BaseException, reproducer: str | None) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    lines = [
+        f"pass '{pass_.spec}' failed and was rolled back: {type(exc).__name__}: {exc}{where}",
+        f"  passes before it: {', '.join(before) if before else '(none)'}",
+    ]
+    if reproducer:
+        lines.append(f"  reproducer: {reproducer}  (replay: passforge replay {reproducer})")
+    else:
+        lines.append("  rerun with --on-error=skip to continue without it")
+    return "\n".join(lines)

@@ -1,0 +1,122 @@
+"""Run a lowered graph on CPU or CUDA, and generate text with prefill + one-token decode graphs.
+
+The graph is a ``GraphModule`` (its generated Python calls ATen ops and passforge's custom ops directly);
+the executor places it on the device, checks inputs against what the graph was captured for, and runs it
+without autograd.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from passforge.ir.graph import describe_val
+
+
+class InputError(ValueError):
+    """The inputs do not match what the graph was captured for."""
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    device = torch.device(device or "cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' requested but CUDA is not available here; use --device cpu")
+    return device
+
+
+class Executor:
+    """A graph bound to a device: ``Executor(gm, "cuda")(tokens)``."""
+
+    def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None) -> None:
+        self.device = resolve_device(device)
+        self.gm = gm.to(self.device)
+        self._expected = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+
+    def check_inputs(self, inputs: Sequence[object]) -> None:
+        if len(inputs) != len(self._expected):
+            raise InputError(f"the graph takes {len(self._expected)} inputs, got {len(inputs)}")
+        for i, (value, want) in enumerate(zip(inputs, self._expected)):
+            if not isinstance(want, torch.Tensor):
+                continue
+            if not isinstance(value, torch.Tensor):
+                raise InputError(f"input {i}: expected a tensor {describe_val(want)}, got {type(value).__name__}")
+            ok_rank = value.dim() == want.dim()
+            ok_dims = ok_rank and all(not isinstance(d, int) or d == v for d, v in zip(want.shape, value.shape))
+            if value.dtype != want.dtype or not ok_dims:
+                raise InputError(f"input {i}: expected {describe_val(want)}, got {describe_val(value)}")
+
+    def __call__(self, *inputs: object) -> object:
+        self.check_inputs(inputs)
+        moved = [x.to(self.device) if isinstance(x, torch.Tensor) else x for x in inputs]
+        with torch.inference_mode():
+            return self.gm(*moved)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    decode_s: float
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        """Tokens per second of the decode graph alone (the first new token comes from prefill)."""
+        steps = self.new_tokens - 1
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else float("nan")
+
+
+class KVGenerator:
+    """Greedy (or sampled) generation from a prefill graph and a one-token decode graph.
+
+    ``prefill(tokens (1, T)) -> (logits, k_cache, v_cache)`` with caches ``(L, B, nkv, S, hs)``;
+    ``decode(token (1, 1), pos (1,), k_cache, v_cache) -> (logits, k_cache, v_cache)``.
+    The prefill graph is captured for one prompt length; shorter prompts are left-aligned and the decode
+    graph's position input makes the cache positions after the prompt irrelevant.
+    """
+
+    def __init__(self, prefill: Executor, decode: Executor, *, max_seq_len: int, prefill_len: int) -> None:
+        self.prefill = prefill
+        self.decode = decode
+        self.max_seq_len = max_seq_len
+        self.prefill_len = prefill_len
+
+    def generate(
+        self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0
+    ) -> tuple[torch.Tensor, GenerationStats]:
+        """Return ``(tokens (1, T + new), stats)``; ``temperature=0`` is greedy."""
+        if prompt.dim() != 2 or prompt.shape[0] != 1:
+            raise InputError(f"prompt must be int64 (1, T), got {describe_val(prompt)}")
+        n_prompt = prompt.shape[1]
+        if not 1 <= n_prompt <= self.prefill_len:
+            raise InputError(f"prompt has {n_prompt} tokens; this prefill graph takes 1..{self.prefill_len}")
+        max_new_tokens = min(max_new_tokens, self.max_seq_len - n_prompt)
+        generator = torch.Generator().manual_seed(seed)
+        padded = torch.zeros(1, self.prefill_len, dtype=torch.long)
+        padded[:, :n_prompt] = prompt
+        start = time.perf_counter()
+        logits, k_cache, v_cache = self.prefill(padded)
+        next_token = _pick(logits[:, n_prompt - 1], temperature, generator)
+        prefill_s = time.perf_counter() - start
+        out = [prompt[0].tolist(), [int(next_token)]]
+        start = time.perf_counter()
+        for pos in range(n_prompt, n_prompt + max_new_tokens - 1):
+            token = torch.tensor([[int(next_token)]], dtype=torch.long)
+            logits, k_cache, v_cache = self.decode(token, torch.tensor([pos]), k_cache, v_cache)
+            next_token = _pick(logits[:, -1], temperature, generator)
+            out[1].append(int(next_token))
+        decode_s = time.perf_counter() - start
+        tokens = torch.tensor([out[0] + out[1]], dtype=torch.long)
+        return tokens, GenerationStats(n_prompt, len(out[1]), prefill_s, decode_s)
+
+
+def _pick(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    logits = logits.float().cpu()
+    if temperature <= 0:
+        return logits.argmax(-1)[0]
+    probs = torch.softmax(logits / temperature, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[0, 0]
