@@ -59,16 +59,22 @@ def capture(
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
-            exported = exported.run_decompositions({})
-            gm = exported.module()
     except Exception as exc:
         raise CaptureError(explain_export_failure(label, exc)) from exc
     finally:
         model.train(was_training)
+    return from_exported_program(exported, name=label)
+
+
+def from_exported_program(program: torch.export.ExportedProgram, *, name: str) -> fx.GraphModule:
+    """Normalise an ExportedProgram (fresh or loaded from .pt2) into the IR described above."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = program.run_decompositions({}).module()
     _strip_guards(gm)
     for node in gm.graph.nodes:
         node.meta[PASS_META] = "capture"
-    gm.meta["passforge.source"] = label
+    gm.meta["passforge.source"] = name
     return gm
 
 

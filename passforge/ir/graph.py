@@ -15,7 +15,6 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 PASS_META = "passforge.pass"
 """``node.meta`` key naming the pass that created a node (``"capture"`` for captured nodes)."""
@@ -157,11 +156,11 @@ def propagate_meta(gm: fx.GraphModule) -> dict[fx.Node, object]:
     """
     mode = fake_mode_of(gm)
     inputs = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
-    prop = _ValueRecorder(gm, mode)
-    with warnings.catch_warnings():
+    evaluator = _FakeEvaluator(gm, mode)
+    with warnings.catch_warnings(), mode:
         warnings.simplefilter("ignore", UserWarning)
-        prop.propagate_dont_convert_inputs(*inputs)
-    return prop.values
+        evaluator.run(*inputs, enable_io_processing=False)
+    return evaluator.values
 
 
 def refresh_meta(gm: fx.GraphModule) -> None:
@@ -170,16 +169,18 @@ def refresh_meta(gm: fx.GraphModule) -> None:
         node.meta["val"] = val
 
 
-class _ValueRecorder(FakeTensorProp):
+class _FakeEvaluator(fx.Interpreter):
+    """Runs the graph on fake tensors and records every node's value (without writing ``node.meta``)."""
+
     def __init__(self, module: fx.GraphModule, mode: FakeTensorMode) -> None:
-        super().__init__(module, mode)
+        super().__init__(module)
+        self.mode = mode
         self.values: dict[fx.Node, object] = {}
 
     def run_node(self, n: fx.Node) -> object:
         if n.op == "get_attr":
-            # Parameters are real tensors; fake them under the graph's own mode.
             real = get_attr(self.module, n.target)
-            result = self._mode.from_tensor(real, static_shapes=True) if isinstance(real, torch.Tensor) else real
+            result = self.mode.from_tensor(real, static_shapes=True) if isinstance(real, torch.Tensor) else real
         else:
             result = super().run_node(n)
         if n.op != "output":

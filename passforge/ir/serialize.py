@@ -1,9 +1,9 @@
 """Saving and loading IR graphs as ``.pt2`` (``torch.export.save``), and atomic file writes.
 
 A graph is saved by re-exporting it (``torch.export.export(gm, example_inputs)``), so what lands on disk is a
-standard ExportedProgram any PyTorch can load, and loading goes through :func:`passforge.ir.capture`'s
-normalisation, so a loaded graph is the same IR as a captured one. ``.pt2`` archives hold tensors as raw bytes,
-not pickles.
+standard ExportedProgram any PyTorch can load, and loading goes through the same normalisation as capture
+(:func:`passforge.ir.capture.from_exported_program`), so a loaded graph is the same IR as a captured one.
+``.pt2`` archives hold tensors as raw bytes, not pickles.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from passforge.ir.capture import CaptureError, capture
+from passforge.ir.capture import CaptureError, from_exported_program
 
 
 @contextlib.contextmanager
@@ -29,7 +29,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
     os.close(fd)
     tmp = Path(tmp_name)
     try:
@@ -73,51 +73,4 @@ def load_graph(path: str | os.PathLike[str]) -> fx.GraphModule:
             f"{path}: not a readable torch.export archive ({type(exc).__name__}: {str(exc)[:200]}); "
             "re-save it with torch.export.save"
         ) from exc
-    return capture_program(program, name=path.name)
-
-
-def capture_program(program: torch.export.ExportedProgram, *, name: str) -> fx.GraphModule:
-    """An ExportedProgram (loaded or fresh) as IR: re-captured from its module so the normalisation is one."""
-    module = program.module()
-    example = _example_inputs(program)
-    return capture(module, example, dynamic_shapes=_dynamic_shapes(program), name=name)
-
-
-def _example_inputs(program: torch.export.ExportedProgram) -> tuple[torch.Tensor, ...]:
-    """Concrete inputs shaped like the program's user inputs (dynamic dims at their hint)."""
-    values = []
-    for spec in program.graph_signature.input_specs:
-        if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT:
-            continue
-        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
-        val = node.meta["val"]
-        shape = [_hint(d) for d in val.shape]
-        values.append(torch.zeros(shape, dtype=val.dtype))
-    return tuple(values)
-
-
-def _hint(dim: object) -> int:
-    if isinstance(dim, torch.SymInt):
-        return int(dim.node.hint) if dim.node.hint is not None else 2
-    return int(dim)
-
-
-def _dynamic_shapes(program: torch.export.ExportedProgram) -> object:
-    """Rebuild a ``dynamic_shapes`` tuple from the program's symbolic input dims (None when all static)."""
-    specs = []
-    any_dynamic = False
-    range_constraints = program.range_constraints
-    for spec in program.graph_signature.input_specs:
-        if spec.kind != torch.export.graph_signature.InputKind.USER_INPUT:
-            continue
-        node = next(n for n in program.graph.nodes if n.op == "placeholder" and n.name == spec.arg.name)
-        dims: dict[int, object] = {}
-        for i, d in enumerate(node.meta["val"].shape):
-            if isinstance(d, torch.SymInt):
-                any_dynamic = True
-                vr = range_constraints.get(d.node.expr)
-                lower = max(int(vr.lower), 2) if vr is not None else 2
-                upper = int(vr.upper) if vr is not None and vr.upper.is_finite else None
-                dims[i] = torch.export.Dim(f"d{len(specs)}_{i}", min=lower, max=upper)
-        specs.append(dims or None)
-    return tuple(specs) if any_dynamic else None
+    return from_exported_program(program, name=path.name)

@@ -184,7 +184,7 @@ def fold_constants(gm: fx.GraphModule) -> int:
         set_tensor_attr(gm, attr, value.detach().clone() if value._base is not None else value.detach())
         with gm.graph.inserting_before(node):
             replacement = gm.graph.get_attr(attr)
-        replacement.meta.update(node.meta)
+        replacement.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(replacement)
         folded += 1
     if folded:

@@ -84,9 +84,7 @@ class Cast(Pass):
                 original[node] = _dtype_of(node)
                 if _packet(node) in LOW_PRECISION_OPS:
                     stats["casts"] += _cast_inputs(graph, node, low, only_from=torch.float32)
-                elif _packet(node) in FP32_OPS:
-                    stats["casts"] += _cast_inputs(graph, node, torch.float32, only_from=low)
-                elif _packet(node) in SAME_DTYPE_OPS and original[node] == torch.float32:
+                elif _packet(node) in FP32_OPS or (_packet(node) in SAME_DTYPE_OPS and original[node] == torch.float32):
                     stats["casts"] += _cast_inputs(graph, node, torch.float32, only_from=low)
                 _refresh(node, mode)
         if stats == {"params": 0, "casts": 0}:

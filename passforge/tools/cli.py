@@ -1,0 +1,199 @@
+"""``passforge`` command line: optimize | passes | explain | profile | replay.
+
+Exit codes: 0 success, 2 usage error (bad arguments, pipeline spec, model name or input), 1 failure (a pass
+failed, capture failed) — always with a short message saying what to do, never a bare traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+
+from passforge.models.registry import DEFAULT_MODEL
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"passforge: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from passforge.api import DEFAULT_PIPELINE
+
+    parser = _Parser(prog="passforge", description="Compiler-style graph optimization for LLMs.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    opt = sub.add_parser("optimize", help="capture MODEL, run a pipeline, write the model and per-pass report")
+    opt.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                     help=f"preset name, Hugging Face folder or .pt2 file (default: {DEFAULT_MODEL}, the bundled LM)")
+    opt.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pass pipeline (default: {DEFAULT_PIPELINE})")
+    opt.add_argument("--out", default="passforge-out", help="output folder (default: passforge-out)")
+    opt.add_argument("--calib-data", help="UTF-8 text file for calibration-driven passes")
+    opt.add_argument("--eval-data", help="UTF-8 text file for perplexity (default: the bundled held-out text)")
+    opt.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    opt.add_argument("--dump-dir", help="write the IR before the first pass and after every pass here")
+    opt.add_argument("--on-error", default="stop", choices=("stop", "skip"),
+                     help="a failing pass is rolled back; then stop (default) or skip it and go on")
+    opt.add_argument("--seq-len", type=int, default=128, help="example input length (default: 128)")
+    opt.add_argument("--no-profile", action="store_true", help="skip latency/accuracy figures per pass")
+
+    passes = sub.add_parser("passes", help="list the registered passes with their options and docs")
+    passes.add_argument("--json", action="store_true", help="machine-readable output")
+
+    explain = sub.add_parser("explain", help="why a pattern pass's rules do or do not fire on a model")
+    explain.add_argument("pass_name", metavar="PASS")
+    explain.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+
+    prof = sub.add_parser("profile", help="per-node time of a model's graph, by op and by creating pass")
+    prof.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    prof.add_argument("--pipeline", default="", help="optimize with this pipeline first (default: none)")
+    prof.add_argument("--top", type=int, default=15, help="rows per table (default: 15)")
+    prof.add_argument("--seq-len", type=int, default=128)
+
+    replay = sub.add_parser("replay", help="rerun the failing pass of a reproducer folder")
+    replay.add_argument("reproducer", type=Path)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from passforge.ir.capture import CaptureError
+    from passforge.models.registry import ModelError
+    from passforge.passes.base import PassError
+    from passforge.passes.spec import SpecError
+    from passforge.runtime.executor import InputError
+
+    handlers = {"optimize": _optimize, "passes": _passes, "explain": _explain, "profile": _profile, "replay": _replay}
+    try:
+        return handlers[args.command](args)
+    except (SpecError, ModelError, InputError) as exc:
+        print(f"passforge: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (PassError, CaptureError, FileNotFoundError, PermissionError, OSError) as exc:
+        print(f"passforge: failed: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("passforge: interrupted", file=sys.stderr)
+        return 130
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from passforge.api import optimize
+    from passforge.ir.serialize import write_text_atomic
+    from passforge.passes.manager import PassFailure
+    from passforge.passes.spec import parse_pipeline
+    from passforge.tools.progress import PassProgress
+    from passforge.tools.report import build_report, render_html, render_table
+
+    parse_pipeline(args.pipeline)  # a bad spec is a usage error before any slow work
+    out = Path(args.out)
+    print(f"passforge: capturing {args.model} ...", file=sys.stderr)
+    try:
+        optimized = optimize(
+            args.model, pipeline=args.pipeline, device=args.device, calib_data=args.calib_data,
+            eval_data=args.eval_data, dump_dir=args.dump_dir, repro_dir=out / "reproducers",
+            on_error=args.on_error, profile=not args.no_profile, seq_len=args.seq_len, hooks=[PassProgress()],
+        )
+    except PassFailure as failure:
+        report = build_report(failure.partial, model=str(args.model), device=_device(args.device))
+        print(render_table(report))
+        raise
+    print(render_table(optimized.report))
+    optimized.save(out)
+    write_text_atomic(out / "report.html", render_html(optimized.report))
+    if optimized.prefill is not None:
+        text, stats = optimized.generate("def main(", 48)
+        print(f"generate (greedy, {stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode):")
+        print("  " + repr(text))
+    print(f"wrote {out / 'model.pt2'}, {out / 'report.json'}, {out / 'report.html'}")
+    return EXIT_OK
+
+
+def _device(name: str) -> object:
+    import torch
+
+    return torch.device(name)
+
+
+def _passes(args: argparse.Namespace) -> int:
+    from passforge.passes.registry import available
+
+    listing = []
+    for name, cls in available().items():
+        hints = typing.get_type_hints(cls)
+        options = [
+            {"name": f.name, "type": _type_name(hints[f.name]), "default": f.default}
+            for f in dataclasses.fields(cls) if f.init
+        ]
+        listing.append({"name": name, "lossy": cls.lossy, "doc": cls.doc(), "options": options})
+    if args.json:
+        print(json.dumps(listing, indent=2, default=str))
+        return EXIT_OK
+    for entry in listing:
+        opts = ", ".join(f"{o['name']}: {o['type']} = {o['default']}" for o in entry["options"]) or "no options"
+        print(f"{entry['name']}{' (lossy)' if entry['lossy'] else ''} — {opts}")
+        for line in entry["doc"].splitlines():
+            print(f"    {line}")
+    return EXIT_OK
+
+
+def _type_name(annotation: object) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(annotation))
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from passforge.ir.capture import capture
+    from passforge.models.registry import resolve
+    from passforge.passes.registry import available, lookup
+    from passforge.passes.rewrite import explain
+    from passforge.passes.spec import SpecError, _suggest
+
+    cls = lookup(args.pass_name)
+    if cls is None:
+        raise SpecError(args.pass_name, 0, f"unknown pass '{args.pass_name}'{_suggest(args.pass_name, available())}")
+    rules = getattr(cls, "rules", None)
+    if rules is None:
+        print(f"{args.pass_name} is not a pattern pass (it has no rules to explain)")
+        return EXIT_OK
+    source = resolve(args.model)
+    gm = capture(source.module, source.example_inputs, name=source.name)
+    for report in explain(gm, rules()):
+        print("\n".join(report.lines()))
+    return EXIT_OK
+
+
+def _profile(args: argparse.Namespace) -> int:
+    from passforge.api import optimize
+    from passforge.runtime.profile import profile_nodes
+
+    optimized = optimize(args.model, pipeline=args.pipeline or "cleanup", profile=False, generation=False,
+                         seq_len=args.seq_len)
+    result = profile_nodes(optimized.graph, optimized.example_inputs)
+    print(f"{args.model}: {len(result.by_node)} nodes, {result.total_ms:.2f} ms interpreted (median of 5)")
+    for title, table in (("by op", result.by_op), ("by pass", result.by_pass), ("slowest nodes", result.by_node)):
+        print(f"\n{title}:")
+        for key, ms in list(table.items())[: args.top]:
+            print(f"  {ms:9.3f} ms  {100 * ms / max(result.total_ms, 1e-9):5.1f}%  {key}")
+    return EXIT_OK
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from passforge.passes.repro import replay
+
+    replay(args.reproducer)
+    print(f"{args.reproducer}: the pass now succeeds")
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

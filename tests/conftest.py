@@ -1,0 +1,32 @@
+"""Shared fixtures: small seeded models and their captured graphs (built per test, never shared mutably)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from passforge.ir.capture import capture
+from passforge.models.llama import Llama, LlamaConfig
+
+SMALL = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def small_llama() -> Llama:
+    torch.manual_seed(0)
+    return Llama(SMALL).eval()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, SMALL.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def llama_graph(small_llama: Llama, tokens: torch.Tensor) -> torch.fx.GraphModule:
+    return capture(small_llama, (tokens,))

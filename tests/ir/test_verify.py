@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from passforge.ir.verify import VerificationError, check_finite, check_meta, check_outputs_close, lint
+
+
+def test_clean_graph_verifies(llama_graph):
+    lint(llama_graph)
+    check_meta(llama_graph)
+
+
+def test_wrong_meta_val_is_caught(llama_graph):
+    node = next(n for n in llama_graph.graph.nodes if n.target is torch.ops.aten.linear.default)
+    val = node.meta["val"]
+    node.meta["val"] = val.new_empty([*val.shape[:-1], val.shape[-1] + 1])  # claims one column too many
+    with pytest.raises(VerificationError, match=f"node '{node.name}'.*claims"):
+        check_meta(llama_graph)
+
+
+def test_wrong_meta_dtype_is_caught(llama_graph):
+    node = next(n for n in llama_graph.graph.nodes if n.target is torch.ops.aten.linear.default)
+    node.meta["val"] = node.meta["val"].to(torch.float16)
+    with pytest.raises(VerificationError, match="f16"):
+        check_meta(llama_graph)
+
+
+def test_missing_attribute_fails_lint(llama_graph):
+    node = next(n for n in llama_graph.graph.nodes if n.op == "get_attr")
+    node.target = "no.such.weight"
+    with pytest.raises(VerificationError, match="no.such.weight"):
+        lint(llama_graph)
+
+
+def test_output_comparison():
+    a = [torch.ones(3)]
+    check_outputs_close(a, [torch.ones(3) + 1e-7], rtol=1e-5, atol=1e-5)
+    with pytest.raises(VerificationError, match="output 0 changed"):
+        check_outputs_close(a, [torch.ones(3) * 1.1], rtol=1e-5, atol=1e-5)
+    with pytest.raises(VerificationError, match="returns 2 outputs"):
+        check_outputs_close(a, a + a, rtol=1e-5, atol=1e-5)
+
+
+def test_new_non_finite_values_are_caught():
+    check_finite([torch.tensor([1.0, float("nan")])], [torch.tensor([2.0, float("nan")])])  # NaN was there before
+    with pytest.raises(VerificationError, match="1 new NaN/Inf"):
+        check_finite([torch.ones(2)], [torch.tensor([1.0, float("inf")])])

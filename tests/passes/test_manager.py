@@ -1,0 +1,134 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+from torch import fx
+
+from passforge.ir.graph import PASS_META, count_calls
+from passforge.passes.base import Context, Pass, PassResult
+from passforge.passes.cleanup import Cleanup
+from passforge.passes.hooks import DumpHook, VerifyHook
+from passforge.passes.manager import Hook, PassFailure, PassManager
+from passforge.passes.registry import register
+from passforge.passes.repro import replay
+
+aten = torch.ops.aten
+
+
+@register
+@dataclass(frozen=True)
+class SwapAddForSub(Pass):
+    """Test pass that silently corrupts the graph: every add becomes a sub, claiming to be lossless."""
+
+    name: ClassVar[str] = "test-corrupt"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        for node in gm.graph.nodes:
+            if node.target is aten.add.Tensor:
+                node.target = aten.sub.Tensor
+        gm.recompile()
+        return PassResult(gm, modified=True)
+
+
+@register
+@dataclass(frozen=True)
+class LieAboutShapes(Pass):
+    """Test pass that leaves a wrong meta["val"] behind."""
+
+    name: ClassVar[str] = "test-bad-meta"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        node = next(n for n in gm.graph.nodes if n.target is aten.linear.default)
+        node.meta["val"] = node.meta["val"].to(torch.float16)
+        return PassResult(gm, modified=True)
+
+
+@register
+@dataclass(frozen=True)
+class Explode(Pass):
+    name: ClassVar[str] = "test-raise"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        raise ValueError("boom")
+
+
+def _ctx(tokens: torch.Tensor, **kw: object) -> Context:
+    return Context(example_inputs=(tokens,), **kw)
+
+
+def test_corrupting_pass_is_rolled_back_with_a_reproducer(llama_graph, tokens, tmp_path):
+    adds = count_calls(llama_graph, aten.add.Tensor)
+    expected = llama_graph(tokens)
+    pm = PassManager.parse("cleanup,test-corrupt,cleanup", hooks=[VerifyHook()])
+    with pytest.raises(PassFailure) as info:
+        pm.run(llama_graph, _ctx(tokens, repro_dir=tmp_path))
+    failure = info.value
+    assert failure.pass_spec == "test-corrupt" and failure.before == ("cleanup",)
+    message = str(failure)
+    assert "pass 'test-corrupt' failed and was rolled back" in message
+    assert "passes before it: cleanup" in message and "output 0 changed" in message
+    partial = failure.partial
+    assert [r.status for r in partial.records] == ["ok", "rolled_back"]
+    assert count_calls(partial.graph, aten.add.Tensor) == adds  # the graph before the pass is kept
+    torch.testing.assert_close(partial.graph(tokens), expected)
+    repro = tmp_path / "test-corrupt-0"
+    assert partial.records[1].reproducer == str(repro)
+    assert {"graph.pt2", "inputs.safetensors", "spec.txt", "error.txt"} <= {p.name for p in repro.iterdir()}
+    assert (repro / "spec.txt").read_text().strip() == "test-corrupt"
+    with pytest.raises(PassFailure, match="output 0 changed"):  # the failure replays in one call
+        replay(repro)
+
+
+def test_skip_policy_carries_on_without_the_failing_pass(llama_graph, tokens):
+    pm = PassManager.parse("test-raise,cleanup", hooks=[VerifyHook()], on_error="skip")
+    result = pm.run(llama_graph, _ctx(tokens))
+    assert [r.status for r in result.records] == ["skipped", "ok"]
+    assert result.records[0].error == "ValueError: boom"
+    torch.testing.assert_close(result.graph(tokens), llama_graph(tokens))
+
+
+def test_wrong_meta_val_from_a_pass_is_caught_and_rolled_back(llama_graph, tokens):
+    pm = PassManager.parse("test-bad-meta", hooks=[VerifyHook()], on_error="skip")
+    result = pm.run(llama_graph, _ctx(tokens))
+    assert result.records[0].status == "skipped"
+    assert "claims meta['val']" in result.records[0].error
+    first_linear = next(n for n in result.graph.graph.nodes if n.target is aten.linear.default)
+    assert first_linear.meta["val"].dtype == torch.float32
+
+
+def test_the_callers_graph_is_not_changed(llama_graph, tokens):
+    before = llama_graph.code
+    PassManager.parse("cleanup,cast", hooks=[VerifyHook()]).run(llama_graph, _ctx(tokens))
+    assert llama_graph.code == before
+    assert all(n.meta.get("val").dtype == torch.float32 for n in llama_graph.graph.nodes if n.op == "get_attr")
+
+
+def test_hooks_see_every_pass_in_order_and_new_nodes_are_stamped(llama_graph, tokens, tmp_path):
+    calls: list[str] = []
+
+    class Recorder(Hook):
+        def start(self, gm, ctx, baseline):
+            calls.append("start")
+
+        def before_pass(self, pass_, gm, ctx):
+            calls.append(f"before {pass_.spec}")
+
+        def after_pass(self, pass_, before, after, ctx, record):
+            calls.append(f"after {pass_.spec} {record.status}")
+
+    result = PassManager([Cleanup(), Cleanup(fold=False)], hooks=[Recorder(), DumpHook(tmp_path)]).run(
+        llama_graph, _ctx(tokens)
+    )
+    assert calls == ["start", "before cleanup", "after cleanup ok", "before cleanup(fold=false)",
+                     "after cleanup(fold=false) ok"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_capture.txt", "01_cleanup.txt", "02_cleanup.txt"]
+    assert {n.meta[PASS_META] for n in result.graph.graph.nodes} <= {"capture", "cleanup"}
+    assert any(n.meta[PASS_META] == "cleanup" for n in result.graph.graph.nodes)  # the folded RoPE tables
+
+
+def test_on_error_must_be_known():
+    with pytest.raises(ValueError, match="on_error"):
+        PassManager([], on_error="retry")  # type: ignore[arg-type]
