@@ -93,16 +93,18 @@ def get_attr(gm: torch.nn.Module, qualname: str) -> object:
 
 
 def set_tensor_attr(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> None:
-    """Store ``value`` at ``qualname`` as a parameter (floating) or buffer, creating submodules as needed."""
+    """Store ``value`` at ``qualname``, creating submodules as needed. A name that held a buffer stays a
+    buffer; anything else becomes a (frozen) parameter when floating, a buffer otherwise."""
     *path, leaf = qualname.split(".")
     owner: torch.nn.Module = gm
     for part in path:
         if not hasattr(owner, part):
             owner.add_module(part, torch.nn.Module())
         owner = getattr(owner, part)
+    was_buffer = leaf in owner._buffers
     if hasattr(owner, leaf):
         delattr(owner, leaf)
-    if value.is_floating_point():
+    if value.is_floating_point() and not was_buffer:
         owner.register_parameter(leaf, torch.nn.Parameter(value, requires_grad=False))
     else:
         owner.register_buffer(leaf, value)

@@ -9,7 +9,8 @@ Before → after on the nanoGPT attention mask (``bias`` is a buffer, T static):
     %masked = aten.masked_fill(%att, %eq, -inf)
 
 Folding evaluates a subgraph that reads only parameters and constants once, at optimisation time, and stores
-the result as a buffer — unless the result is larger than its inputs (an ``expand`` would bloat the model).
+the result as a buffer — unless the result is larger than the parameters it reads (an ``expand`` would
+bloat the model).
 Lossless and idempotent: a second run finds nothing.
 """
 
@@ -23,7 +24,7 @@ import torch
 from torch import fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch
 
-from passforge.ir.graph import drop_unused_attrs, fresh_attr_name, get_attr, set_tensor_attr
+from passforge.ir.graph import drop_unused_attrs, fresh_attr_name, get_attr
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.registry import register
 from passforge.passes.rewrite import Rule, apply_rules
@@ -181,7 +182,7 @@ def fold_constants(gm: fx.GraphModule) -> int:
         if not isinstance(value, torch.Tensor) or value.nbytes > _input_bytes(node, values):
             continue
         attr = fresh_attr_name(gm, "_folded")
-        set_tensor_attr(gm, attr, value.detach().clone() if value._base is not None else value.detach())
+        gm.register_buffer(attr, value.detach().clone() if value._base is not None else value.detach())
         with gm.graph.inserting_before(node):
             replacement = gm.graph.get_attr(attr)
         replacement.meta["val"] = node.meta["val"]
@@ -203,8 +204,13 @@ def _evaluate(node: fx.Node, values: dict[fx.Node, object]) -> object:
     return values[node]
 
 
+CREATION_FOLD_LIMIT = 64 * 1024
+"""Subgraphs that read no parameter (``arange``, ``full``) fold when their result is at most this many bytes."""
+
+
 def _input_bytes(node: fx.Node, values: dict[fx.Node, object]) -> int:
-    """Bytes of the parameters the folded subgraph reads (what the fold may at most cost)."""
+    """What a fold may store: the bytes of the parameters the subgraph reads (so folding never grows the
+    model), or :data:`CREATION_FOLD_LIMIT` for subgraphs that read none."""
     total, stack, seen = 0, [node], set()
     while stack:
         current = stack.pop()
@@ -215,4 +221,4 @@ def _input_bytes(node: fx.Node, values: dict[fx.Node, object]) -> int:
             value = values[current]
             total += value.nbytes if isinstance(value, torch.Tensor) else 0
         stack.extend(current.all_input_nodes)
-    return max(total, 1024)
+    return total or CREATION_FOLD_LIMIT
