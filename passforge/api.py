@@ -211,8 +211,15 @@ def _source_for(
             raise ModelError("optimize(module) needs example_inputs, e.g. (torch.randint(0, V, (1, 64)),)")
         from passforge.models.llama import Llama
 
-        kv = model if isinstance(model, Llama) else None
-        return ModelSource(type(model).__name__, model, tuple(example_inputs), is_lm=kv is not None, kv_model=kv)
+        if isinstance(model, Llama):
+            from passforge.models import tokenizer
+
+            byte_level = model.config.vocab_size >= tokenizer.VOCAB_SIZE
+            return ModelSource(
+                "Llama", model, tuple(example_inputs), is_lm=True, kv_model=model,
+                encode=tokenizer.encode if byte_level else None, decode=tokenizer.decode if byte_level else None,
+            )
+        return ModelSource(type(model).__name__, model, tuple(example_inputs), is_lm=False)
     return resolve(model, seq_len=seq_len)
 
 

@@ -53,7 +53,7 @@ def capture(
         )
     example_inputs = tuple(example_inputs)
     label = name or type(model).__name__
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
         with warnings.catch_warnings():
@@ -62,7 +62,8 @@ def capture(
     except Exception as exc:
         raise CaptureError(explain_export_failure(label, exc)) from exc
     finally:
-        model.train(was_training)
+        for module, training in modes.items():  # each submodule gets its own flag back
+            module.training = training
     return from_exported_program(exported, name=label)
 
 
@@ -154,7 +155,9 @@ class _LogitsOnly(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False, return_dict=True).logits
 
 
-def load_hf_causal_lm(path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load_hf_causal_lm(
+    path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
+) -> torch.nn.Module:
     """Load a Hugging Face causal LM from a local folder: never the hub, never pickled weights.
 
     Only ``*.safetensors`` weights are accepted (pickled ``.bin`` checkpoints can run code when loaded).
@@ -174,7 +177,8 @@ def load_hf_causal_lm(path: str | os.PathLike[str], *, dtype: torch.dtype = torc
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, dtype=dtype
+            folder, local_files_only=True, use_safetensors=True, dtype=dtype,
+            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
         )
     model.eval()
     return model
@@ -186,13 +190,15 @@ def capture_hf(
     seq_len: int = 16,
     batch: int = 1,
     dynamic_seq: bool = False,
+    attn_implementation: str | None = None,
 ) -> tuple[fx.GraphModule, torch.nn.Module, tuple[torch.Tensor]]:
     """Capture a local Hugging Face causal LM as ``input_ids (B, T) -> logits``.
 
-    Returns ``(graph, eager_model, example_inputs)``; the eager model is the reference for accuracy.
+    Returns ``(graph, eager_model, example_inputs)``; the eager model (in eval mode) is the accuracy
+    reference. ``attn_implementation`` ("eager", "sdpa") overrides the folder's config.
     """
-    hf_model = load_hf_causal_lm(path)
-    wrapped = _LogitsOnly(hf_model)
+    hf_model = load_hf_causal_lm(path, attn_implementation=attn_implementation)
+    wrapped = _LogitsOnly(hf_model).eval()
     vocab = int(getattr(hf_model.config, "vocab_size", 256))
     generator = torch.Generator().manual_seed(0)
     example = (torch.randint(0, vocab, (batch, seq_len), generator=generator),)

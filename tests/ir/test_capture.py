@@ -68,7 +68,7 @@ def test_wrong_example_inputs_name_the_problem(small_llama):
 
 
 def test_non_module_is_rejected():
-    with pytest.raises(CaptureError, match="expected a torch.nn.Module"):
+    with pytest.raises(CaptureError, match=r"expected a torch\.nn\.Module"):
         capture(lambda x: x, (torch.randn(2),))  # type: ignore[arg-type]
 
 

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import passforge
+from passforge.models.registry import ModelError
+from passforge.runtime.executor import InputError
+
+REPORT_FIELDS = {"name", "spec", "status", "time_s", "nodes", "params", "param_bytes", "latency_ms",
+                 "peak_mem_bytes", "max_abs_err", "kl", "ppl"}
+
+
+@pytest.fixture
+def eval_file(tmp_path):
+    path = tmp_path / "eval.txt"
+    path.write_text("def add(a, b):\n    return a + b\n" * 40, encoding="utf-8")
+    return path
+
+
+def _greedy_eager(model, prompt: torch.Tensor, steps: int) -> torch.Tensor:
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(steps):
+            next_token = model(tokens)[:, -1].argmax(-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    return tokens
+
+
+def test_optimize_report_save_load_generate(small_llama, tokens, eval_file, tmp_path):
+    state = {k: v.clone() for k, v in small_llama.state_dict().items()}
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup,cast(dtype=bf16),cleanup",
+                             eval_data=eval_file)
+    # The user's model is untouched.
+    for key, value in small_llama.state_dict().items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+        assert value.dtype == torch.float32
+
+    report = opt.report
+    assert report["pipeline"] == "cleanup,cast,cleanup"
+    assert [row["status"] for row in report["passes"]] == ["ok", "ok", "ok"]
+    for row in [*report["passes"]]:
+        assert REPORT_FIELDS <= row.keys()
+        assert all(row[k] is not None for k in REPORT_FIELDS), row
+    assert report["baseline"]["kl"] == 0.0 and report["baseline"]["ppl"] > 1
+    cast_row = report["passes"][1]
+    assert cast_row["param_bytes"] < 0.55 * report["baseline"]["param_bytes"]
+    assert 0 < cast_row["kl"] < 1e-3
+    assert abs(cast_row["ppl"] / report["baseline"]["ppl"] - 1) < 0.01
+
+    out = opt.save(tmp_path / "out")
+    assert {p.name for p in out.iterdir()} == {"model.pt2", "prefill.pt2", "decode.pt2", "manifest.json",
+                                              "report.json"}
+    assert json.loads((out / "report.json").read_text())["passes"][1]["spec"] == "cast"
+    again = passforge.load(out)
+    torch.testing.assert_close(again(tokens), opt(tokens), rtol=0, atol=0)
+    text_a, _ = opt.generate("def ", 8)
+    text_b, _ = again.generate("def ", 8)
+    assert text_a == text_b
+
+
+def test_lossless_pipeline_generates_the_eager_greedy_tokens(small_llama, tokens):
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False)
+    prompt = tokens[:, :5]
+    generated, stats = opt.generate(prompt, 12)
+    torch.testing.assert_close(generated, _greedy_eager(small_llama, prompt, 12), rtol=0, atol=0)
+    assert stats.new_tokens == 12 and stats.decode_tokens_per_s > 0
+
+
+def test_save_refuses_to_write_over_its_input(small_llama, tokens, tmp_path):
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False, generation=False)
+    folder = opt.save(tmp_path / "first")
+    loaded_from_pt2 = passforge.optimize(folder / "model.pt2", pipeline="cleanup", profile=False)
+    with pytest.raises(ModelError, match="contains the input model"):
+        loaded_from_pt2.save(folder)
+    assert passforge.load(folder)(tokens).shape == (1, 16, 256)  # the old output is intact
+
+
+def test_wrong_inputs_get_a_clear_error(small_llama, tokens):
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False, generation=False)
+    with pytest.raises(InputError, match=r"input 0: expected i64\[1, 16\], got f32\[1, 16\]"):
+        opt(tokens.float())
+
+
+def test_module_without_example_inputs_is_a_usage_error(small_llama):
+    with pytest.raises(ModelError, match="needs example_inputs"):
+        passforge.optimize(small_llama)
+
+
+def test_unknown_model_name_lists_the_presets():
+    with pytest.raises(ModelError, match="unknown model 'lama'.*tiny-lm"):
+        passforge.optimize("lama")

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from passforge.tools.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+
+FIELDS = {"name", "spec", "status", "time_s", "nodes", "params", "param_bytes", "latency_ms", "peak_mem_bytes",
+          "max_abs_err", "kl", "ppl"}
+
+
+def test_optimize_writes_model_and_reports(tmp_path, capsys):
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("import os\nprint(os.getcwd())\n" * 60, encoding="utf-8")
+    out = tmp_path / "out"
+    code = main(["optimize", "tiny", "--seq-len", "32", "--out", str(out), "--eval-data", str(eval_file),
+                 "--dump-dir", str(tmp_path / "dumps")])
+    assert code == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "cleanup" in printed and "cast" in printed and "latency ms" in printed
+    assert {"model.pt2", "report.json", "report.html", "manifest.json"} <= {p.name for p in out.iterdir()}
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "tiny" and report["pipeline"] == "cleanup,cast,cleanup"
+    assert len(report["passes"]) == 3
+    for row in report["passes"]:
+        assert FIELDS <= row.keys() and row["status"] == "ok"
+        assert all(row[k] is not None for k in FIELDS)
+    assert "data:image/png;base64," in (out / "report.html").read_text()
+    assert len(list((tmp_path / "dumps").iterdir())) == 4
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["optimize", "tiny", "--pipeline", "cleanup,cats"], "did you mean 'cast'?"),
+        (["optimize", "no-such-model"], "unknown model 'no-such-model'"),
+        (["optimize", "--device", "tpu"], "invalid choice: 'tpu'"),
+        (["explain", "clenup", "tiny"], "did you mean 'cleanup'?"),
+    ],
+)
+def test_usage_errors_exit_2_with_a_pointed_message(argv, message, capsys):
+    with pytest.raises(SystemExit) if "--device" in argv else _no_raise():
+        assert main(argv) == EXIT_USAGE
+    assert message in capsys.readouterr().err
+
+
+class _no_raise:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+def test_bad_device_exit_code():
+    with pytest.raises(SystemExit) as info:
+        main(["optimize", "--device", "tpu"])
+    assert info.value.code == EXIT_USAGE
+
+
+def test_failing_pass_exits_1_and_names_a_reproducer(tmp_path, capsys):
+    import tests.passes.test_manager  # noqa: F401 - registers the deliberately broken test passes
+
+    code = main(["optimize", "tiny", "--seq-len", "16", "--no-profile", "--pipeline", "cleanup,test-corrupt",
+                 "--out", str(tmp_path / "out")])
+    assert code == EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert "pass 'test-corrupt' failed and was rolled back" in err
+    assert "passforge replay" in err
+    repro = tmp_path / "out" / "reproducers" / "test-corrupt-0"
+    assert (repro / "graph.pt2").is_file()
+    assert main(["replay", str(repro)]) == EXIT_FAILURE  # the failure replays with one command
+
+
+def test_passes_lists_options_and_docs(capsys):
+    assert main(["passes"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "cast (lossy) — dtype: bf16|fp16 = bf16" in out
+    assert main(["passes", "--json"]) == EXIT_OK
+    listing = json.loads(capsys.readouterr().out)
+    assert {"cleanup", "cast"} <= {entry["name"] for entry in listing}
+
+
+def test_explain_reports_rules(capsys):
+    assert main(["explain", "cleanup", "nanogpt-tiny"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "rejected at clone: input is not contiguous" in out
+
+
+def test_profile_prints_by_op_and_by_pass(capsys):
+    assert main(["profile", "tiny", "--seq-len", "16", "--top", "3"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "by op:" in out and "by pass:" in out and "aten.linear.default" in out
