@@ -87,12 +87,12 @@ class Optimized:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            save_graph(self.graph.cpu(), staging / "model.pt2", self.example_inputs)
+            save_graph(self.graph, staging / "model.pt2", self.example_inputs)
             graphs = {"forward": "model.pt2"}
             if self.prefill is not None and self.decode is not None:
-                save_graph(self.prefill.cpu(), staging / "prefill.pt2", self.prefill_inputs())
+                save_graph(self.prefill, staging / "prefill.pt2", self.prefill_inputs())
                 decode_inputs = tuple(_zeros_like_meta(n) for n in self.decode.graph.nodes if n.op == "placeholder")
-                save_graph(self.decode.cpu(), staging / "decode.pt2", decode_inputs)
+                save_graph(self.decode, staging / "decode.pt2", decode_inputs)
                 graphs.update(prefill="prefill.pt2", decode="decode.pt2")
             manifest = {
                 "format": FORMAT,

@@ -42,7 +42,7 @@ def test_optimize_report_save_load_generate(small_llama, tokens, eval_file, tmp_
     assert report["pipeline"] == "cleanup,cast,cleanup"
     assert [row["status"] for row in report["passes"]] == ["ok", "ok", "ok"]
     for row in [*report["passes"]]:
-        assert REPORT_FIELDS <= row.keys()
+        assert row.keys() >= REPORT_FIELDS
         assert all(row[k] is not None for k in REPORT_FIELDS), row
     assert report["baseline"]["kl"] == 0.0 and report["baseline"]["ppl"] > 1
     cast_row = report["passes"][1]
@@ -90,5 +90,5 @@ def test_module_without_example_inputs_is_a_usage_error(small_llama):
 
 
 def test_unknown_model_name_lists_the_presets():
-    with pytest.raises(ModelError, match="unknown model 'lama'.*tiny-lm"):
+    with pytest.raises(ModelError, match=r"unknown model .lama.*tiny-lm"):
         passforge.optimize("lama")

@@ -137,10 +137,27 @@ def drop_unused_attrs(gm: fx.GraphModule) -> int:
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A deep copy (graph, metadata and tensors) that a pass may change freely."""
+    """A copy of the graph, its metadata and module tree that *shares* every tensor with ``gm``.
+
+    Cheap enough to snapshot before every pass (no weight is copied); safe because passes never write into
+    a tensor, they store new ones (ir/INVARIANTS.md).
+    """
+    memo: dict[int, object] = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch's own TreeSpec deprecation noise
-        return copy.deepcopy(gm)
+        return copy.deepcopy(gm, memo)
+
+
+def to_device(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """``gm`` with every tensor on ``device``: ``gm`` itself when nothing moves, else a copy holding new
+    tensors (``Module.to`` would move shared parameters in place, under the user's model too)."""
+    tensors = [*gm.named_parameters(), *gm.named_buffers()]
+    if all(t.device == device for _, t in tensors):
+        return gm
+    moved = copy_graph_module(gm)
+    for name, tensor in tensors:
+        set_tensor_attr(moved, name, tensor.to(device))
+    return moved
 
 
 def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:

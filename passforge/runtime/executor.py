@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from passforge.ir.graph import describe_val
+from passforge.ir.graph import describe_val, to_device
 
 
 class InputError(ValueError):
@@ -33,7 +33,7 @@ class Executor:
 
     def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None) -> None:
         self.device = resolve_device(device)
-        self.gm = gm.to(self.device)
+        self.gm = to_device(gm, self.device)
         self._expected = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
 
     def check_inputs(self, inputs: Sequence[object]) -> None:

@@ -21,7 +21,7 @@ from torch import fx
 
 from passforge.eval.compare import logits_kl, max_abs_err
 from passforge.eval.perplexity import perplexity
-from passforge.ir.graph import PASS_META, num_compute_nodes, op_name, param_stats
+from passforge.ir.graph import PASS_META, num_compute_nodes, op_name, param_stats, to_device
 from passforge.passes.base import Context, Pass
 from passforge.passes.hooks import run_graph
 from passforge.passes.manager import Hook, PassRecord
@@ -125,7 +125,7 @@ class ProfileHook(Hook):
         if not ctx.example_inputs:
             return row
         device = ctx.device
-        gm = gm.to(device) if device.type != "cpu" else gm
+        gm = to_device(gm, device)
         inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -166,12 +166,15 @@ def _graph_perplexity(gm: fx.GraphModule, example_tokens: torch.Tensor, ctx: Con
 
 @dataclass
 class NodeProfile:
-    """Per-node wall time (median of repeats) aggregated by op and by the pass that created the node."""
+    """Per-node wall time (median of repeats, ms) and bytes allocated (a node's output unless it is a view),
+    each aggregated by op and by the pass that created the node."""
 
     by_node: dict[str, float]
     by_op: dict[str, float]
     by_pass: dict[str, float]
     total_ms: float
+    bytes_by_node: dict[str, int]
+    bytes_by_op: dict[str, int]
 
 
 class _TimingInterpreter(fx.Interpreter):
@@ -206,6 +209,8 @@ def profile_nodes(
     by_node: dict[str, float] = {}
     by_op: dict[str, float] = defaultdict(float)
     by_pass: dict[str, float] = defaultdict(float)
+    bytes_by_node: dict[str, int] = {}
+    bytes_by_op: dict[str, int] = defaultdict(int)
     for node, values in samples.items():
         if node.op not in ("call_function", "call_module", "call_method"):
             continue
@@ -213,5 +218,14 @@ def profile_nodes(
         by_node[node.name] = ms
         by_op[op_name(node)] += ms
         by_pass[str(node.meta.get(PASS_META, "?"))] += ms
-    ordered = lambda d: dict(sorted(d.items(), key=lambda kv: -kv[1]))  # noqa: E731
-    return NodeProfile(ordered(by_node), ordered(by_op), ordered(by_pass), sum(by_node.values()))
+        allocated = 0 if _is_view(node) else _bytes_of(node.meta.get("val"))
+        bytes_by_node[node.name] = allocated
+        bytes_by_op[op_name(node)] += allocated
+    return NodeProfile(
+        _descending(by_node), _descending(by_op), _descending(by_pass), sum(by_node.values()),
+        _descending(bytes_by_node), _descending(bytes_by_op),
+    )
+
+
+def _descending(table: dict[str, float]) -> dict[str, float]:
+    return dict(sorted(table.items(), key=lambda kv: -kv[1]))

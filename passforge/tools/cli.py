@@ -184,6 +184,9 @@ def _profile(args: argparse.Namespace) -> int:
         print(f"\n{title}:")
         for key, ms in list(table.items())[: args.top]:
             print(f"  {ms:9.3f} ms  {100 * ms / max(result.total_ms, 1e-9):5.1f}%  {key}")
+    print("\nallocated by op:")
+    for key, nbytes in list(result.bytes_by_op.items())[: args.top]:
+        print(f"  {nbytes / 2**20:9.3f} MB  {key}")
     return EXIT_OK
 
 

@@ -47,3 +47,6 @@ def test_node_profile_attributes_time_to_passes(llama_graph, tokens):
     assert set(profile.by_pass) == {"capture", "cast"}  # the casts the pass inserted are its own
     assert abs(sum(profile.by_op.values()) - profile.total_ms) < 1e-6
     assert "aten.linear.default" in profile.by_op
+    lm_head = [n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
+    assert profile.bytes_by_node[lm_head.name] == 16 * 256 * 2  # (1, 16, 256) logits in bf16
+    assert all(profile.bytes_by_node[n.name] == 0 for n in gm.graph.nodes if n.target is torch.ops.aten.view.default)
