@@ -23,6 +23,7 @@ import torch
 from torch import fx
 
 from passforge.ir.capture import capture
+from passforge.ir.graph import example_inputs_of
 from passforge.ir.serialize import load_graph, save_graph, write_text_atomic
 from passforge.models.registry import ModelError, ModelSource, read_tokens, resolve
 from passforge.passes.base import Context
@@ -64,17 +65,13 @@ class Optimized:
             raise RuntimeError("this model has no prefill/decode graphs; generate() needs a passforge LLaMA model")
         generator = KVGenerator(
             Executor(self.prefill, self.device), Executor(self.decode, self.device),
-            max_seq_len=self.max_seq_len, prefill_len=int(self.prefill_inputs()[0].shape[1]),
+            max_seq_len=self.max_seq_len, prefill_len=int(example_inputs_of(self.prefill)[0].shape[1]),
         )
         from passforge.models import tokenizer
 
         ids = torch.tensor([tokenizer.encode(prompt)]) if isinstance(prompt, str) else prompt
         tokens, stats = generator.generate(ids, max_new_tokens, temperature=temperature)
         return (tokenizer.decode(tokens[0].tolist()) if isinstance(prompt, str) else tokens), stats
-
-    def prefill_inputs(self) -> tuple[torch.Tensor, ...]:
-        assert self.prefill is not None
-        return tuple(_zeros_like_meta(n) for n in self.prefill.graph.nodes if n.op == "placeholder")
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``model.pt2`` (+ ``prefill.pt2``/``decode.pt2``), ``manifest.json`` and ``report.json``.
@@ -90,9 +87,8 @@ class Optimized:
             save_graph(self.graph, staging / "model.pt2", self.example_inputs)
             graphs = {"forward": "model.pt2"}
             if self.prefill is not None and self.decode is not None:
-                save_graph(self.prefill, staging / "prefill.pt2", self.prefill_inputs())
-                decode_inputs = tuple(_zeros_like_meta(n) for n in self.decode.graph.nodes if n.op == "placeholder")
-                save_graph(self.decode, staging / "decode.pt2", decode_inputs)
+                save_graph(self.prefill, staging / "prefill.pt2", example_inputs_of(self.prefill))
+                save_graph(self.decode, staging / "decode.pt2", example_inputs_of(self.decode))
                 graphs.update(prefill="prefill.pt2", decode="decode.pt2")
             manifest = {
                 "format": FORMAT,
@@ -107,11 +103,6 @@ class Optimized:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
-
-
-def _zeros_like_meta(node: fx.Node) -> torch.Tensor:
-    val = node.meta["val"]
-    return torch.zeros([int(d) for d in val.shape], dtype=val.dtype)
 
 
 def _refuse_overwriting_input(target: Path, source: ModelSource | None) -> None:
@@ -148,9 +139,8 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     report_path = folder / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     forward = graphs["forward"]
-    example = tuple(_zeros_like_meta(n) for n in forward.graph.nodes if n.op == "placeholder")
     return Optimized(
-        graph=forward, report=report, example_inputs=example, device=resolve_device(device),
+        graph=forward, report=report, example_inputs=example_inputs_of(forward), device=resolve_device(device),
         prefill=graphs.get("prefill"), decode=graphs.get("decode"), max_seq_len=int(manifest.get("max_seq_len", 0)),
     )
 
@@ -180,7 +170,7 @@ def optimize(
     dev = resolve_device(device)
     manager = PassManager.parse(pipeline, on_error=on_error)  # parse first: a bad spec fails before any work
     gm = load_graph(source.pt2_path) if source.pt2_path else capture(source.module, source.example_inputs)
-    example = source.example_inputs or tuple(_zeros_like_meta(n) for n in gm.graph.nodes if n.op == "placeholder")
+    example = source.example_inputs or example_inputs_of(gm)
     ctx = Context(
         example_inputs=example,
         device=dev,

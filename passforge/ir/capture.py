@@ -21,7 +21,7 @@ import linecache
 import os
 import traceback
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -208,8 +208,3 @@ def capture_hf(
         dynamic = ({1: torch.export.Dim("T", min=2, max=max_len)},)
     gm = capture(wrapped, example, dynamic_shapes=dynamic, name=f"hf:{Path(path).name}")
     return gm, wrapped, example
-
-
-def example_from_meta(gm: fx.GraphModule) -> Mapping[str, object]:
-    """``{placeholder name: meta["val"]}`` — what the graph expects as inputs."""
-    return {node.name: node.meta.get("val") for node in gm.graph.nodes if node.op == "placeholder"}

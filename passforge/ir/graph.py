@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import fx
@@ -171,7 +171,7 @@ def propagate_meta(gm: fx.GraphModule) -> dict[fx.Node, object]:
     """Recompute what every node produces (shape, dtype, device) with fake tensors.
 
     Placeholders keep their captured ``meta["val"]`` so symbolic dimensions survive; returns ``{node: val}``
-    without touching ``node.meta`` (the verifier compares, :func:`refresh_meta` stores).
+    without touching ``node.meta`` (the verifier compares it with what the nodes claim).
     """
     mode = fake_mode_of(gm)
     inputs = [node.meta["val"] for node in gm.graph.nodes if node.op == "placeholder"]
@@ -180,12 +180,6 @@ def propagate_meta(gm: fx.GraphModule) -> dict[fx.Node, object]:
         warnings.simplefilter("ignore", UserWarning)
         evaluator.run(*inputs, enable_io_processing=False)
     return evaluator.values
-
-
-def refresh_meta(gm: fx.GraphModule) -> None:
-    """Store a freshly propagated ``meta["val"]`` on every node (after a pass changed what nodes compute)."""
-    for node, val in propagate_meta(gm).items():
-        node.meta["val"] = val
 
 
 class _FakeEvaluator(fx.Interpreter):
@@ -226,7 +220,12 @@ def dtype_short(dtype: torch.dtype) -> str:
     return _DTYPE_SHORT.get(dtype, str(dtype).removeprefix("torch."))
 
 
-def tensor_nodes(nodes: Iterable[fx.Node]) -> Iterator[fx.Node]:
-    for node in nodes:
-        if isinstance(node.meta.get("val"), torch.Tensor):
-            yield node
+def example_inputs_of(gm: fx.GraphModule) -> tuple[torch.Tensor, ...]:
+    """Zero tensors shaped like the graph's inputs (dynamic dims at their example size)."""
+    inputs = []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            val = node.meta["val"]
+            shape = [d if isinstance(d, int) else int(d.node.hint) for d in val.shape]
+            inputs.append(torch.zeros(shape, dtype=val.dtype))
+    return tuple(inputs)

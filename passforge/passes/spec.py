@@ -91,7 +91,7 @@ def _parse_item(spec: str, tokens: list[_Token], i: int) -> tuple[Pass, int]:
         raise SpecError(spec, tok.pos, f"expected a pass name, found {tok.text!r}")
     cls = registry.lookup(tok.text)
     if cls is None:
-        raise SpecError(spec, tok.pos, f"unknown pass '{tok.text}'{_suggest(tok.text, registry.available())}")
+        raise SpecError(spec, tok.pos, f"unknown pass '{tok.text}'{suggest(tok.text, registry.available())}")
     i += 1
     options: dict[str, object] = {}
     if i < len(tokens) and tokens[i].text == "(":
@@ -103,7 +103,7 @@ def _parse_item(spec: str, tokens: list[_Token], i: int) -> tuple[Pass, int]:
             if key.kind != "word":
                 raise SpecError(spec, key.pos, f"expected an option name, found {key.text!r}")
             if key.text not in fields:
-                hint = _suggest(key.text, fields) or f"; '{cls.name}' takes {_list_or_none(fields)}"
+                hint = suggest(key.text, fields) or f"; '{cls.name}' takes {_list_or_none(fields)}"
                 raise SpecError(spec, key.pos, f"pass '{cls.name}' has no option '{key.text}'{hint}")
             if key.text in options:
                 raise SpecError(spec, key.pos, f"option '{key.text}' given twice")
@@ -136,7 +136,7 @@ def convert_value(text: str, annotation: object) -> object:
         for choice in args:
             if str(choice).lower() == text.lower():
                 return choice
-        raise ValueError(f"'{text}' is not one of {', '.join(map(str, args))}{_suggest(text, map(str, args))}")
+        raise ValueError(f"'{text}' is not one of {', '.join(map(str, args))}{suggest(text, map(str, args))}")
     if origin in (typing.Union, types.UnionType):
         non_none = [a for a in args if a is not type(None)]
         if text.lower() == "none" and len(non_none) < len(args):
@@ -171,7 +171,7 @@ def convert_value(text: str, annotation: object) -> object:
     return text
 
 
-def _suggest(word: str, names: typing.Iterable[str]) -> str:
+def suggest(word: str, names: typing.Iterable[str]) -> str:
     close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.5)
     return f"; did you mean '{close[0]}'?" if close else ""
 

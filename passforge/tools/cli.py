@@ -156,11 +156,11 @@ def _explain(args: argparse.Namespace) -> int:
     from passforge.models.registry import resolve
     from passforge.passes.registry import available, lookup
     from passforge.passes.rewrite import explain
-    from passforge.passes.spec import SpecError, _suggest
+    from passforge.passes.spec import SpecError, suggest
 
     cls = lookup(args.pass_name)
     if cls is None:
-        raise SpecError(args.pass_name, 0, f"unknown pass '{args.pass_name}'{_suggest(args.pass_name, available())}")
+        raise SpecError(args.pass_name, 0, f"unknown pass '{args.pass_name}'{suggest(args.pass_name, available())}")
     rules = getattr(cls, "rules", None)
     if rules is None:
         print(f"{args.pass_name} is not a pattern pass (it has no rules to explain)")
