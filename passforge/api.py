@@ -33,7 +33,7 @@ from passforge.runtime.executor import Executor, GenerationStats, KVGenerator, r
 from passforge.runtime.profile import ProfileHook
 from passforge.tools.report import build_report
 
-DEFAULT_PIPELINE = "cleanup,cast(dtype=bf16),cleanup"
+DEFAULT_PIPELINE = "cleanup,cast(dtype=bf16)"
 FORMAT = "passforge-optimized/1"
 PREFILL_LEN = 64
 

@@ -92,3 +92,20 @@ def test_module_without_example_inputs_is_a_usage_error(small_llama):
 def test_unknown_model_name_lists_the_presets():
     with pytest.raises(ModelError, match=r"unknown model .lama.*tiny-lm"):
         passforge.optimize("lama")
+
+
+def test_hugging_face_folder_end_to_end(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    hf.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    opt = passforge.optimize(tmp_path / "hf", pipeline="cleanup", seq_len=16, profile=False)
+    tokens = opt.example_inputs[0]
+    with torch.no_grad():
+        expected = hf(input_ids=tokens).logits
+    torch.testing.assert_close(opt(tokens), expected, rtol=1e-5, atol=1e-5)
+    assert opt.report["model"] == "hf:hf"
+    opt.save(tmp_path / "out")
+    torch.testing.assert_close(passforge.load(tmp_path / "out")(tokens), expected, rtol=1e-5, atol=1e-5)

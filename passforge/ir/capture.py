@@ -9,7 +9,8 @@ The IR is the ``GraphModule`` ``torch.export`` produces, unlifted (``ExportedPro
   user's model is never changed;
 - every node carries ``meta["val"]`` (a FakeTensor: shape, dtype, device; symbolic for dynamic dims) and
   ``meta["passforge.pass"] = "capture"``;
-- calling it takes and returns the same pytree as the model (``gm(tokens) -> logits``).
+- calling it takes and returns the same pytree as the model (``gm(tokens) -> logits``);
+- it is functional: a forward() that updates a buffer or an input in place is refused at capture.
 
 When ``torch.export`` fails, :class:`CaptureError` says what failed, where in the user's code, why, and what
 to try, instead of a raw export traceback.
@@ -67,11 +68,30 @@ def capture(
     return from_exported_program(exported, name=label)
 
 
+def _refuse_state_mutation(program: torch.export.ExportedProgram, label: str) -> None:
+    """Passes fold, reorder and re-run graphs freely, which is only sound when forward() is a function of its
+    inputs: a forward that writes into a buffer or an input (a step counter, an in-place KV cache) is refused."""
+    signature = program.graph_signature
+    mutated = [*signature.buffers_to_mutate.values(), *signature.user_inputs_to_mutate.values()]
+    if mutated:
+        raise CaptureError(
+            f"capture of {label} failed: forward() writes into {', '.join(sorted(mutated))} in place.\n"
+            "  passforge optimizes functional graphs: the graph is run repeatedly while it is verified and\n"
+            "  profiled, and constants are folded.\n"
+            "  try: return the new state from forward() instead of updating it in place (as passforge's LLaMA\n"
+            "  decode step does with its KV cache)."
+        )
+
+
 def from_exported_program(program: torch.export.ExportedProgram, *, name: str) -> fx.GraphModule:
     """Normalise an ExportedProgram (fresh or loaded from .pt2) into the IR described above."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        gm = program.run_decompositions({}).module()
+        program = program.run_decompositions({})  # functional: in-place state updates show in the signature
+    _refuse_state_mutation(program, name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = program.module()
     _strip_guards(gm)
     for node in gm.graph.nodes:
         node.meta[PASS_META] = "capture"

@@ -74,8 +74,7 @@ def check_outputs_close(
     atol: float,
 ) -> None:
     """Outputs of the graph after a lossless pass must match the graph before it."""
-    if len(expected) != len(actual):
-        raise VerificationError(f"graph now returns {len(actual)} outputs, it returned {len(expected)}")
+    _check_count(expected, actual)
     for i, (want, got) in enumerate(zip(expected, actual)):
         try:
             torch.testing.assert_close(got, want, rtol=rtol, atol=atol, check_dtype=True)
@@ -84,14 +83,32 @@ def check_outputs_close(
             raise VerificationError(f"output {i} changed (rtol={rtol}, atol={atol}): {summary}") from exc
 
 
-def check_finite(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> None:
-    """After a lossy pass: same outputs (count, shapes) and no NaN/Inf where the graph before had none."""
+def check_lossy_outputs(
+    expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor], *, max_rel_err: float | None
+) -> None:
+    """After a lossy pass: same outputs (count, shapes, dtypes), no NaN/Inf where the graph before had none,
+    and — when the pass declares ``max_rel_err`` — no output moved by more than that fraction of its scale."""
+    _check_count(expected, actual)
+    for i, (want, got) in enumerate(zip(expected, actual)):
+        if want.shape != got.shape or want.dtype != got.dtype:
+            raise VerificationError(
+                f"output {i} changed from {describe_val(want)} to {describe_val(got)}; passes keep the interface"
+            )
+        if not got.is_floating_point():
+            continue
+        new_bad = ~torch.isfinite(got) & torch.isfinite(want)
+        if bool(new_bad.any()):
+            raise VerificationError(f"output {i} has {int(new_bad.sum())} new NaN/Inf values")
+        finite = torch.isfinite(want) & torch.isfinite(got)
+        if max_rel_err is not None and bool(finite.any()):
+            scale = want[finite].abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
+            moved = ((got[finite].float() - want[finite].float()).abs().max() / scale).item()
+            if moved > max_rel_err:
+                raise VerificationError(
+                    f"output {i} moved by {moved:.1%} of its scale; the pass allows at most {max_rel_err:.0%}"
+                )
+
+
+def _check_count(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> None:
     if len(expected) != len(actual):
         raise VerificationError(f"graph now returns {len(actual)} outputs, it returned {len(expected)}")
-    for i, (want, got) in enumerate(zip(expected, actual)):
-        if want.shape != got.shape:
-            raise VerificationError(f"output {i} changed shape: {tuple(want.shape)} → {tuple(got.shape)}")
-        if got.is_floating_point():
-            new_bad = ~torch.isfinite(got) & torch.isfinite(want)
-            if bool(new_bad.any()):
-                raise VerificationError(f"output {i} has {int(new_bad.sum())} new NaN/Inf values")

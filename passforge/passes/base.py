@@ -78,6 +78,8 @@ class Pass(ABC):
     # Tolerance of the verifier's before/after comparison for lossless passes (float reassociation only).
     rtol: ClassVar[float] = 1e-5
     atol: ClassVar[float] = 1e-5
+    # Lossy passes: the verifier's collapse guard, max |after - before| / max |before| per output (None: off).
+    max_rel_err: ClassVar[float | None] = None
 
     @abstractmethod
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:

@@ -136,10 +136,11 @@ class PassManager:
     ) -> fx.GraphModule:
         for hook in self.hooks:
             hook.before_pass(pass_, work, ctx)
+        existing = set(work.graph.nodes)  # holds the old nodes, so no new node can reuse an old one's id
         start = time.perf_counter()
         out = pass_.run(work, ctx)
         after = out.graph
-        _complete_meta(after, pass_.name)
+        _complete_meta(after, pass_.name, existing)
         record.time_s = time.perf_counter() - start
         record.modified = out.modified
         record.stats = dict(out.stats)
@@ -148,11 +149,12 @@ class PassManager:
         return after
 
 
-def _complete_meta(gm: fx.GraphModule, pass_name: str) -> None:
+def _complete_meta(gm: fx.GraphModule, pass_name: str, existing: set[fx.Node]) -> None:
     """Stamp nodes the pass created with its name and give them ``meta["val"]`` if the pass did not."""
     missing_val = False
     for node in gm.graph.nodes:
-        node.meta.setdefault(PASS_META, pass_name)
+        if node not in existing:
+            node.meta[PASS_META] = pass_name
         if node.op != "output" and "val" not in node.meta:
             missing_val = True
     if missing_val:

@@ -1,8 +1,11 @@
 """``cast(dtype=bf16|fp16)``: mixed precision with autocast's policy, applied to the graph once.
 
-Parameters become the low dtype; matmul-like ops cast their inputs to it and compute in it; ops whose accuracy needs
-range or many-term sums — softmax, norms, reductions, exp/log/pow/rsqrt, losses — get their inputs upcast to
-fp32; everything else runs on what arrives (type promotion). Outputs are cast back, so callers still see fp32.
+Parameters (weights) become the low dtype; buffers (RoPE frequency tables, masks) stay fp32 — positions above
+256 are not even representable in bf16. Matmul-like ops that see a low-precision operand cast the others to
+it and compute in it; ops whose accuracy needs range or many-term sums — softmax, norms, reductions,
+exp/log/pow/rsqrt, losses — get their inputs upcast to fp32; ops that need one dtype (cat, index_copy into a
+cache) get fp32; everything else runs on what arrives (type promotion). Outputs are cast back, so callers
+see the dtypes they saw before. Tied weights stay tied.
 
 Before → after (one RMSNorm feeding a linear)::
 
@@ -42,8 +45,9 @@ FP32_OPS = frozenset(
 )
 # Ops whose tensor inputs must share one dtype: mixed inputs are cast to the node's original (fp32) dtype.
 SAME_DTYPE_OPS = frozenset(
-    {aten.index_copy, aten.index_put, aten.cat, aten.stack, aten.where, aten.scatter, aten.masked_scatter,
-     aten.copy, aten.slice_scatter, aten.select_scatter}
+    {aten.index_copy, aten.index_put, aten.index_add, aten.index_reduce, aten.cat, aten.stack, aten.where,
+     aten.scatter, aten.scatter_add, aten.scatter_reduce, aten.masked_scatter, aten.copy, aten.lerp,
+     aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter, aten.as_strided_scatter}
 )
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -67,31 +71,46 @@ class Cast(Pass):
     lossy: ClassVar[bool] = True
     dtype: Literal["bf16", "fp16"] = "bf16"
 
+    # Collapse guard: bf16/fp16 rounding moves logits by ~1% of their scale (docs); 10% means a broken cast.
+    max_rel_err: ClassVar[float | None] = 0.1
+
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         low = DTYPES[self.dtype]
         graph = gm.graph
         mode = fake_mode_of(gm)
-        original: dict[fx.Node, torch.dtype | None] = {}
-        stats = {"params": 0, "casts": 0}
+        original: dict[fx.Node, torch.dtype | None] = {n: _dtype_of(n) for n in graph.nodes}
+        stats = {"params": _cast_parameters(gm, low), "casts": 0}
         for node in list(graph.nodes):  # topological: inputs already carry their new dtype
-            if node.op == "get_attr":
-                tensor = get_attr(gm, node.target)
-                if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
-                    set_tensor_attr(gm, node.target, tensor.to(low))
-                    node.meta["val"] = node.meta["val"].to(low)
-                    stats["params"] += 1
-            elif node.op == "call_function":
-                original[node] = _dtype_of(node)
-                if _packet(node) in LOW_PRECISION_OPS:
-                    stats["casts"] += _cast_inputs(graph, node, low, only_from=torch.float32)
-                elif _packet(node) in FP32_OPS or (_packet(node) in SAME_DTYPE_OPS and original[node] == torch.float32):
-                    stats["casts"] += _cast_inputs(graph, node, torch.float32, only_from=low)
-                _refresh(node, mode)
+            if node.op != "call_function":
+                continue
+            packet = _packet(node)
+            if packet in LOW_PRECISION_OPS and low in {_dtype_of(a) for a in node.all_input_nodes}:
+                stats["casts"] += _cast_inputs(graph, node, low, only_from=torch.float32)
+            elif packet in FP32_OPS or (packet in SAME_DTYPE_OPS and original[node] == torch.float32):
+                stats["casts"] += _cast_inputs(graph, node, torch.float32, only_from=low)
+            _refresh(node, mode)
         if stats == {"params": 0, "casts": 0}:
             return PassResult(gm, modified=False, stats=stats)
         stats["casts"] += _restore_output_dtypes(graph, original)
         gm.recompile()
         return PassResult(gm, modified=True, stats=stats)
+
+
+def _cast_parameters(gm: fx.GraphModule, low: torch.dtype) -> int:
+    """Store fp32 parameters read by the graph in ``low`` (one new tensor per storage: tied stays tied)."""
+    converted: dict[int, torch.Tensor] = {}
+    buffers = {name for name, _ in gm.named_buffers(remove_duplicate=False)}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target in buffers:
+            continue
+        tensor = get_attr(gm, node.target)
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in (torch.float32, low):
+            continue
+        if tensor.dtype == torch.float32:
+            new = converted.setdefault(id(tensor), tensor.detach().to(low))
+            set_tensor_attr(gm, node.target, new)
+        node.meta["val"] = node.meta["val"].to(low)
+    return len(converted)
 
 
 def _restore_output_dtypes(graph: fx.Graph, original: dict[fx.Node, torch.dtype | None]) -> int:

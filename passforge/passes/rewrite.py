@@ -25,7 +25,7 @@ from torch import fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch, SubgraphMatcher
 from torch.fx.subgraph_rewriter import replace_pattern_with_filters
 
-from passforge.ir.graph import op_name
+from passforge.ir.graph import PASS_META, op_name
 
 Check = Callable[[InternalMatch, fx.GraphModule], "str | None"]
 
@@ -107,6 +107,12 @@ def _apply(gm: fx.GraphModule, rule: Rule, report: RuleReport) -> RuleReport:
     replaced = replace_pattern_with_filters(
         gm, pattern, replacement, match_filters=[accept], ignore_literals=rule.ignore_literals
     )
+    for replacement_set in replaced:
+        for node in replacement_set.replacements:
+            # torch copies metadata from the traced replacement: shapes of the rule's example inputs and
+            # provenance "capture". Drop both; the pass manager recomputes and stamps them.
+            node.meta.pop("val", None)
+            node.meta.pop(PASS_META, None)
     report.replaced = len(replaced)
     return report
 

@@ -77,3 +77,20 @@ def test_dynamic_sequence_length(small_llama):
     gm = capture(small_llama, (tokens,), dynamic_shapes=({1: torch.export.Dim("T", min=2, max=64)},))
     longer = torch.randint(0, 256, (1, 40))
     torch.testing.assert_close(gm(longer), small_llama(longer), rtol=1e-5, atol=1e-5)
+
+
+class _StepCounter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("step", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.step.add_(1)  # state written in place: folding or re-running the graph would be wrong
+        return x + self.step
+
+
+def test_in_place_state_updates_are_refused_and_the_model_is_untouched():
+    model = _StepCounter()
+    with pytest.raises(CaptureError, match=r"(?s)writes into step in place.*return the new state"):
+        capture(model, (torch.randn(3),))
+    assert model.step.item() == 0

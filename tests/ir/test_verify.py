@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from passforge.ir.verify import VerificationError, check_finite, check_meta, check_outputs_close, lint
+from passforge.ir.verify import VerificationError, check_lossy_outputs, check_meta, check_outputs_close, lint
 
 
 def test_clean_graph_verifies(llama_graph):
@@ -42,7 +42,12 @@ def test_output_comparison():
         check_outputs_close(a, a + a, rtol=1e-5, atol=1e-5)
 
 
-def test_new_non_finite_values_are_caught():
-    check_finite([torch.tensor([1.0, float("nan")])], [torch.tensor([2.0, float("nan")])])  # NaN was there before
+def test_lossy_outputs_guard():
+    check = check_lossy_outputs
+    check([torch.tensor([1.0, float("nan")])], [torch.tensor([1.05, float("nan")])], max_rel_err=0.1)  # NaN before
     with pytest.raises(VerificationError, match="1 new NaN/Inf"):
-        check_finite([torch.ones(2)], [torch.tensor([1.0, float("inf")])])
+        check([torch.ones(2)], [torch.tensor([1.0, float("inf")])], max_rel_err=None)
+    with pytest.raises(VerificationError, match=r"moved by 50\.0% of its scale; the pass allows at most 10%"):
+        check([torch.tensor([2.0, -1.0])], [torch.tensor([1.0, -1.0])], max_rel_err=0.1)
+    with pytest.raises(VerificationError, match="passes keep the interface"):
+        check([torch.ones(2)], [torch.ones(2, dtype=torch.bfloat16)], max_rel_err=None)

@@ -38,8 +38,8 @@ def test_structure_weights_low_reductions_fp32(llama_graph, tokens, name, dtype)
     assert _input_dtypes(gm, aten.rsqrt) == {torch.float32}
     assert gm(tokens).dtype == torch.float32  # callers see the captured output dtype
     float_buffers = [t for _, t in gm.named_buffers() if t.is_floating_point()]  # RoPE tables
-    assert float_buffers and all(t.dtype == dtype for t in float_buffers)
-    assert result.records[0].stats["params"] == len(float_params) + len(float_buffers)
+    assert float_buffers and all(t.dtype == torch.float32 for t in float_buffers)
+    assert result.records[0].stats["params"] == len(float_params)
 
 
 def test_numerics_within_bf16_bound(small_llama, llama_graph, tokens):
@@ -81,3 +81,65 @@ def test_integer_only_graph_is_left_alone():
     result = _cast(capture(Count(), (x,)), (x,))
     assert result.records[0].modified is False
     torch.testing.assert_close(result.graph(x), Count()(x))
+
+
+class _HFRope(torch.nn.Module):
+    """Hugging Face computes RoPE angles at run time: inv_freq (a buffer) @ positions.float()."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", 1.0 / 10000 ** (torch.arange(0, 16, 2) / 16), persistent=False)
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        angles = self.inv_freq[:, None].float() @ positions[None, :].float()  # (8, T)
+        return self.proj(x) * angles.cos().T.repeat(1, 2)
+
+
+def test_position_arithmetic_stays_fp32():
+    x, positions = torch.randn(2048, 16), torch.arange(2048)
+    model = _HFRope()
+    gm = _cast(capture(model, (x, positions)), (x, positions)).graph
+    out, ref = gm(x, positions), model(x, positions)
+    assert _input_dtypes(gm, aten.matmul) == {torch.float32}  # no bf16 operand: nothing to gain, much to lose
+    torch.testing.assert_close(out, ref, rtol=0, atol=0.02 * ref.abs().max().item())
+
+
+class _Tied(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 8)
+        self.head = torch.nn.Linear(8, 32, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.emb(ids)), self.head.weight  # a parameter returned as an output
+
+
+def test_tied_weights_stay_tied_and_outputs_keep_their_dtype():
+    ids = torch.randint(0, 32, (1, 4))
+    result = _cast(capture(_Tied(), (ids,)), (ids,))
+    gm = result.graph
+    assert result.records[0].status == "ok" and result.records[0].stats["params"] == 1
+    logits, weight = gm(ids)
+    assert logits.dtype == weight.dtype == torch.float32
+    from passforge.ir.graph import param_stats
+
+    assert param_stats(gm)[1] == 32 * 8 * 2  # one bf16 copy shared by both names
+
+
+class _MoEScatter(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.expert = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x).index_add(0, index, self.expert(x))  # fp32 buffer += bf16 expert output
+
+
+def test_ops_that_need_one_dtype_get_fp32():
+    x, index = torch.randn(4, 8), torch.tensor([3, 2, 1, 0])
+    model = _MoEScatter()
+    result = _cast(capture(model, (x, index)), (x, index))
+    assert result.records[0].status == "ok"
+    torch.testing.assert_close(result.graph(x, index), model(x, index), rtol=0.02, atol=0.02)

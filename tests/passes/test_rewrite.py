@@ -59,7 +59,8 @@ def test_explain_names_a_different_producer():
 
     gm = capture(SigmoidTimesTwo(), _example())
     [report] = explain(gm, [DOUBLE_RELU])
-    assert report.near_misses == [("mul", "argument 0 of mul is aten.sigmoid.default, the pattern wants aten.relu.default")]
+    why = "argument 0 of mul is aten.sigmoid.default, the pattern wants aten.relu.default"
+    assert report.near_misses == [("mul", why)]
     assert "near miss at mul" in "\n".join(report.lines())
 
 
@@ -70,3 +71,25 @@ def test_explain_says_when_the_final_op_is_absent():
 
     [report] = explain(capture(NoMul(), _example()), [DOUBLE_RELU])
     assert report.lines()[-1] == "  the pattern's final op does not occur in the graph"
+
+
+def test_replacement_nodes_get_true_metadata_and_provenance():
+    """Replacement nodes must not keep the traced rule's example shapes (2, 3) or claim to come from capture."""
+    from passforge.ir.graph import PASS_META
+    from passforge.passes.base import Context, Pass, PassResult
+    from passforge.passes.hooks import VerifyHook
+    from passforge.passes.manager import PassManager
+
+    class DoubleRelu(Pass):
+        name = "test-double-relu"
+
+        def run(self, gm, ctx):
+            return PassResult(gm, modified=bool(apply_rules(gm, [DOUBLE_RELU])["relu-times-two"]))
+
+    x, y = torch.randn(5, 7), torch.randn(5, 7)
+    gm = capture(_TwoScales(), (x, y))
+    result = PassManager([DoubleRelu()], hooks=[VerifyHook()]).run(gm, Context(example_inputs=(x, y)))
+    assert result.records[0].status == "ok"
+    new = [n for n in result.graph.graph.nodes if n.meta[PASS_META] == "test-double-relu"]
+    assert sorted(str(n.target) for n in new) == ["aten.add.Tensor", "aten.relu.default"]
+    assert all(tuple(n.meta["val"].shape) == (5, 7) for n in new)

@@ -1,0 +1,16 @@
+from passforge.models.tokenizer import VOCAB_SIZE, decode, encode
+
+
+def test_roundtrip_ascii_and_unicode():
+    for text in ["", "def f(x):\n    return x\n", "héllo → 世界 🐍"]:
+        ids = encode(text)
+        assert all(0 <= i < VOCAB_SIZE for i in ids)
+        assert decode(ids) == text
+
+
+def test_encode_is_utf8_bytes():
+    assert encode("aé") == [97, 0xC3, 0xA9]
+
+
+def test_decode_replaces_invalid_utf8():
+    assert decode([0xC3]) == "\ufffd"
