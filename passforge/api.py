@@ -23,7 +23,7 @@ import torch
 from torch import fx
 
 from passforge.ir.capture import capture
-from passforge.ir.graph import example_inputs_of
+from passforge.ir.graph import dynamic_shapes_of, example_inputs_of
 from passforge.ir.serialize import load_graph, save_graph, write_text_atomic
 from passforge.models.registry import ModelError, ModelSource, read_tokens, resolve
 from passforge.passes.base import Context
@@ -80,11 +80,12 @@ class Optimized:
         contents intact.
         """
         target = Path(directory).resolve()
-        _refuse_overwriting_input(target, self.source)
+        check_output_folder(target, self.source)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
-            save_graph(self.graph, staging / "model.pt2", self.example_inputs)
+            dynamic = dynamic_shapes_of(self.graph)
+            save_graph(self.graph, staging / "model.pt2", self.example_inputs, dynamic_shapes=dynamic)
             graphs = {"forward": "model.pt2"}
             if self.prefill is not None and self.decode is not None:
                 save_graph(self.prefill, staging / "prefill.pt2", example_inputs_of(self.prefill))
@@ -105,20 +106,40 @@ class Optimized:
         return target
 
 
-def _refuse_overwriting_input(target: Path, source: ModelSource | None) -> None:
-    if source is None or source.pt2_path is None:
-        return
-    model_path = source.pt2_path.resolve()
-    if model_path == target or target in model_path.parents:
-        raise ModelError(f"output folder {target} contains the input model {model_path}; choose another --out")
+OUTPUT_FILES = frozenset(
+    {"manifest.json", "model.pt2", "prefill.pt2", "decode.pt2", "report.json", "report.html", "reproducers"}
+)
 
 
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace ``target`` by ``staging`` with renames (old contents removed only after the new are in place)."""
-    old = None
+def check_output_folder(target: Path, source: ModelSource | None = None) -> None:
+    """Refuse an output folder that holds the input model or anything passforge did not write there.
+
+    Called before the work starts (by the CLI) and again when saving, so a long run never ends by deleting a
+    user's files: ``--out .`` in a project folder is an error, not a wipe.
+    """
+    target = target.resolve()
+    if source is not None and source.pt2_path is not None:
+        model_path = source.pt2_path.resolve()
+        if model_path == target or target in model_path.parents:
+            raise ModelError(f"output folder {target} contains the input model {model_path}; choose another --out")
     if target.exists():
         if not target.is_dir():
             raise ModelError(f"{target} exists and is not a folder; choose another --out")
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in OUTPUT_FILES)
+        if foreign:
+            raise ModelError(
+                f"output folder {target} holds files passforge did not write ({', '.join(foreign[:5])}); "
+                "choose a new or empty --out"
+            )
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` by ``staging`` with renames; old contents are removed only once the new are in
+    place, and reproducers already written there (by this run or earlier ones) are kept."""
+    old = None
+    if target.exists():
+        if (target / "reproducers").is_dir():
+            os.replace(target / "reproducers", staging / "reproducers")
         old = target.with_name(f".{target.name}.old-{os.getpid()}")
         os.replace(target, old)
     os.replace(staging, target)
@@ -135,7 +156,11 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("format") != FORMAT:
         raise ModelError(f"{folder}: format {manifest.get('format')!r}, this passforge reads {FORMAT!r}")
-    graphs = {name: load_graph(folder / file) for name, file in manifest["graphs"].items()}
+    graphs = {}
+    for name, file in manifest["graphs"].items():
+        if Path(file).name != file or file.startswith("."):  # plain names only: never outside the folder
+            raise ModelError(f"{folder}/manifest.json: graph file {file!r} is not a plain file name")
+        graphs[name] = load_graph(folder / file)
     report_path = folder / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     forward = graphs["forward"]
@@ -159,17 +184,22 @@ def optimize(
     profile: bool = True,
     generation: bool = True,
     seq_len: int = 128,
+    dynamic_shapes: object = None,
     hooks: Sequence[Hook] = (),
 ) -> Optimized:
     """Capture ``model``, run ``pipeline`` with verification (and profiling), return the result.
 
+    ``dynamic_shapes`` (for an ``nn.Module``) is passed to ``torch.export``; the saved graph keeps it.
     Raises :class:`passforge.passes.manager.PassFailure` (with the partial result) when a pass fails under
     ``on_error="stop"``.
     """
     source = _source_for(model, example_inputs, seq_len)
     dev = resolve_device(device)
     manager = PassManager.parse(pipeline, on_error=on_error)  # parse first: a bad spec fails before any work
-    gm = load_graph(source.pt2_path) if source.pt2_path else capture(source.module, source.example_inputs)
+    if source.pt2_path:
+        gm = load_graph(source.pt2_path)
+    else:
+        gm = capture(source.module, source.example_inputs, dynamic_shapes=dynamic_shapes, name=source.name)
     example = source.example_inputs or example_inputs_of(gm)
     ctx = Context(
         example_inputs=example,
@@ -189,7 +219,7 @@ def optimize(
     report = build_report(result, model=source.name, device=dev)
     optimized = Optimized(result.graph, report, example, device=dev, source=source)
     if generation and source.kv_model is not None:
-        _add_generation_graphs(optimized, source, pipeline, ctx)
+        report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error)
     return optimized
 
 
@@ -219,19 +249,25 @@ def _tokens(source: ModelSource, text: str | None) -> torch.Tensor | None:
     return torch.tensor(source.encode(text), dtype=torch.long)
 
 
-def _add_generation_graphs(optimized: Optimized, source: ModelSource, pipeline: str, ctx: Context) -> None:
-    """Capture the prefill and one-token decode steps and run the same pipeline on each (verified)."""
+def _add_generation_graphs(
+    optimized: Optimized, source: ModelSource, pipeline: str, ctx: Context, on_error: OnError
+) -> dict[str, list[dict[str, object]]]:
+    """Capture the prefill and one-token decode steps and run the same pipeline on each (verified, with the
+    same failure policy); returns each graph's pass statuses for the report."""
     from passforge.models.llama import DecodeStep, PrefillStep, example_decode_inputs
 
     model = source.kv_model
     prefill_len = min(PREFILL_LEN, model.config.max_seq_len)
     prefill_in = (torch.zeros(1, prefill_len, dtype=torch.long),)
     decode_in = example_decode_inputs(model)
-    graphs = []
-    for step, inputs in ((PrefillStep(model), prefill_in), (DecodeStep(model), decode_in)):
-        gm = capture(step, inputs, name=f"{source.name}:{type(step).__name__}")
+    graphs, statuses = [], {}
+    for label, step, inputs in (("prefill", PrefillStep(model), prefill_in), ("decode", DecodeStep(model), decode_in)):
+        gm = capture(step, inputs, name=f"{source.name}:{label}")
         step_ctx = Context(example_inputs=inputs, device=ctx.device, repro_dir=ctx.repro_dir)
-        result: PipelineResult = PassManager.parse(pipeline, hooks=[VerifyHook()]).run(gm, step_ctx)
+        manager = PassManager.parse(pipeline, hooks=[VerifyHook()], on_error=on_error)
+        result: PipelineResult = manager.run(gm, step_ctx)
         graphs.append(result.graph)
+        statuses[label] = [{"spec": r.spec, "status": r.status, "error": r.error} for r in result.records]
     optimized.prefill, optimized.decode = graphs
     optimized.max_seq_len = model.config.max_seq_len
+    return statuses

@@ -109,3 +109,42 @@ def test_hugging_face_folder_end_to_end(tmp_path):
     assert opt.report["model"] == "hf:hf"
     opt.save(tmp_path / "out")
     torch.testing.assert_close(passforge.load(tmp_path / "out")(tokens), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_save_never_deletes_foreign_files(small_llama, tokens, tmp_path):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "important.txt").write_text("keep me")
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False, generation=False)
+    with pytest.raises(ModelError, match=r"holds files passforge did not write \(important\.txt\)"):
+        opt.save(project)
+    assert (project / "important.txt").read_text() == "keep me"
+    opt.save(tmp_path / "out")
+    opt.save(tmp_path / "out")  # a passforge folder is replaced as a whole
+    assert (tmp_path / "out" / "model.pt2").is_file()
+
+
+def test_dynamic_sequence_length_survives_save_and_load(small_llama, tmp_path):
+    tokens = torch.randint(0, 256, (1, 16))
+    dims = ({1: torch.export.Dim("T", min=2, max=64)},)
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False, generation=False,
+                             dynamic_shapes=dims)
+    longer = torch.randint(0, 256, (1, 40))
+    again = passforge.load(opt.save(tmp_path / "out"))
+    torch.testing.assert_close(again(longer), small_llama(longer), rtol=1e-5, atol=1e-5)
+
+
+def test_manifest_cannot_point_outside_its_folder(small_llama, tokens, tmp_path):
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False, generation=False)
+    out = opt.save(tmp_path / "out")
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graphs"]["forward"] = "../elsewhere.pt2"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelError, match="not a plain file name"):
+        passforge.load(out)
+
+
+def test_generate_rejects_impossible_requests(small_llama, tokens):
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False)
+    with pytest.raises(InputError, match="at least 1"):
+        opt.generate(tokens[:, :4], 0)

@@ -23,7 +23,6 @@ import os
 import traceback
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import fx
@@ -61,7 +60,7 @@ def capture(
             warnings.simplefilter("ignore")
             exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
-        raise CaptureError(explain_export_failure(label, exc)) from exc
+        raise CaptureError(explain_export_failure(label, exc, dynamic=dynamic_shapes is not None)) from exc
     finally:
         for module, training in modes.items():  # each submodule gets its own flag back
             module.training = training
@@ -125,11 +124,6 @@ _REASONS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "replace the operation with a standard torch op, or register it as a torch.library custom op",
     ),
     (
-        ("ConstraintViolation", "Constraints violated", "specialized", "Dim"),
-        "a dimension declared dynamic is fixed by the model (or vice versa)",
-        "drop that dimension from dynamic_shapes, or export with the example's static shape",
-    ),
-    (
         ("size mismatch", "must match the size", "shape", "Expected", "expected"),
         "the example inputs do not fit the model (wrong shape, dtype or count)",
         "check the example inputs against forward()'s signature (e.g. token ids must be int64 of shape (B, T))",
@@ -137,12 +131,20 @@ _REASONS: tuple[tuple[tuple[str, ...], str, str], ...] = (
 )
 
 
-def explain_export_failure(label: str, exc: BaseException) -> str:
+_DYNAMIC_REASON = (
+    ("ConstraintViolation", "Constraints violated", "specialized"),
+    "a dimension declared dynamic is fixed by the model (or vice versa)",
+    "drop that dimension from dynamic_shapes, or export with the example's static shape",
+)
+
+
+def explain_export_failure(label: str, exc: BaseException, *, dynamic: bool = False) -> str:
     """Turn a torch.export exception into: what failed, where in user code, why, and what to try."""
     text = f"{type(exc).__name__}: {exc}"
     first_line = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
     why, hint = "torch.export could not trace the model", "run torch.export.export on the model directly for details"
-    for needles, reason, fix in _REASONS:
+    reasons = (_DYNAMIC_REASON, *_REASONS) if dynamic else _REASONS  # shape constraints only when asked for
+    for needles, reason, fix in reasons:
         if any(needle in text for needle in needles):
             why, hint = reason, fix
             break
@@ -162,69 +164,3 @@ def _user_frame(exc: BaseException) -> str | None:
             source = (frame.line or linecache.getline(frame.filename, frame.lineno)).strip()
             found = f"{frame.filename}:{frame.lineno}: {source}"
     return found
-
-
-class _LogitsOnly(torch.nn.Module):
-    """Adapter: a Hugging Face causal LM as ``tokens (B, T) -> logits (B, T, V)``, no cache, no dict."""
-
-    def __init__(self, hf_model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = hf_model
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, use_cache=False, return_dict=True).logits
-
-
-def load_hf_causal_lm(
-    path: str | os.PathLike[str], *, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None
-) -> torch.nn.Module:
-    """Load a Hugging Face causal LM from a local folder: never the hub, never pickled weights.
-
-    Only ``*.safetensors`` weights are accepted (pickled ``.bin`` checkpoints can run code when loaded).
-    """
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise CaptureError(f"{folder}: not a Hugging Face model folder (no config.json); pass the folder path.")
-    if not any(folder.glob("*.safetensors")):
-        raise CaptureError(
-            f"{folder}: no *.safetensors weights. passforge does not unpickle .bin checkpoints; convert them "
-            "once in a trusted environment with model.save_pretrained(dir, safe_serialization=True)."
-        )
-    try:
-        import transformers
-    except ImportError as exc:
-        raise CaptureError("loading Hugging Face folders needs transformers: pip install 'passforge[hf]'") from exc
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, dtype=dtype,
-            **({"attn_implementation": attn_implementation} if attn_implementation else {}),
-        )
-    model.eval()
-    return model
-
-
-def capture_hf(
-    path: str | os.PathLike[str],
-    *,
-    seq_len: int = 16,
-    batch: int = 1,
-    dynamic_seq: bool = False,
-    attn_implementation: str | None = None,
-) -> tuple[fx.GraphModule, torch.nn.Module, tuple[torch.Tensor]]:
-    """Capture a local Hugging Face causal LM as ``input_ids (B, T) -> logits``.
-
-    Returns ``(graph, eager_model, example_inputs)``; the eager model (in eval mode) is the accuracy
-    reference. ``attn_implementation`` ("eager", "sdpa") overrides the folder's config.
-    """
-    hf_model = load_hf_causal_lm(path, attn_implementation=attn_implementation)
-    wrapped = _LogitsOnly(hf_model).eval()
-    vocab = int(getattr(hf_model.config, "vocab_size", 256))
-    generator = torch.Generator().manual_seed(0)
-    example = (torch.randint(0, vocab, (batch, seq_len), generator=generator),)
-    dynamic = None
-    if dynamic_seq:
-        max_len = int(getattr(hf_model.config, "max_position_embeddings", 2048))
-        dynamic = ({1: torch.export.Dim("T", min=2, max=max_len)},)
-    gm = capture(wrapped, example, dynamic_shapes=dynamic, name=f"hf:{Path(path).name}")
-    return gm, wrapped, example

@@ -149,15 +149,47 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def to_device(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
-    """``gm`` with every tensor on ``device``: ``gm`` itself when nothing moves, else a copy holding new
-    tensors (``Module.to`` would move shared parameters in place, under the user's model too)."""
-    tensors = [*gm.named_parameters(), *gm.named_buffers()]
-    if all(t.device == device for _, t in tensors):
+    """``gm`` with every tensor it reads on ``device``: ``gm`` itself when nothing moves, else a copy holding
+    new tensors (``Module.to`` would move shared parameters in place, under the user's model too). Tied
+    weights stay tied; export's lifted constants (plain attributes) move too."""
+    reads = list(tensor_attrs(gm))
+    if all(t.device == device for _, t in reads):
         return gm
     moved = copy_graph_module(gm)
-    for name, tensor in tensors:
-        set_tensor_attr(moved, name, tensor.to(device))
+    copies: dict[int, torch.Tensor] = {}
+    for name, tensor in reads:
+        new = copies.setdefault(id(tensor), tensor.to(device))
+        *path, leaf = name.split(".")
+        owner = moved.get_submodule(".".join(path)) if path else moved
+        if leaf in owner._parameters or leaf in owner._buffers:
+            set_tensor_attr(moved, name, new)
+        else:
+            setattr(owner, leaf, new)
     return moved
+
+
+def dynamic_shapes_of(gm: fx.GraphModule) -> tuple[dict[int, object] | None, ...] | None:
+    """The ``dynamic_shapes`` argument that re-exports ``gm`` with the same dynamic input dims (None if static).
+
+    Each symbolic placeholder dim becomes a ``torch.export.Dim`` with the range the ShapeEnv recorded, so a
+    saved graph accepts the same lengths as the captured one.
+    """
+    shape_env = fake_mode_of(gm).shape_env
+    specs: list[dict[int, object] | None] = []
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        val = node.meta.get("val")
+        dims: dict[int, object] = {}
+        for i, size in enumerate(getattr(val, "shape", ())):
+            if isinstance(size, torch.SymInt) and shape_env is not None:
+                expr = size.node.expr
+                bounds = shape_env.var_to_range.get(expr)
+                lower = max(int(bounds.lower), 2) if bounds is not None else 2
+                upper = int(bounds.upper) if bounds is not None and bounds.upper.is_finite else None
+                dims[i] = torch.export.Dim(f"{node.name}_{i}", min=lower, max=upper)
+        specs.append(dims or None)
+    return tuple(specs) if any(specs) else None
 
 
 def fake_mode_of(gm: fx.GraphModule) -> FakeTensorMode:

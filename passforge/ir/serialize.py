@@ -9,9 +9,13 @@ standard ExportedProgram any PyTorch can load, and loading goes through the same
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
+import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -23,20 +27,27 @@ from passforge.ir.capture import CaptureError, from_exported_program
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; on success it replaces ``target`` in one rename.
-
-    A crash or an exception leaves any previous ``target`` intact and no partial file behind.
-    """
+    """Yield a path with ``target``'s name inside a private folder beside it; on success the file is fsynced
+    and renamed over ``target`` in one step. A crash or an exception leaves any previous ``target`` intact
+    and no partial file behind. (Same name, so tools that name things after the file — a ``.pt2``
+    archive's root folder — see the final name.)"""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".tmp{target.suffix}", dir=target.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = staging / target.name
     try:
         yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
         os.replace(tmp, target)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def safe_filename(name: str) -> str:
+    """``name`` reduced to characters safe in one path component (a plugin's pass name cannot escape a folder)."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
+    return cleaned or "_"
 
 
 def write_text_atomic(target: str | os.PathLike[str], text: str) -> None:
@@ -64,6 +75,7 @@ def load_graph(path: str | os.PathLike[str]) -> fx.GraphModule:
     path = Path(path)
     if not path.is_file():
         raise CaptureError(f"{path}: no such file; expected a .pt2 saved by torch.export.save or passforge")
+    refuse_pickled_payloads(path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -74,3 +86,35 @@ def load_graph(path: str | os.PathLike[str]) -> fx.GraphModule:
             "re-save it with torch.export.save"
         ) from exc
     return from_exported_program(program, name=path.name)
+
+
+_PICKLED_PREFIXES = ("custom_obj_", "opaque_obj_")
+
+
+def refuse_pickled_payloads(path: Path) -> None:
+    """Raise unless every tensor in the ``.pt2`` archive is stored as raw bytes.
+
+    ``torch.export.load`` unpickles entries flagged ``use_pickle`` (tensor subclasses), custom and opaque
+    objects, and legacy ``.pt`` constant files — each can run arbitrary code. Archives passforge writes have
+    none; an archive from elsewhere that has them is refused before anything is deserialised.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+            for name in names:
+                if "/data/constants/" in name and name.endswith((".pt", ".pkl", ".pickle")):
+                    _refuse(path, name)
+                if name.endswith(("_weights_config.json", "_constants_config.json")):
+                    config = json.loads(archive.read(name)).get("config", {})
+                    for entry_name, entry in config.items():
+                        if entry.get("use_pickle") or str(entry.get("path_name", "")).startswith(_PICKLED_PREFIXES):
+                            _refuse(path, entry_name)
+    except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as exc:
+        raise CaptureError(f"{path}: not a readable .pt2 archive ({exc}); re-save it with torch.export.save") from exc
+
+
+def _refuse(path: Path, entry: str) -> None:
+    raise CaptureError(
+        f"{path}: refusing to load: entry '{entry}' is a pickled object, and unpickling can run arbitrary code. "
+        "Re-export the model with plain tensors from code you trust."
+    )

@@ -36,19 +36,15 @@ class ModelSource:
     extra: dict[str, object] = field(default_factory=dict)
 
 
-def _byte_tokens(cfg_vocab: int, seq_len: int, batch: int = 1) -> tuple[torch.Tensor]:
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randint(0, min(cfg_vocab, 256), (batch, seq_len), generator=generator),)
-
-
 def _llama_source(name: str, model: torch.nn.Module, seq_len: int, **extra: object) -> ModelSource:
     from passforge.models import tokenizer
+    from passforge.models.hf import example_tokens
 
     seq_len = min(seq_len, model.config.max_seq_len)
     return ModelSource(
         name=name,
         module=model,
-        example_inputs=_byte_tokens(model.config.vocab_size, seq_len),
+        example_inputs=example_tokens(model.config.vocab_size, seq_len),
         is_lm=True,
         encode=tokenizer.encode,
         decode=tokenizer.decode,
@@ -78,14 +74,16 @@ def resolve(model: str | os.PathLike[str] | None, *, seq_len: int = DEFAULT_SEQ_
     from passforge.models import llama, nanogpt
 
     if spec in llama.PRESETS:
+        _require_memory(spec, llama.PRESETS[spec])
         return _llama_source(spec, llama.build(spec), seq_len)
     if spec.startswith("nanogpt-") and spec.removeprefix("nanogpt-") in nanogpt.PRESETS:
         from passforge.models import tokenizer
+        from passforge.models.hf import example_tokens
 
         gpt = nanogpt.build(spec.removeprefix("nanogpt-")).eval()
         cfg = gpt.config
         return ModelSource(
-            spec, gpt, _byte_tokens(cfg.vocab_size, min(seq_len, cfg.block_size)), True,
+            spec, gpt, example_tokens(cfg.vocab_size, min(seq_len, cfg.block_size)), True,
             tokenizer.encode, tokenizer.decode,
         )
     if path.is_dir():
@@ -101,10 +99,25 @@ def resolve(model: str | os.PathLike[str] | None, *, seq_len: int = DEFAULT_SEQ_
     )
 
 
-def _hf_source(path: Path, seq_len: int) -> ModelSource:
-    from passforge.ir.capture import _LogitsOnly, load_hf_causal_lm
+def _require_memory(name: str, cfg: object) -> None:
+    """Refuse presets whose fp32 weights would not fit in half of this machine's memory."""
+    from passforge.models.llama import Llama
 
-    hf_model = load_hf_causal_lm(path)
+    with torch.device("meta"):
+        needed = 4 * Llama(cfg).num_params()
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed > total // 2:
+        raise ModelError(
+            f"preset '{name}' needs {needed / 2**30:.0f} GiB of fp32 weights; this machine has "
+            f"{total / 2**30:.0f} GiB. Build it on the meta device for graph-only work "
+            "(passforge.models.llama.build(name, device='meta'); see benchmarks/passes_scale.py)."
+        )
+
+
+def _hf_source(path: Path, seq_len: int) -> ModelSource:
+    from passforge.models.hf import LogitsOnly, example_tokens, load_causal_lm
+
+    hf_model = load_causal_lm(path)
     encode = decode = None
     try:
         from transformers import AutoTokenizer
@@ -114,12 +127,11 @@ def _hf_source(path: Path, seq_len: int) -> ModelSource:
         decode = tok.decode
     except (OSError, ValueError):
         pass  # a folder without tokenizer files: token-id data only
-    vocab = int(getattr(hf_model.config, "vocab_size", 256))
     max_pos = int(getattr(hf_model.config, "max_position_embeddings", seq_len) or seq_len)
     return ModelSource(
         name=f"hf:{path.name}",
-        module=_LogitsOnly(hf_model),
-        example_inputs=_byte_tokens(vocab, min(seq_len, max_pos)),
+        module=LogitsOnly(hf_model).eval(),
+        example_inputs=example_tokens(int(getattr(hf_model.config, "vocab_size", 256)), min(seq_len, max_pos)),
         is_lm=True,
         encode=encode,
         decode=decode,

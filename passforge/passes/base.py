@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -44,19 +44,15 @@ class Context:
     """What passes, hooks and the profiler may read besides the graph.
 
     ``example_inputs`` are the flat inputs the graph is called with; ``calib_tokens`` and ``eval_tokens`` are
-    1-D int64 token streams (for calibration-driven passes and perplexity); ``reference`` is the original
-    model's callable, for accuracy figures.
+    1-D int64 token streams (for calibration-driven passes and perplexity); ``repro_dir`` is where a failing
+    pass leaves its reproducer (none written when unset).
     """
 
     example_inputs: tuple[object, ...] = ()
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    dynamic_shapes: object = None
     calib_tokens: torch.Tensor | None = None
     eval_tokens: torch.Tensor | None = None
-    eval_seq_len: int = 128
-    reference: Callable[..., object] | None = None
     repro_dir: Path | None = None
-    seed: int = 0
 
 
 @dataclass

@@ -106,21 +106,22 @@ class Cleanup(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         stats = {name: n for name, n in apply_rules(gm, IDENTITY_RULES).items() if n}
+        if self.cse:  # before folding, so two equal constant subgraphs fold into one buffer
+            stats["cse"] = eliminate_common_subexpressions(gm)
         if self.fold:
             stats["folded"] = fold_constants(gm)
-        if self.cse:
-            stats["cse"] = eliminate_common_subexpressions(gm)
         stats["dead"] = eliminate_dead_code(gm)
         gm.recompile()
         return PassResult(gm, modified=any(stats.values()), stats=stats)
 
 
 def eliminate_dead_code(gm: fx.GraphModule) -> int:
-    """Remove nodes nobody uses (side-effecting ops stay) and the parameters only they read."""
-    before = len(gm.graph.nodes)
+    """Remove nodes nobody uses (side-effecting ops stay) and the parameters only they read; returns how many
+    nodes and attributes went."""
+    before = len(gm.graph.nodes) + len(gm.state_dict(keep_vars=True))
     gm.graph.eliminate_dead_code()
     drop_unused_attrs(gm)
-    return before - len(gm.graph.nodes)
+    return before - len(gm.graph.nodes) - len(gm.state_dict(keep_vars=True))
 
 
 def _is_pure(node: fx.Node) -> bool:
@@ -188,8 +189,6 @@ def fold_constants(gm: fx.GraphModule) -> int:
         replacement.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(replacement)
         folded += 1
-    if folded:
-        eliminate_dead_code(gm)
     return folded
 
 

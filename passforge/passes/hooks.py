@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import num_compute_nodes
-from passforge.ir.serialize import write_text_atomic
+from passforge.ir.serialize import safe_filename, write_text_atomic
 from passforge.ir.verify import check_lossy_outputs, check_meta, check_outputs_close, lint
 from passforge.passes.base import Context, Pass
 from passforge.passes.manager import Hook, PassRecord
@@ -67,4 +67,4 @@ class DumpHook(Hook):
     def _write(self, label: str, gm: fx.GraphModule) -> None:
         header = f"# {label}: {num_compute_nodes(gm)} compute nodes\n"
         text = header + gm.print_readable(print_output=False, include_stride=False, colored=False)
-        write_text_atomic(self.directory / f"{self._index:02d}_{label}.txt", text)
+        write_text_atomic(self.directory / f"{self._index:02d}_{safe_filename(label)}.txt", text)

@@ -102,7 +102,13 @@ class PassManager:
         work = copy_graph_module(gm)
         result = PipelineResult(graph=work, pipeline=self.spec, records=[])
         for hook in self.hooks:
-            hook.start(work, ctx, result.baseline)
+            try:
+                hook.start(work, ctx, result.baseline)
+            except Exception as exc:
+                raise PassError(
+                    f"before any pass, {type(hook).__name__} failed on the captured graph: {type(exc).__name__}: "
+                    f"{exc}\n  check that the example inputs run through the model"
+                ) from exc
         for pass_ in self.passes:
             record = PassRecord(name=pass_.name, spec=pass_.spec, lossy=pass_.lossy)
             result.records.append(record)

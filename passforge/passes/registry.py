@@ -8,6 +8,7 @@ the first lookup.
 from __future__ import annotations
 
 import importlib
+import warnings
 from importlib.metadata import entry_points
 
 from passforge.passes.base import Pass
@@ -41,9 +42,13 @@ def _load() -> None:
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
-        obj = ep.load()
-        if isinstance(obj, type) and issubclass(obj, Pass):
+        try:
+            obj = ep.load()
+            if not (isinstance(obj, type) and issubclass(obj, Pass)):
+                raise TypeError(f"{ep.value} is not a Pass subclass")
             register(obj)
+        except Exception as exc:  # noqa: BLE001 - one broken plugin must not take down every pipeline
+            warnings.warn(f"passforge: skipping pass plugin '{ep.name}' ({ep.value}): {exc}", stacklevel=2)
 
 
 def available() -> dict[str, type[Pass]]:

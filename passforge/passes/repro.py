@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import re
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,7 +18,8 @@ import safetensors.torch
 import torch
 from torch import fx
 
-from passforge.ir.serialize import atomic_path, load_graph, save_graph, write_text_atomic
+from passforge.ir.graph import dynamic_shapes_of
+from passforge.ir.serialize import atomic_path, load_graph, safe_filename, save_graph, write_text_atomic
 from passforge.passes.base import Context, Pass
 
 
@@ -44,7 +44,7 @@ def write_reproducer(
     with atomic_path(folder / "inputs.safetensors") as tmp:
         safetensors.torch.save_file(tensors, str(tmp))
     try:
-        save_graph(gm, folder / "graph.pt2", ctx.example_inputs, dynamic_shapes=ctx.dynamic_shapes)
+        save_graph(gm, folder / "graph.pt2", ctx.example_inputs, dynamic_shapes=dynamic_shapes_of(gm))
     except Exception as save_exc:  # noqa: BLE001 - the readable code below still helps when export fails
         write_text_atomic(folder / "graph_export_error.txt", f"{type(save_exc).__name__}: {save_exc}\n")
     write_text_atomic(folder / "graph.py", gm.print_readable(print_output=False, colored=False))
@@ -53,7 +53,7 @@ def write_reproducer(
 
 def _fresh_folder(root: Path, name: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    stem = safe_filename(name)
     i = 0
     while (root / f"{stem}-{i}").exists():
         i += 1

@@ -90,7 +90,6 @@ def apply_rules(gm: fx.GraphModule, rules: Sequence[Rule]) -> dict[str, int]:
     counts: dict[str, int] = {}
     for rule in rules:
         counts[rule.name] = _apply(gm, rule, RuleReport(rule.name)).replaced
-    gm.graph.eliminate_dead_code()
     gm.recompile()
     return counts
 

@@ -22,9 +22,13 @@ class InputError(ValueError):
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A concrete device (``cuda`` → ``cuda:N`` of the current device, so tensors compare equal to it)."""
     device = torch.device(device or "cpu")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError("device 'cuda' requested but CUDA is not available here; use --device cpu")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device 'cuda' requested but CUDA is not available here; use --device cpu")
+        if device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
     return device
 
 
@@ -94,7 +98,11 @@ class KVGenerator:
         n_prompt = prompt.shape[1]
         if not 1 <= n_prompt <= self.prefill_len:
             raise InputError(f"prompt has {n_prompt} tokens; this prefill graph takes 1..{self.prefill_len}")
+        if max_new_tokens < 1:
+            raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         max_new_tokens = min(max_new_tokens, self.max_seq_len - n_prompt)
+        if max_new_tokens < 1:
+            raise InputError(f"the prompt fills the model's context ({self.max_seq_len} tokens); shorten it")
         generator = torch.Generator().manual_seed(seed)
         padded = torch.zeros(1, self.prefill_len, dtype=torch.long)
         padded[:, :n_prompt] = prompt

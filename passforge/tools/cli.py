@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import typing
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt.add_argument("--dump-dir", help="write the IR before the first pass and after every pass here")
     opt.add_argument("--on-error", default="stop", choices=("stop", "skip"),
                      help="a failing pass is rolled back; then stop (default) or skip it and go on")
-    opt.add_argument("--seq-len", type=int, default=128, help="example input length (default: 128)")
+    opt.add_argument("--seq-len", type=_length, default=128, help="example input length (default: 128)")
     opt.add_argument("--no-profile", action="store_true", help="skip latency/accuracy figures per pass")
 
     passes = sub.add_parser("passes", help="list the registered passes with their options and docs")
@@ -56,11 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     prof.add_argument("--pipeline", default="", help="optimize with this pipeline first (default: none)")
     prof.add_argument("--top", type=int, default=15, help="rows per table (default: 15)")
-    prof.add_argument("--seq-len", type=int, default=128)
+    prof.add_argument("--seq-len", type=_length, default=128)
 
     replay = sub.add_parser("replay", help="rerun the failing pass of a reproducer folder")
     replay.add_argument("reproducer", type=Path)
     return parser
+
+
+def _length(text: str) -> int:
+    value = int(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"must be at least 2 tokens, got {value}")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,18 +91,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("passforge: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if os.environ.get("PASSFORGE_TRACEBACK"):
+            raise
+        print(f"passforge: internal error: {type(exc).__name__}: {exc}\n"
+              "  rerun with PASSFORGE_TRACEBACK=1 for the traceback, and please report it", file=sys.stderr)
+        return EXIT_FAILURE
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from passforge.api import optimize
+    from passforge.api import check_output_folder, optimize
     from passforge.ir.serialize import write_text_atomic
     from passforge.passes.manager import PassFailure
     from passforge.passes.spec import parse_pipeline
+    from passforge.runtime.executor import resolve_device
     from passforge.tools.progress import PassProgress
     from passforge.tools.report import build_report, render_html, render_table
 
-    parse_pipeline(args.pipeline)  # a bad spec is a usage error before any slow work
+    parse_pipeline(args.pipeline)  # a bad spec or output folder is a usage error before any slow work
     out = Path(args.out)
+    check_output_folder(out)
     print(f"passforge: capturing {args.model} ...", file=sys.stderr)
     try:
         optimized = optimize(
@@ -103,7 +119,7 @@ def _optimize(args: argparse.Namespace) -> int:
             on_error=args.on_error, profile=not args.no_profile, seq_len=args.seq_len, hooks=[PassProgress()],
         )
     except PassFailure as failure:
-        report = build_report(failure.partial, model=str(args.model), device=_device(args.device))
+        report = build_report(failure.partial, model=str(args.model), device=resolve_device(args.device))
         print(render_table(report))
         raise
     print(render_table(optimized.report))
@@ -115,12 +131,6 @@ def _optimize(args: argparse.Namespace) -> int:
         print("  " + repr(text))
     print(f"wrote {out / 'model.pt2'}, {out / 'report.json'}, {out / 'report.html'}")
     return EXIT_OK
-
-
-def _device(name: str) -> object:
-    import torch
-
-    return torch.device(name)
 
 
 def _passes(args: argparse.Namespace) -> int:
@@ -153,6 +163,7 @@ def _type_name(annotation: object) -> str:
 
 def _explain(args: argparse.Namespace) -> int:
     from passforge.ir.capture import capture
+    from passforge.ir.serialize import load_graph
     from passforge.models.registry import resolve
     from passforge.passes.registry import available, lookup
     from passforge.passes.rewrite import explain
@@ -166,7 +177,10 @@ def _explain(args: argparse.Namespace) -> int:
         print(f"{args.pass_name} is not a pattern pass (it has no rules to explain)")
         return EXIT_OK
     source = resolve(args.model)
-    gm = capture(source.module, source.example_inputs, name=source.name)
+    if source.pt2_path is not None:
+        gm = load_graph(source.pt2_path)
+    else:
+        gm = capture(source.module, source.example_inputs, name=source.name)
     for report in explain(gm, rules()):
         print("\n".join(report.lines()))
     return EXIT_OK

@@ -8,6 +8,7 @@ import base64
 import datetime
 import html
 import io
+import math
 import platform
 from collections.abc import Sequence
 
@@ -34,7 +35,7 @@ def build_report(result: PipelineResult, *, model: str, device: torch.device) ->
         row.update({name: record.metrics.get(name) for name in METRIC_FIELDS})
         row.update(stats=record.stats, error=record.error, reproducer=record.reproducer)
         passes.append(row)
-    return {
+    return _json_safe({
         "schema": SCHEMA_VERSION,
         "model": model,
         "pipeline": result.pipeline,
@@ -43,7 +44,18 @@ def build_report(result: PipelineResult, *, model: str, device: torch.device) ->
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "baseline": baseline,
         "passes": passes,
-    }
+    })
+
+
+def _json_safe(value: object) -> object:
+    """NaN and infinities become null: report.json is strict JSON that every reader accepts."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 _COLUMNS = (

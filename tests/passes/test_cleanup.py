@@ -89,3 +89,19 @@ def test_options_switch_parts_off(llama_graph):
     assert count_calls(folded, aten.slice.Tensor) == slices - 2  # RoPE cos/sin tables cut to T once, offline
     kept = PassManager([Cleanup(fold=False)]).run(llama_graph).graph
     assert count_calls(kept, aten.slice.Tensor) == slices
+
+
+class _UnusedBuffer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("table", torch.randn(64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _ = self.table * 2  # dead, and the only reader of the buffer
+        return x + torch.ones(3) + torch.ones(3)  # two equal constant subgraphs
+
+
+def test_dead_buffers_are_counted_and_equal_constants_fold_once():
+    gm, stats = _cleanup(_UnusedBuffer(), torch.randn(3))
+    assert stats["dead"] >= 2 and stats["cse"] == 1 and stats["folded"] == 1
+    assert [name for name, _ in gm.named_buffers()] == ["_folded"]

@@ -92,3 +92,28 @@ def test_profile_prints_by_op_and_by_pass(capsys):
     assert main(["profile", "tiny", "--seq-len", "16", "--top", "3"]) == EXIT_OK
     out = capsys.readouterr().out
     assert "by op:" in out and "by pass:" in out and "aten.linear.default" in out
+
+
+def test_output_folder_with_foreign_files_is_refused_before_work(tmp_path, capsys):
+    (tmp_path / "notes.md").write_text("mine")
+    assert main(["optimize", "tiny", "--out", str(tmp_path)]) == EXIT_USAGE
+    assert "holds files passforge did not write (notes.md)" in capsys.readouterr().err
+    assert (tmp_path / "notes.md").read_text() == "mine"
+
+
+def test_skipped_pass_keeps_its_reproducer_after_save(tmp_path):
+    import tests.passes.test_manager  # noqa: F401 - registers the deliberately broken test passes
+
+    out = tmp_path / "out"
+    code = main(["optimize", "tiny", "--seq-len", "16", "--no-profile", "--on-error", "skip",
+                 "--pipeline", "test-raise,cleanup", "--out", str(out)])
+    assert code == EXIT_OK
+    report = json.loads((out / "report.json").read_text())
+    assert report["passes"][0]["status"] == "skipped"
+    assert (out / "reproducers" / "test-raise-0" / "spec.txt").is_file()
+
+
+def test_bad_sequence_length_is_a_usage_error():
+    with pytest.raises(SystemExit) as info:
+        main(["optimize", "tiny", "--seq-len", "1"])
+    assert info.value.code == EXIT_USAGE

@@ -14,7 +14,8 @@ import pytest
 import torch
 from torch import fx
 
-from passforge.ir.capture import CaptureError, capture_hf
+from passforge.ir.capture import CaptureError
+from passforge.models.hf import capture_hf
 from passforge.passes.base import Context
 from passforge.passes.hooks import VerifyHook
 from passforge.passes.manager import PassManager
