@@ -77,6 +77,9 @@ class Hook:
     ) -> None:
         """After ``pass_`` turned ``before`` into ``after``; write figures into ``record.metrics``."""
 
+    def finish(self, result: PipelineResult, ctx: Context) -> None:
+        """Once, after the last pass (or the pass that stopped the pipeline); may complete the records."""
+
 
 class PassManager:
     """An ordered list of passes plus hooks; see the module docstring for the failure policy."""
@@ -128,6 +131,7 @@ class PassManager:
                     )
                 if self.on_error == "stop":
                     result.graph = work
+                    self._finish(result, ctx)
                     raise PassFailure(
                         _failure_message(pass_, before, exc, record.reproducer),
                         pass_spec=pass_.spec,
@@ -135,7 +139,12 @@ class PassManager:
                         partial=result,
                     ) from exc
             result.graph = work
+        self._finish(result, ctx)
         return result
+
+    def _finish(self, result: PipelineResult, ctx: Context) -> None:
+        for hook in self.hooks:
+            hook.finish(result, ctx)
 
     def _run_one(
         self, pass_: Pass, work: fx.GraphModule, snapshot: fx.GraphModule, ctx: Context, record: PassRecord

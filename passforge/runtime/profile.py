@@ -1,8 +1,9 @@
 """Profiling: per-pass figures (as a pass-manager hook) and per-node time, by op and by creating pass.
 
 Per pass (:class:`ProfileHook`) the row holds: nodes; parameter count and bytes; latency on the example
-inputs (median of ``repeats`` after ``warmup``); peak memory; max abs error and KL of the first output against
-the original graph's; perplexity on held-out tokens for language models. Peak memory is measured on CUDA
+inputs (medians; every graph version timed round-robin at the end of the pipeline); peak memory; max abs
+error and KL of the first output against the original graph's; perplexity on held-out tokens for language
+models. Peak memory is measured on CUDA
 (``torch.cuda.max_memory_allocated``); on CPU it is the planned peak: parameter bytes plus the largest sum
 of live activations over the graph's execution order, from ``meta["val"]`` (views cost nothing, a tensor
 is freed after its last user) — deterministic, and what a caching allocator needs at least.
@@ -10,6 +11,7 @@ is freed after its last user) — deterministic, and what a caching allocator ne
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections import defaultdict
@@ -24,7 +26,7 @@ from passforge.eval.perplexity import perplexity
 from passforge.ir.graph import PASS_META, num_compute_nodes, op_name, param_stats, to_device
 from passforge.passes.base import Context, Pass
 from passforge.passes.hooks import run_graph
-from passforge.passes.manager import Hook, PassRecord
+from passforge.passes.manager import Hook, PassRecord, PipelineResult
 
 METRIC_FIELDS = (
     "nodes", "params", "param_bytes", "latency_ms", "peak_mem_bytes", "max_abs_err", "kl", "ppl",
@@ -36,19 +38,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_latency_ms(fn: Callable[[], object], *, device: torch.device, repeats: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` in milliseconds, after ``warmup`` untimed calls."""
+def interleaved_latency_ms(
+    fns: Sequence[Callable[[], object]], *, device: torch.device, repeats: int, warmup: int,
+    min_total_s: float = 0.25,
+) -> list[float]:
+    """Median wall time (ms) of each ``fn`` measured round-robin, so machine noise and drift hit all alike.
+
+    After ``warmup`` untimed rounds, rounds continue until each fn has ``repeats`` samples and ``min_total_s``
+    has been sampled per fn (at most ``10 * repeats`` rounds), so millisecond graphs get stable medians too.
+    """
+    samples: list[list[float]] = [[] for _ in fns]
     with torch.inference_mode():
         for _ in range(warmup):
-            fn()
+            for fn in fns:
+                fn()
         _sync(device)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        rounds = 0
+        while rounds < repeats or (min(sum(t) for t in samples) < min_total_s * 1e3 and rounds < 10 * repeats):
+            for fn, times in zip(fns, samples):
+                start = time.perf_counter()
+                fn()
+                _sync(device)
+                times.append((time.perf_counter() - start) * 1e3)
+            rounds += 1
+    return [statistics.median(times) for times in samples]
 
 
 def _is_view(node: fx.Node) -> bool:
@@ -101,32 +114,50 @@ def _logits(out: object) -> torch.Tensor | None:
 
 @dataclass
 class ProfileHook(Hook):
-    """Fills ``record.metrics`` (and the baseline row) with the figures in :data:`METRIC_FIELDS`."""
+    """Fills ``record.metrics`` (and the baseline row) with the figures in :data:`METRIC_FIELDS`.
+
+    Latency is measured at the end, every graph version round-robin (see :func:`interleaved_latency_ms`):
+    on a shared machine, timing each pass's graph right after the pass would compare different moments'
+    noise. This keeps each version alive until the pipeline ends (versions share unchanged tensors).
+    """
 
     repeats: int = 10
-    warmup: int = 2
+    warmup: int = 3
     latency: bool = True
     lm: bool = False
     ppl_windows: int = 32
 
     def start(self, gm: fx.GraphModule, ctx: Context, baseline: dict[str, object]) -> None:
         self._reference = _logits(run_graph(gm, ctx.example_inputs)) if ctx.example_inputs else None
-        baseline.update(self.measure(gm, ctx))
+        self._pending: list[tuple[dict[str, object], fx.GraphModule]] = []
+        self.measure(gm, ctx, baseline)
 
     def after_pass(
         self, pass_: Pass, before: fx.GraphModule, after: fx.GraphModule, ctx: Context, record: PassRecord
     ) -> None:
-        record.metrics.update(self.measure(after, ctx))
+        self.measure(after, ctx, record.metrics)
 
-    def measure(self, gm: fx.GraphModule, ctx: Context) -> dict[str, object]:
+    def finish(self, result: PipelineResult, ctx: Context) -> None:
+        if not self._pending:
+            return
+        rows, graphs = zip(*self._pending)
+        inputs = _on_device(ctx)
+        fns = [functools.partial(gm, *inputs) for gm in graphs]
+        for row, ms in zip(rows, interleaved_latency_ms(fns, device=ctx.device, repeats=self.repeats,
+                                                         warmup=self.warmup)):
+            row["latency_ms"] = ms
+        self._pending = []
+
+    def measure(self, gm: fx.GraphModule, ctx: Context, row: dict[str, object]) -> None:
+        """Fill ``row`` with the figures for ``gm`` (latency later, in :meth:`finish`)."""
         params, param_bytes = param_stats(gm)
-        row: dict[str, object] = dict.fromkeys(METRIC_FIELDS)
+        row.update(dict.fromkeys(METRIC_FIELDS))
         row.update(nodes=num_compute_nodes(gm), params=params, param_bytes=param_bytes)
         if not ctx.example_inputs:
-            return row
+            return
         device = ctx.device
         gm = to_device(gm, device)
-        inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs)
+        inputs = _on_device(ctx)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         outputs = run_graph(gm, inputs)
@@ -135,9 +166,7 @@ class ProfileHook(Hook):
         else:
             row["peak_mem_bytes"] = planned_peak_bytes(gm)
         if self.latency:
-            row["latency_ms"] = median_latency_ms(
-                lambda: gm(*inputs), device=device, repeats=self.repeats, warmup=self.warmup
-            )
+            self._pending.append((row, gm))  # timed in finish(), side by side with the other versions
         logits = _logits(outputs)
         if self._reference is not None and logits is not None and logits.shape == self._reference.shape:
             reference = self._reference.to(logits.device)
@@ -146,7 +175,10 @@ class ProfileHook(Hook):
                 row["kl"] = logits_kl(reference, logits)
         if self.lm and ctx.eval_tokens is not None:
             row["ppl"] = _graph_perplexity(gm, inputs[0], ctx, self.ppl_windows)
-        return row
+
+
+def _on_device(ctx: Context) -> tuple[object, ...]:
+    return tuple(x.to(ctx.device) if isinstance(x, torch.Tensor) else x for x in ctx.example_inputs)
 
 
 def _graph_perplexity(gm: fx.GraphModule, example_tokens: torch.Tensor, ctx: Context, windows: int) -> float:
