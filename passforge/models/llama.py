@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from passforge.models.presets import build_seeded
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -319,26 +321,8 @@ def build(
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> Llama:
-    """Build a seeded ``Llama`` from a preset name or config.
-
-    Weights are drawn on the CPU (so a seed gives the same weights on every device) inside a
-    forked RNG, leaving the caller's global RNG untouched. ``device="meta"`` skips allocation
-    entirely, which is how the 7B preset is meant to be used.
-    """
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available presets: {', '.join(sorted(PRESETS))}")
-        cfg = PRESETS[preset]
-    else:
-        cfg = preset
-    if device is not None and torch.device(device).type == "meta":
-        with torch.device("meta"):
-            model = Llama(cfg)
-    else:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = Llama(cfg)
-    return model.to(device=device, dtype=dtype)
+    """Build a seeded ``Llama`` from a preset name or config (see :func:`passforge.models.presets.build_seeded`)."""
+    return build_seeded(Llama, PRESETS, preset, device=device, dtype=dtype, seed=seed)
 
 
 __all__ = [

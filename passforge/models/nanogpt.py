@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from passforge.models.presets import build_seeded
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -130,17 +132,8 @@ def build(
     dtype: torch.dtype | None = None,
     seed: int = 0,
 ) -> GPT:
-    """Build a seeded ``GPT`` (weights drawn on CPU in a forked RNG, then moved)."""
-    if isinstance(preset, str):
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}; available presets: {', '.join(sorted(PRESETS))}")
-        cfg = PRESETS[preset]
-    else:
-        cfg = preset
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = GPT(cfg)
-    return model.to(device=device, dtype=dtype)
+    """Build a seeded ``GPT`` from a preset name or config (see :func:`passforge.models.presets.build_seeded`)."""
+    return build_seeded(GPT, PRESETS, preset, device=device, dtype=dtype, seed=seed)
 
 
 __all__ = ["GPT", "PRESETS", "GPTConfig", "build"]
