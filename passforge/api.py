@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,16 +186,20 @@ def optimize(
     seq_len: int = 128,
     dynamic_shapes: object = None,
     hooks: Sequence[Hook] = (),
+    on_stage: Callable[[str], None] = lambda label: None,
 ) -> Optimized:
     """Capture ``model``, run ``pipeline`` with verification (and profiling), return the result.
 
     ``dynamic_shapes`` (for an ``nn.Module``) is passed to ``torch.export``; the saved graph keeps it.
+    ``hooks`` are added to the forward graph's pass manager; ``on_stage`` is told each stage as it begins.
     Raises :class:`passforge.passes.manager.PassFailure` (with the partial result) when a pass fails under
     ``on_error="stop"``.
     """
-    source = _source_for(model, example_inputs, seq_len)
-    dev = resolve_device(device)
     manager = PassManager.parse(pipeline, on_error=on_error)  # parse first: a bad spec fails before any work
+    dev = resolve_device(device)
+    on_stage(f"loading {model if isinstance(model, (str, os.PathLike)) else type(model).__name__}")
+    source = _source_for(model, example_inputs, seq_len)
+    on_stage(f"capturing {source.name}")
     if source.pt2_path:
         gm = load_graph(source.pt2_path)
     else:
@@ -219,6 +223,7 @@ def optimize(
     report = build_report(result, model=source.name, device=dev)
     optimized = Optimized(result.graph, report, example, device=dev, source=source)
     if generation and source.kv_model is not None:
+        on_stage("capturing and optimizing the prefill and decode graphs")
         report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error)
     return optimized
 

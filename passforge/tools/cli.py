@@ -105,19 +105,21 @@ def _optimize(args: argparse.Namespace) -> int:
     from passforge.passes.manager import PassFailure
     from passforge.passes.spec import parse_pipeline
     from passforge.runtime.executor import resolve_device
-    from passforge.tools.progress import PassProgress
+    from passforge.tools.progress import OptimizeProgress
     from passforge.tools.report import build_report, render_html, render_table
 
-    parse_pipeline(args.pipeline)  # a bad spec or output folder is a usage error before any slow work
+    n_passes = len(parse_pipeline(args.pipeline))  # a bad spec or output folder: usage errors before slow work
     out = Path(args.out)
     check_output_folder(out)
-    print(f"passforge: capturing {args.model} ...", file=sys.stderr)
+    steps = 2 + n_passes + 1 + 1  # load, capture, the passes, timing, generation graphs
     try:
-        optimized = optimize(
-            args.model, pipeline=args.pipeline, device=args.device, calib_data=args.calib_data,
-            eval_data=args.eval_data, dump_dir=args.dump_dir, repro_dir=out / "reproducers",
-            on_error=args.on_error, profile=not args.no_profile, seq_len=args.seq_len, hooks=[PassProgress()],
-        )
+        with OptimizeProgress(steps) as progress:
+            optimized = optimize(
+                args.model, pipeline=args.pipeline, device=args.device, calib_data=args.calib_data,
+                eval_data=args.eval_data, dump_dir=args.dump_dir, repro_dir=out / "reproducers",
+                on_error=args.on_error, profile=not args.no_profile, seq_len=args.seq_len, hooks=[progress],
+                on_stage=progress.stage,
+            )
     except PassFailure as failure:
         report = build_report(failure.partial, model=str(args.model), device=resolve_device(args.device))
         print(render_table(report))

@@ -1,29 +1,51 @@
-"""Progress on stderr while a pipeline runs: one tqdm bar over the passes, named by the pass running."""
+"""Progress on stderr while ``passforge optimize`` works: one bar over its stages (capture, each pass, the
+latency round, the generation graphs), with the stage running and the time elapsed. Transient: it leaves
+nothing behind in the terminal, and prints nothing when stderr is not a terminal."""
 
 from __future__ import annotations
 
+from types import TracebackType
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from torch import fx
-from tqdm import tqdm
 
 from passforge.passes.base import Context, Pass
-from passforge.passes.manager import Hook, PassRecord
+from passforge.passes.manager import Hook, PassRecord, PipelineResult
 
 
-class PassProgress(Hook):
-    """A pass-manager hook; the bar appears after a second, so fast pipelines stay quiet."""
+class OptimizeProgress(Hook):
+    """A pass-manager hook (one step per pass) and a stage callback (``progress.stage("capturing")``)."""
 
-    def __init__(self) -> None:
-        self._bar: tqdm | None = None
+    def __init__(self, total_steps: int) -> None:
+        self._progress = Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+            console=Console(stderr=True), transient=True,
+        )
+        self._task = self._progress.add_task("starting", total=total_steps)
+        self._stages = 0
 
-    def start(self, gm: fx.GraphModule, ctx: Context, baseline: dict[str, object]) -> None:
-        self._bar = tqdm(desc="passes", unit="pass", delay=1.0, leave=False)
+    def __enter__(self) -> OptimizeProgress:
+        self._progress.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._progress.stop()
+
+    def stage(self, label: str) -> None:
+        """A new stage begins: show it and count the previous one (if any) done."""
+        self._progress.update(self._task, description=label, advance=1 if self._stages else 0)
+        self._stages += 1
 
     def before_pass(self, pass_: Pass, gm: fx.GraphModule, ctx: Context) -> None:
-        if self._bar is not None:
-            self._bar.set_postfix_str(pass_.spec)
+        self._progress.update(self._task, description=f"pass {pass_.spec}")
 
     def after_pass(
         self, pass_: Pass, before: fx.GraphModule, after: fx.GraphModule, ctx: Context, record: PassRecord
     ) -> None:
-        if self._bar is not None:
-            self._bar.update()
+        self._progress.update(self._task, advance=1)
+
+    def finish(self, result: PipelineResult, ctx: Context) -> None:
+        self._progress.update(self._task, description="timing every graph version")
