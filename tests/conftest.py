@@ -30,3 +30,24 @@ def tokens() -> torch.Tensor:
 @pytest.fixture
 def llama_graph(small_llama: Llama, tokens: torch.Tensor) -> torch.fx.GraphModule:
     return capture(small_llama, (tokens,))
+
+
+@pytest.fixture(scope="session")
+def bundled_lm_and_text() -> tuple[torch.nn.Module, torch.Tensor]:
+    """The bundled trained LM and 16 KiB of its held-out text as byte ids (skips if the weights are absent)."""
+    from passforge.models import bundled
+    from passforge.models.tokenizer import encode
+
+    try:
+        model = bundled.load_tiny_lm()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    return model, torch.tensor(encode(bundled.eval_text()[:16384]))
+
+
+def held_out_ppl(model_fn, ids: torch.Tensor) -> float:
+    """Perplexity over 64 non-overlapping 128-byte windows (8 KiB) of held-out text."""
+    from passforge.eval.perplexity import perplexity
+
+    with torch.inference_mode():
+        return perplexity(model_fn, ids, seq_len=128, batch_size=1, max_windows=64)

@@ -81,6 +81,11 @@ class Pass(ABC):
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         """Transform ``gm`` (in place or into a new module) and report what changed."""
 
+    def tolerance(self, before: fx.GraphModule, expected: Sequence[torch.Tensor]) -> tuple[float, float]:
+        """``(rtol, atol)`` for the verifier's before/after comparison of a lossless pass; override when the
+        bound depends on the graph (e.g. the precision it computes in)."""
+        return self.rtol, self.atol
+
     @property
     def spec(self) -> str:
         """The pipeline text that rebuilds this pass: its name plus every option that differs from default."""

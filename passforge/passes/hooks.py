@@ -44,7 +44,8 @@ class VerifyHook(Hook):
         if pass_.lossy:
             check_lossy_outputs(expected, actual, max_rel_err=pass_.max_rel_err)
         else:
-            check_outputs_close(expected, actual, rtol=pass_.rtol, atol=pass_.atol)
+            rtol, atol = pass_.tolerance(before, expected)
+            check_outputs_close(expected, actual, rtol=rtol, atol=atol)
 
 
 class DumpHook(Hook):

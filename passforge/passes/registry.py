@@ -14,7 +14,13 @@ from importlib.metadata import entry_points
 from passforge.passes.base import Pass
 
 ENTRY_POINT_GROUP = "passforge.passes"
-_BUILTIN_MODULES = ("passforge.passes.cleanup", "passforge.passes.precision")
+_BUILTIN_MODULES = (
+    "passforge.passes.cleanup",
+    "passforge.passes.precision",
+    "passforge.passes.quantize.insert",
+    "passforge.passes.quantize.fold",
+    "passforge.passes.quantize.lower",
+)
 
 _REGISTRY: dict[str, type[Pass]] = {}
 _loaded = False
