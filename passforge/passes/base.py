@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -58,11 +59,12 @@ class Context:
 @dataclass
 class PassResult:
     """What a pass hands back: the graph (usually the one it was given, changed in place), whether anything
-    changed, and counters (``{"cse": 12, "folded": 3}``) that go into the report."""
+    changed, counters (``{"cse": 12, "folded": 3}``) and notes (why it chose what it did) for the report."""
 
     graph: fx.GraphModule
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -114,4 +116,8 @@ def _format_value(value: object) -> str:
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
         return ";".join(_format_value(v) for v in value)
-    return str(value)
+    text = str(value)
+    return text if _BARE_WORD.fullmatch(text) else repr(text)  # quoted when empty or holding , ( ) = etc.
+
+
+_BARE_WORD = re.compile(r"[A-Za-z0-9_.\-+*/:;]+")

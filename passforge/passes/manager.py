@@ -39,6 +39,7 @@ class PassRecord:
     time_s: float | None = None
     modified: bool = False
     stats: dict[str, int] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
     metrics: dict[str, object] = field(default_factory=dict)
     error: str | None = None
     reproducer: str | None = None
@@ -159,6 +160,7 @@ class PassManager:
         record.time_s = time.perf_counter() - start
         record.modified = out.modified
         record.stats = dict(out.stats)
+        record.notes = list(out.notes)
         for hook in self.hooks:
             hook.after_pass(pass_, snapshot, after, ctx, record)
         return after

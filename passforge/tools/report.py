@@ -33,7 +33,7 @@ def build_report(result: PipelineResult, *, model: str, device: torch.device) ->
             "time_s": record.time_s,
         }
         row.update({name: record.metrics.get(name) for name in METRIC_FIELDS})
-        row.update(stats=record.stats, error=record.error, reproducer=record.reproducer)
+        row.update(stats=record.stats, notes=record.notes, error=record.error, reproducer=record.reproducer)
         passes.append(row)
     return _json_safe({
         "schema": SCHEMA_VERSION,

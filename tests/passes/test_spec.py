@@ -13,6 +13,8 @@ def test_good_specs_build_configured_passes():
     assert format_pipeline(passes) == "cleanup,cast(dtype=fp16),cleanup(fold=false)"
     assert parse_pipeline(format_pipeline(passes)) == passes  # the spec round-trips
     assert parse_pipeline("cast()") == [Cast()]
+    odd = parse_pipeline("quantize(skip='')")
+    assert odd[0].spec == "quantize(skip='')" and parse_pipeline(odd[0].spec) == odd
     assert parse_pipeline("cast(dtype='BF16')") == [Cast(dtype="bf16")]
 
 

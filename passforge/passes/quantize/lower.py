@@ -1,17 +1,20 @@
-"""``lower-quant(guard=true)``: dequantize → linear on stored int8 weights becomes a real int8 kernel —
-when it is faster.
+"""``lower-quant(guard=true, prefer=size|speed)``: dequantize → linear on stored int8 weights becomes the
+fastest form this machine has for it — measured, not assumed.
 
-Before → after::
+Before → after (when the kernel wins)::
 
     %q = get_attr[wq.weight_int8]                              %q = get_attr[wq.weight_int8]
     %d = dequantize_per_channel(%q, %s, %z, 0, -128, 127, i8)  %y = passforge.int8_weight_linear(%x, %q, %s, %b)
     %y = aten.linear(%x, %d, %b)                         →
 
-The kernel (``passforge::int8_weight_linear``; on CPU PyTorch's ``_weight_int8pack_mm``) streams int8
-weights and never materialises the float weight. The speed guard times both forms once per (shape, dtype,
-device) on the device the pipeline targets — median of repeats, cached for the process — and keeps the
-faster: each layer's choice and timings are in ``node.meta["passforge.kernel"]`` and the pass's counters
-(``lowered``, ``kept``). ``guard=false`` lowers every eligible layer. Lossless up to float reassociation.
+Candidates per layer: ``int8_weight_linear`` (the kernel: on CPU PyTorch's ``_weight_int8pack_mm``; int8
+weights streamed, never materialised in float), ``dequantize+linear`` (leave the graph as it is), and with
+``prefer=speed`` also ``float weight`` (dequantize once, now, and store the float weight: the quantization
+error stays, the size win goes — for machines whose int8 kernels lose to float GEMMs). The speed guard times
+the candidates once per (shape, dtype, device) on the pipeline's device — medians, round-robin, cached for
+the process — and keeps the fastest; every layer's choice and timings are in ``node.meta["passforge.kernel"]``,
+the counters and the pass's report notes. ``guard=false`` lowers every eligible layer to the kernel.
+Lossless up to float reassociation.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import fx
 
-from passforge.ir.graph import get_attr
+from passforge.ir.graph import fresh_attr_name, get_attr
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.cleanup import eliminate_dead_code
 from passforge.passes.registry import register
@@ -37,13 +40,15 @@ KERNEL_META = "passforge.kernel"
 @register
 @dataclass(frozen=True)
 class LowerQuant(Pass):
-    """Replace int8 weight dequantize → linear with the int8 weight-only kernel, per layer, when the speed
-    guard measures it faster on the target device (``guard=false``: always)."""
+    """Per layer, replace int8 weight dequantize → linear with the fastest measured form: the int8
+    weight-only kernel, the graph as it is, or (``prefer=speed``) a float weight dequantized once.
+    ``guard=false``: always the kernel."""
 
     name: ClassVar[str] = "lower-quant"
     rtol: ClassVar[float] = 1e-4  # fp32: the kernel only sums in another order
     atol: ClassVar[float] = 1e-4
     guard: bool = True
+    prefer: Literal["size", "speed"] = "size"
 
     def tolerance(self, before: fx.GraphModule, expected: Sequence[torch.Tensor]) -> tuple[float, float]:
         """In a bf16/fp16 graph the kernel rounds its accumulations differently; after a few layers outputs
@@ -59,30 +64,57 @@ class LowerQuant(Pass):
         import passforge.kernels.ops  # noqa: F401 - registers the ops
 
         dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
-        lowered = kept = 0
+        counts = dict.fromkeys(CANDIDATES, 0)
+        notes: dict[str, str] = {}
         for node in list(gm.graph.nodes):
             if node.target is not aten.linear.default or not isinstance(node.args[1], fx.Node):
                 continue
             dq = node.args[1]
             if dq.target is not dequantize or not _is_symmetric_int8(gm, dq):
                 continue
-            x, bias = node.args[0], node.args[2] if len(node.args) > 2 else None
-            weight, scales = dq.args[0], dq.args[1]
-            decision = _choose(gm, x, weight, scales, ctx.device) if self.guard else {"kernel": "int8_weight_linear"}
+            x = node.args[0]
+            if self.guard:
+                decision = _choose(gm, x, dq.args[0], ctx.device, allow_float=self.prefer == "speed")
+            else:
+                decision = {"kernel": KERNEL}
             node.meta[KERNEL_META] = decision
-            if decision["kernel"] != "int8_weight_linear":
-                kept += 1
-                continue
-            with gm.graph.inserting_before(node):
-                fused = gm.graph.call_function(
-                    torch.ops.passforge.int8_weight_linear.default, (x, weight, scales, bias)
-                )
-            fused.meta[KERNEL_META] = decision
-            node.replace_all_uses_with(fused)
-            lowered += 1
+            counts[decision["kernel"]] += 1
+            if "timings_ms" in decision:
+                notes.setdefault(_shape_key(gm, x, dq), f"{_shape_key(gm, x, dq)}: {decision['kernel']} "
+                                 f"({', '.join(f'{k} {v:.3f} ms' for k, v in decision['timings_ms'].items())})")
+            _rewrite(gm, node, dq, decision["kernel"])
         eliminate_dead_code(gm)
         gm.recompile()
-        return PassResult(gm, modified=lowered > 0, stats={"lowered": lowered, "kept": kept})
+        stats = {"lowered": counts[KERNEL], "kept": counts[KEEP], "float": counts[FLOAT]}
+        return PassResult(gm, modified=bool(counts[KERNEL] or counts[FLOAT]), stats=stats, notes=list(notes.values()))
+
+
+KERNEL, KEEP, FLOAT = "int8_weight_linear", "dequantize+linear", "float weight"
+CANDIDATES = (KERNEL, KEEP, FLOAT)
+
+
+def _rewrite(gm: fx.GraphModule, linear: fx.Node, dq: fx.Node, kernel: str) -> None:
+    x, bias = linear.args[0], linear.args[2] if len(linear.args) > 2 else None
+    weight, scales = dq.args[0], dq.args[1]
+    if kernel == KEEP:
+        return
+    with gm.graph.inserting_before(linear):
+        if kernel == KERNEL:
+            fused = gm.graph.call_function(torch.ops.passforge.int8_weight_linear.default, (x, weight, scales, bias))
+            fused.meta[KERNEL_META] = linear.meta[KERNEL_META]
+            linear.replace_all_uses_with(fused)
+            return
+        dtype = x.meta["val"].dtype
+        value = get_attr(gm, weight.target).to(dtype) * get_attr(gm, scales.target).to(dtype)[:, None]
+        name = fresh_attr_name(gm, weight.target.removesuffix("_int8") + "_dequantized")
+        gm.register_buffer(name, value)
+        float_weight = gm.graph.get_attr(name)
+    linear.replace_input_with(dq, float_weight)
+
+
+def _shape_key(gm: fx.GraphModule, x: fx.Node, dq: fx.Node) -> str:
+    rows, cols = get_attr(gm, dq.args[0].target).shape
+    return f"x{tuple(x.meta['val'].shape)} @ int8[{rows}, {cols}]"
 
 
 def _is_symmetric_int8(gm: fx.GraphModule, dq: fx.Node) -> bool:
@@ -99,29 +131,33 @@ def _is_symmetric_int8(gm: fx.GraphModule, dq: fx.Node) -> bool:
 
 
 def _choose(
-    gm: fx.GraphModule, x: fx.Node, weight: fx.Node, scales: fx.Node, device: torch.device
+    gm: fx.GraphModule, x: fx.Node, weight: fx.Node, device: torch.device, *, allow_float: bool
 ) -> dict[str, object]:
     val = x.meta["val"]
     shape = tuple(int(d) if isinstance(d, int) else int(d.node.hint or 1) for d in val.shape)
-    w = get_attr(gm, weight.target)
-    return dict(_timed_choice(shape, val.dtype, tuple(w.shape), str(device)))
+    timings = dict(_timings(shape, val.dtype, tuple(get_attr(gm, weight.target).shape), str(device)))
+    allowed = {k: v for k, v in timings.items() if allow_float or k != FLOAT}
+    return {"kernel": min(allowed, key=allowed.get), "timings_ms": allowed}
 
 
 @functools.cache
-def _timed_choice(
+def _timings(
     x_shape: tuple[int, ...], dtype: torch.dtype, w_shape: tuple[int, int], device: str
-) -> tuple[tuple[str, object], ...]:
-    """Time dequantize+linear against the int8 kernel on random data of these shapes (once per process)."""
+) -> tuple[tuple[str, float], ...]:
+    """Median ms of each candidate on random data of these shapes, timed round-robin (once per process)."""
     from passforge.kernels.ops import int8_weight_linear_reference
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=generator).to(device=device, dtype=dtype)
     w = torch.randint(-127, 128, w_shape, generator=generator, dtype=torch.int8).to(device)
     scales = (torch.rand(w_shape[0], generator=generator) / 100).to(device)
-    kernel = torch.ops.passforge.int8_weight_linear.default
-    reference_ms, kernel_ms = interleaved_latency_ms(
-        [lambda: int8_weight_linear_reference(x, w, scales, None), lambda: kernel(x, w, scales, None)],
-        device=torch.device(device), repeats=10, warmup=2, min_total_s=0.02,
+    float_weight = w.to(dtype) * scales.to(dtype)[:, None]
+    candidates = {
+        KERNEL: lambda: torch.ops.passforge.int8_weight_linear.default(x, w, scales, None),
+        KEEP: lambda: int8_weight_linear_reference(x, w, scales, None),
+        FLOAT: lambda: torch.nn.functional.linear(x, float_weight),
+    }
+    medians = interleaved_latency_ms(
+        list(candidates.values()), device=torch.device(device), repeats=10, warmup=2, min_total_s=0.02
     )
-    winner = "int8_weight_linear" if kernel_ms < reference_ms else "dequantize+linear"
-    return (("kernel", winner), ("kernel_ms", round(kernel_ms, 4)), ("reference_ms", round(reference_ms, 4)))
+    return tuple((name, round(ms, 4)) for name, ms in zip(candidates, medians))
