@@ -9,6 +9,10 @@ PT2E quantization and ONNX QDQ export use). Passes that insert these ops import 
 - ``passforge::int8_weight_linear(x (..., K), w (N, K) int8, scales (N,), bias (N,)?) -> (..., N)``:
   ``x @ (w * scales).T + bias`` without materialising the dequantized weight. CPU: PyTorch's
   ``_weight_int8pack_mm`` (int8 weights streamed, dequantized in the kernel). Elsewhere: the reference.
+- ``passforge::int8_dynamic_linear(x (..., K), w (N, K) int8, scales (N,), bias (N,)?) -> (..., N)``: x
+  quantized per token at run time (asymmetric int8, exactly as ``choose_qparams_per_token_asymmetric`` +
+  ``quantize_per_token``), an int8 × int8 → int32 GEMM (``torch._int_mm``; VNNI/AMX on x86), the zero
+  points corrected with the weight's row sums, then one float epilogue ``acc * s_x * s_w + bias``.
 """
 
 from __future__ import annotations
@@ -57,5 +61,37 @@ def int8_weight_linear(
 
 
 @int8_weight_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+def int8_dynamic_linear_reference(
+    x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """What the fake-quant graph computes: dequantize(quantize_per_token(x)) @ dequantize(w).T + bias."""
+    qd = torch.ops.quantized_decomposed
+    x_scales, x_zero_points = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+    qx = qd.quantize_per_token(x, x_scales, x_zero_points, -128, 127, torch.int8)
+    dqx = qd.dequantize_per_token(qx, x_scales, x_zero_points, -128, 127, torch.int8, x.dtype)
+    return int8_weight_linear_reference(dqx, w, scales, bias)
+
+
+@torch.library.custom_op("passforge::int8_dynamic_linear", mutates_args=())
+def int8_dynamic_linear(
+    x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    qd = torch.ops.quantized_decomposed
+    flat = x.reshape(-1, x.shape[-1])  # (M, K)
+    x_scales, x_zero_points = qd.choose_qparams_per_token_asymmetric(flat, torch.int8)  # (M, 1) f64, i64
+    qx = qd.quantize_per_token(flat, x_scales, x_zero_points, -128, 127, torch.int8)  # (M, K) int8
+    big_enough = flat.shape[0] > 16  # torch._int_mm's minimum M
+    acc = torch._int_mm(qx, w.t()) if big_enough else qx.to(torch.int32) @ w.t().to(torch.int32)  # (M, N) i32
+    acc = acc - x_zero_points.to(torch.int32) * w.sum(dim=1, dtype=torch.int32)  # (q_x - z_x) @ w.T
+    out = (acc.to(torch.float32) * (x_scales.to(torch.float32) * scales.to(torch.float32))).to(x.dtype)
+    out = out.reshape(*x.shape[:-1], w.shape[0])
+    return out + bias if bias is not None else out
+
+
+@int8_dynamic_linear.register_fake
 def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], w.shape[0]))

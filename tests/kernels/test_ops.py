@@ -27,3 +27,18 @@ def test_int8_weight_linear_matches_its_reference(dtype, tol):
     expected = int8_weight_linear_reference(x.double(), w, scales.double(), bias.double())
     assert out.shape == (3, 5, 48) and out.dtype == dtype
     torch.testing.assert_close(out.double(), expected, rtol=tol, atol=tol * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("tokens", [1, 40])  # below and above torch._int_mm's minimum M
+def test_int8_dynamic_linear_matches_the_fake_quant_graph(tokens):
+    from passforge.kernels.ops import int8_dynamic_linear_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, tokens, 64, generator=g)
+    w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    scales = torch.rand(48, generator=g) / 50
+    bias = torch.randn(48, generator=g)
+    out = torch.ops.passforge.int8_dynamic_linear(x, w, scales, bias)
+    expected = int8_dynamic_linear_reference(x.double(), w, scales.double(), bias.double())
+    assert out.shape == (1, tokens, 48)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)  # exact integer GEMM, fp32 epilogue

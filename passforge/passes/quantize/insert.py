@@ -11,14 +11,18 @@ Before → after (w8: symmetric int8, one scale per output channel)::
                                                   %y = aten.linear(%x, %d)
 
 w4 is asymmetric uint4 (0..15) with one scale and zero point per ``group_size`` input channels of each row
-(``quantize_per_channel_group``). Scales are the weights' min/max (round-to-nearest); the error is measured
-by the profile. Weights with NaN/Inf are an error naming the layer; an all-zero row or group gets scale 1
-(zero is exact). Idempotent: a weight that already goes through a dequantize is not a parameter read any more.
+(``quantize_per_channel_group``). w8a8 adds dynamic int8 activations: per token (row), asymmetric, qparams
+chosen at run time (``choose_qparams_per_token_asymmetric`` → ``quantize_per_token`` →
+``dequantize_per_token`` in front of the linear's input). Weight scales are the weights' min/max
+(round-to-nearest); the error is measured by the profile. Weights with NaN/Inf are an error naming the
+layer; an all-zero row or group gets scale 1 (zero is exact). Idempotent: a weight that already goes through
+a dequantize is not a parameter read any more.
 """
 
 from __future__ import annotations
 
 import fnmatch
+import operator
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -65,14 +69,15 @@ def uint4_per_group(weight: torch.Tensor, group_size: int) -> QParams:
 @register
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """Fake-quantize linear weights: ``w8`` (int8, per output channel, symmetric) or ``w4`` (uint4, per group
-    of ``group_size`` inputs, asymmetric). ``skip``: ``;``-separated globs of weight names left in float
-    (default ``lm_head*``: the output projection is the most sensitive layer)."""
+    """Fake-quantize linear weights: ``w8`` (int8, per output channel, symmetric), ``w4`` (uint4, per group
+    of ``group_size`` inputs, asymmetric) or ``w8a8`` (w8 weights and int8 activations, per token, asymmetric,
+    scales computed at run time). ``skip``: ``;``-separated globs of weight names left in float (default
+    ``lm_head*``: the output projection is the most sensitive layer)."""
 
     name: ClassVar[str] = "quantize"
     lossy: ClassVar[bool] = True
     max_rel_err: ClassVar[float | None] = 0.5  # collapse guard only; the profile measures the real cost
-    scheme: Literal["w8", "w4"] = "w8"
+    scheme: Literal["w8", "w4", "w8a8"] = "w8"
     group_size: int = 128
     skip: str = "lm_head*"
 
@@ -111,13 +116,15 @@ class Quantize(Pass):
 
     def _insert(self, gm: fx.GraphModule, linear: fx.Node, weight: fx.Node, tensor: torch.Tensor) -> None:
         qd = torch.ops.quantized_decomposed
-        params = int8_per_channel(tensor) if self.scheme == "w8" else uint4_per_group(tensor, self.group_size)
+        params = uint4_per_group(tensor, self.group_size) if self.scheme == "w4" else int8_per_channel(tensor)
         graph = gm.graph
         with graph.inserting_before(linear):
             scales = _buffer(gm, f"{weight.target}_scale", params.scales)
             zero_points = _buffer(gm, f"{weight.target}_zero_point", params.zero_points)
             common = (params.quant_min, params.quant_max, params.dtype)
-            if self.scheme == "w8":
+            if self.scheme == "w8a8":
+                _fake_quantize_activation(graph, linear)
+            if self.scheme != "w4":
                 q = graph.call_function(qd.quantize_per_channel.default, (weight, scales, zero_points, 0, *common))
                 dq = graph.call_function(
                     qd.dequantize_per_channel.default, (q, scales, zero_points, 0, *common),
@@ -130,6 +137,20 @@ class Quantize(Pass):
                     qd.dequantize_per_channel_group.default, (q, scales, zero_points, *group, tensor.dtype)
                 )
         linear.replace_input_with(weight, dq)
+
+
+def _fake_quantize_activation(graph: fx.Graph, linear: fx.Node) -> None:
+    """x → quantize_per_token → dequantize_per_token with per-token qparams chosen at run time."""
+    qd = torch.ops.quantized_decomposed
+    x = linear.args[0]
+    qparams = graph.call_function(qd.choose_qparams_per_token_asymmetric.default, (x, torch.int8))
+    scales = graph.call_function(operator.getitem, (qparams, 0))
+    zero_points = graph.call_function(operator.getitem, (qparams, 1))
+    q = graph.call_function(qd.quantize_per_token.default, (x, scales, zero_points, -128, 127, torch.int8))
+    dq = graph.call_function(
+        qd.dequantize_per_token.default, (q, scales, zero_points, -128, 127, torch.int8, x.meta["val"].dtype)
+    )
+    linear.replace_input_with(x, dq)
 
 
 def _buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> fx.Node:

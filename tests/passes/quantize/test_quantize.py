@@ -100,6 +100,22 @@ def test_speed_guard_records_its_choice_per_layer(llama_graph, tokens, prefer):
     assert record.notes and all("ms" in note for note in record.notes)  # one note per distinct shape
 
 
+def test_w8a8_quantizes_activations_per_token_and_lowers_to_the_int8_gemm(small_llama, llama_graph, tokens):
+    """Bound for the fake-quant graph: as w8 plus per-token int8 activations (a step of 1/255 of each token's
+    range) — within 5% of the logits' scale (measured ~1%)."""
+    quantized = _run(llama_graph, "quantize(scheme=w8a8)", tokens).graph
+    assert count_calls(quantized, qd.choose_qparams_per_token_asymmetric.default) == LINEARS - 1
+    assert count_calls(quantized, qd.quantize_per_token.default) == LINEARS - 1
+    ref = small_llama(tokens)
+    torch.testing.assert_close(quantized(tokens), ref, rtol=0, atol=0.05 * ref.abs().max().item())
+    result = _run(quantized, "fold-quant,lower-quant(guard=false)", tokens)
+    gm = result.graph
+    assert result.records[1].stats == {"lowered": LINEARS - 1, "kept": 0, "float": 0}
+    assert count_calls(gm, torch.ops.passforge.int8_dynamic_linear.default) == LINEARS - 1
+    assert count_calls(gm, qd.quantize_per_token.default) == 0  # the kernel quantizes x itself
+    assert count_calls(gm, torch.ops.passforge.int8_weight_linear.default) == 0
+
+
 def test_skip_globs_and_bad_options(llama_graph, tokens):
     result = _run(llama_graph, "quantize(skip='lm_head*;layers.1.*')", tokens)
     assert result.records[0].stats == {"quantized": 7, "skipped": 8}

@@ -18,13 +18,16 @@ def _ppl_after(model, ids, spec: str) -> float:
 
 def test_weight_only_quantization_bounds(bundled_lm_and_text):
     """Bounds (held-out perplexity vs fp32, lm_head kept in float): w8 ≤ +0.5% — the project's target;
-    measured +0.01%. w4 round-to-nearest, group 128 ≤ +2% — uint4 has 16 levels per group, a step of ~7% of
-    the group's range; measured +0.51% on this small, easily-quantized model. Smaller groups must help."""
+    measured +0.01%. w8a8 (dynamic per-token int8 activations) ≤ +1.5% — the project's target; measured
+    +0.04%. w4 round-to-nearest, group 128 ≤ +2% — uint4 has 16 levels per group, a step of ~7% of the group's
+    range; measured +0.51% on this small, easily-quantized model. Smaller groups must help."""
     model, ids = bundled_lm_and_text
     fp32 = held_out_ppl(model, ids)
     w8 = _ppl_after(model, ids, "cleanup,quantize(scheme=w8),fold-quant,lower-quant(guard=false)")
+    w8a8 = _ppl_after(model, ids, "cleanup,quantize(scheme=w8a8),fold-quant,lower-quant(guard=false)")
     w4_g128 = _ppl_after(model, ids, "cleanup,quantize(scheme=w4,group_size=128),fold-quant")
     w4_g32 = _ppl_after(model, ids, "cleanup,quantize(scheme=w4,group_size=32),fold-quant")
     assert w8 / fp32 - 1 < 0.005, (fp32, w8)
+    assert w8a8 / fp32 - 1 < 0.015, (fp32, w8a8)
     assert w4_g128 / fp32 - 1 < 0.02, (fp32, w4_g128)
     assert fp32 < w4_g32 < w4_g128, (fp32, w4_g32, w4_g128)
