@@ -84,8 +84,10 @@ def int8_dynamic_linear(
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
     x_scales, x_zero_points = qd.choose_qparams_per_token_asymmetric(flat, torch.int8)  # (M, 1) f64, i64
     qx = qd.quantize_per_token(flat, x_scales, x_zero_points, -128, 127, torch.int8)  # (M, K) int8
-    big_enough = flat.shape[0] > 16  # torch._int_mm's minimum M
-    acc = torch._int_mm(qx, w.t()) if big_enough else qx.to(torch.int32) @ w.t().to(torch.int32)  # (M, N) i32
+    rows = qx.shape[0]
+    if rows <= 16:  # torch._int_mm wants M > 16: pad with zero rows (the GEMM is weight-bound at small M)
+        qx = torch.cat([qx, qx.new_zeros(17 - rows, qx.shape[1])])
+    acc = torch._int_mm(qx, w.t())[:rows]  # (M, N) int32
     acc = acc - x_zero_points.to(torch.int32) * w.sum(dim=1, dtype=torch.int32)  # (q_x - z_x) @ w.T
     out = (acc.to(torch.float32) * (x_scales.to(torch.float32) * scales.to(torch.float32))).to(x.dtype)
     out = out.reshape(*x.shape[:-1], w.shape[0])

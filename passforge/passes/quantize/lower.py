@@ -55,14 +55,17 @@ class LowerQuant(Pass):
         """Relative to the largest output magnitude: in a bf16/fp16 graph the kernels round accumulations
         differently (allow 2 ulp of bf16, 2 * 2^-7); with dynamic int8 activations a last-bit difference
         upstream can flip one activation's rounding by one step (1/255 of its token's range) in any layer
-        (allow 2%, measured 0.5% on the bundled LM). fp32 weight-only: float reassociation only."""
+        (allow 2%, measured 0.5% on the bundled LM); with both, the graph before also rounds every dequantized
+        activation to bf16, which the integer kernel does not (allow 4 ulp more; measured 3.1% in total on
+        llama-100m). fp32 weight-only: float reassociation only."""
         nodes = before.graph.nodes
         dynamic = any(n.target is torch.ops.quantized_decomposed.quantize_per_token.default for n in nodes)
         low = any(getattr(n.meta.get("val"), "dtype", None) in (torch.bfloat16, torch.float16) for n in nodes)
         if not (dynamic or low):
             return self.rtol, self.atol
         scale = max((float(t.abs().max()) for t in expected if t.is_floating_point() and t.numel()), default=1.0)
-        return 0.0, (0.02 if dynamic else 2 * 2**-7) * scale
+        fraction = (0.02 if dynamic else 0.0) + ((4 if dynamic else 2) * 2**-7 if low else 0.0)
+        return 0.0, fraction * scale
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         import passforge.kernels.ops  # noqa: F401 - registers the ops
