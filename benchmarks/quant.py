@@ -27,6 +27,8 @@ PIPELINES = {
     "passforge w8": "cleanup,quantize(scheme=w8),fold-quant,lower-quant",
     "passforge w8 (prefer=speed)": "cleanup,quantize(scheme=w8),fold-quant,lower-quant(prefer=speed)",
     "passforge w8 + bf16": "cleanup,cast(dtype=bf16),quantize(scheme=w8),fold-quant,lower-quant",
+    "passforge w8a8": "cleanup,quantize(scheme=w8a8),fold-quant,lower-quant",
+    "passforge w8a8 + bf16": "cleanup,cast(dtype=bf16),quantize(scheme=w8a8),fold-quant,lower-quant",
     "passforge w4 g128 (no kernel yet)": "cleanup,quantize(scheme=w4),fold-quant",
 }
 
