@@ -21,7 +21,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import fx
@@ -46,7 +46,9 @@ class Context:
 
     ``example_inputs`` are the flat inputs the graph is called with; ``calib_tokens`` and ``eval_tokens`` are
     1-D int64 token streams (for calibration-driven passes and perplexity); ``repro_dir`` is where a failing
-    pass leaves its reproducer (none written when unset).
+    pass leaves its reproducer (none written when unset); ``role`` says which graph of a model this is —
+    ``forward``, or ``prefill`` / ``decode`` for the generation graphs — so a pass can treat a one-token
+    decode step differently from a compute-bound prefill.
     """
 
     example_inputs: tuple[object, ...] = ()
@@ -54,6 +56,7 @@ class Context:
     calib_tokens: torch.Tensor | None = None
     eval_tokens: torch.Tensor | None = None
     repro_dir: Path | None = None
+    role: Literal["forward", "prefill", "decode"] = "forward"
 
 
 @dataclass

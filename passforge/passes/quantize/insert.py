@@ -71,8 +71,11 @@ def uint4_per_group(weight: torch.Tensor, group_size: int) -> QParams:
 class Quantize(Pass):
     """Fake-quantize linear weights: ``w8`` (int8, per output channel, symmetric), ``w4`` (uint4, per group
     of ``group_size`` inputs, asymmetric) or ``w8a8`` (w8 weights and int8 activations, per token, asymmetric,
-    scales computed at run time). ``skip``: ``;``-separated globs of weight names left in float (default
-    ``lm_head*``: the output projection is the most sensitive layer)."""
+    scales computed at run time). ``skip``: ``;``-separated globs of weight names left in float, matched
+    against the name or any trailing part of it (default ``lm_head*``: the output projection is the most
+    sensitive layer). ``decode_scheme``: the scheme for the
+    one-token decode graph (``same``: ``scheme``) — int8 activations pay off in compute-bound prefill, not
+    in a weight-bound decode step."""
 
     name: ClassVar[str] = "quantize"
     lossy: ClassVar[bool] = True
@@ -80,6 +83,7 @@ class Quantize(Pass):
     scheme: Literal["w8", "w4", "w8a8"] = "w8"
     group_size: int = 128
     skip: str = "lm_head*"
+    decode_scheme: Literal["same", "w8", "w4", "w8a8"] = "same"
 
     def __post_init__(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
@@ -88,6 +92,7 @@ class Quantize(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         import passforge.kernels.ops  # noqa: F401 - registers the Q/DQ ops
 
+        scheme = self.scheme if ctx.role != "decode" or self.decode_scheme == "same" else self.decode_scheme
         skips = [pattern for pattern in self.skip.split(";") if pattern]
         quantized = skipped = 0
         for node in list(gm.graph.nodes):
@@ -99,32 +104,34 @@ class Quantize(Pass):
             tensor = get_attr(gm, weight.target)
             if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() == 2):
                 continue
-            if any(fnmatch.fnmatch(weight.target, pattern) for pattern in skips):
+            if any(_name_matches(weight.target, pattern) for pattern in skips):
                 skipped += 1
                 continue
             if not bool(torch.isfinite(tensor).all()):
                 raise PassError(f"quantize: weight '{weight.target}' of node '{node.name}' holds NaN/Inf values")
-            if self.scheme == "w4" and tensor.shape[1] % self.group_size:
+            if scheme == "w4" and tensor.shape[1] % self.group_size:
                 raise PassError(
                     f"quantize: weight '{weight.target}' has {tensor.shape[1]} input channels, not a multiple of "
                     f"group_size={self.group_size}; choose a group_size that divides it or skip the layer"
                 )
-            self._insert(gm, node, weight, tensor)
+            self._insert(gm, node, weight, tensor, scheme)
             quantized += 1
         gm.recompile()
         return PassResult(gm, modified=quantized > 0, stats={"quantized": quantized, "skipped": skipped})
 
-    def _insert(self, gm: fx.GraphModule, linear: fx.Node, weight: fx.Node, tensor: torch.Tensor) -> None:
+    def _insert(
+        self, gm: fx.GraphModule, linear: fx.Node, weight: fx.Node, tensor: torch.Tensor, scheme: str
+    ) -> None:
         qd = torch.ops.quantized_decomposed
-        params = uint4_per_group(tensor, self.group_size) if self.scheme == "w4" else int8_per_channel(tensor)
+        params = uint4_per_group(tensor, self.group_size) if scheme == "w4" else int8_per_channel(tensor)
         graph = gm.graph
         with graph.inserting_before(linear):
             scales = _buffer(gm, f"{weight.target}_scale", params.scales)
             zero_points = _buffer(gm, f"{weight.target}_zero_point", params.zero_points)
             common = (params.quant_min, params.quant_max, params.dtype)
-            if self.scheme == "w8a8":
+            if scheme == "w8a8":
                 _fake_quantize_activation(graph, linear)
-            if self.scheme != "w4":
+            if scheme != "w4":
                 q = graph.call_function(qd.quantize_per_channel.default, (weight, scales, zero_points, 0, *common))
                 dq = graph.call_function(
                     qd.dequantize_per_channel.default, (q, scales, zero_points, 0, *common),
@@ -137,6 +144,13 @@ class Quantize(Pass):
                     qd.dequantize_per_channel_group.default, (q, scales, zero_points, *group, tensor.dtype)
                 )
         linear.replace_input_with(weight, dq)
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    """A glob matches a qualified name or any trailing part of it: ``lm_head*`` matches ``lm_head.weight``
+    and ``model.lm_head.weight`` (the same layer seen through a wrapper)."""
+    parts = name.split(".")
+    return any(fnmatch.fnmatch(".".join(parts[i:]), pattern) for i in range(len(parts)))
 
 
 def _fake_quantize_activation(graph: fx.Graph, linear: fx.Node) -> None:

@@ -129,3 +129,16 @@ def test_nan_weights_are_an_error_naming_the_layer(small_llama, tokens):
     gm = capture(small_llama, (tokens,))
     with pytest.raises(PassFailure, match=r"layers\.1\.feed_forward\.up_proj\.weight.*NaN/Inf"):
         _run(gm, "quantize", tokens)
+
+
+def test_decode_graph_can_take_its_own_scheme(small_llama):
+    from passforge.models.llama import DecodeStep, example_decode_inputs
+
+    inputs = example_decode_inputs(small_llama)
+    gm = capture(DecodeStep(small_llama), inputs)
+    spec = "quantize(scheme=w8a8,decode_scheme=w8)"
+    for role, dynamic in (("decode", 0), ("prefill", LINEARS - 1)):
+        ctx = Context(example_inputs=inputs, role=role)
+        out = PassManager.parse(spec, hooks=[VerifyHook()]).run(gm, ctx).graph
+        assert count_calls(out, qd.quantize_per_token.default) == dynamic
+        assert count_calls(out, qd.quantize_per_channel.default) == LINEARS - 1
