@@ -29,6 +29,9 @@ PIPELINES = {
     "passforge w8 + bf16": "cleanup,cast(dtype=bf16),quantize(scheme=w8),fold-quant,lower-quant",
     "passforge w8a8": "cleanup,quantize(scheme=w8a8),fold-quant,lower-quant",
     "passforge w8a8 + bf16": "cleanup,cast(dtype=bf16),quantize(scheme=w8a8),fold-quant,lower-quant",
+    "passforge w8a8 (decode w8) + bf16":
+        "cleanup,cast(dtype=bf16),quantize(scheme=w8a8,decode_scheme=w8),fold-quant,lower-quant",
+    "passforge w8 + bf16, lm_head too": "cleanup,cast(dtype=bf16),quantize(skip=''),fold-quant,lower-quant",
     "passforge w4 g128 (no kernel yet)": "cleanup,quantize(scheme=w4),fold-quant",
 }
 

@@ -11,6 +11,7 @@ tensors in place.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -61,17 +62,21 @@ class Optimized:
         self, prompt: str | torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0
     ) -> tuple[str | torch.Tensor, GenerationStats]:
         """Continue ``prompt`` (text, or int64 ids (1, T)) with the KV-cache graphs; returns (same kind, stats)."""
-        if self.prefill is None or self.decode is None:
-            raise RuntimeError("this model has no prefill/decode graphs; generate() needs a passforge LLaMA model")
-        generator = KVGenerator(
-            Executor(self.prefill, self.device), Executor(self.decode, self.device),
-            max_seq_len=self.max_seq_len, prefill_len=int(example_inputs_of(self.prefill)[0].shape[1]),
-        )
         from passforge.models import tokenizer
 
         ids = torch.tensor([tokenizer.encode(prompt)]) if isinstance(prompt, str) else prompt
-        tokens, stats = generator.generate(ids, max_new_tokens, temperature=temperature)
+        tokens, stats = self._generator.generate(ids, max_new_tokens, temperature=temperature)
         return (tokenizer.decode(tokens[0].tolist()) if isinstance(prompt, str) else tokens), stats
+
+    @functools.cached_property
+    def _generator(self) -> KVGenerator:
+        """Built once: the graphs are placed on the device once, not per generate() call."""
+        if self.prefill is None or self.decode is None:
+            raise RuntimeError("this model has no prefill/decode graphs; generate() needs a passforge LLaMA model")
+        return KVGenerator(
+            Executor(self.prefill, self.device), Executor(self.decode, self.device),
+            max_seq_len=self.max_seq_len, prefill_len=int(example_inputs_of(self.prefill)[0].shape[1]),
+        )
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """Write ``model.pt2`` (+ ``prefill.pt2``/``decode.pt2``), ``manifest.json`` and ``report.json``.
