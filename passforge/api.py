@@ -88,6 +88,7 @@ class Optimized:
         check_output_folder(target, self.source)
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output folder gets the usual mode
         try:
             dynamic = dynamic_shapes_of(self.graph)
             save_graph(self.graph, staging / "model.pt2", self.example_inputs, dynamic_shapes=dynamic)
@@ -114,6 +115,12 @@ class Optimized:
 OUTPUT_FILES = frozenset(
     {"manifest.json", "model.pt2", "prefill.pt2", "decode.pt2", "report.json", "report.html", "reproducers"}
 )
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def check_output_folder(target: Path, source: ModelSource | None = None) -> None:

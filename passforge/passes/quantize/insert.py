@@ -73,9 +73,8 @@ class Quantize(Pass):
     of ``group_size`` inputs, asymmetric) or ``w8a8`` (w8 weights and int8 activations, per token, asymmetric,
     scales computed at run time). ``skip``: ``;``-separated globs of weight names left in float, matched
     against the name or any trailing part of it (default ``lm_head*``: the output projection is the most
-    sensitive layer). ``decode_scheme``: the scheme for the
-    one-token decode graph (``same``: ``scheme``) — int8 activations pay off in compute-bound prefill, not
-    in a weight-bound decode step."""
+    sensitive layer). ``decode_scheme``: the scheme for the one-token decode graph (``same``: ``scheme``) —
+    int8 activations pay off in a compute-bound prefill, not in a weight-bound decode step."""
 
     name: ClassVar[str] = "quantize"
     lossy: ClassVar[bool] = True
