@@ -12,7 +12,8 @@ PT2E quantization and ONNX QDQ export use). Passes that insert these ops import 
 - ``passforge::int8_dynamic_linear(x (..., K), w (N, K) int8, scales (N,), bias (N,)?) -> (..., N)``: x
   quantized per token at run time (asymmetric int8, exactly as ``choose_qparams_per_token_asymmetric`` +
   ``quantize_per_token``), an int8 × int8 → int32 GEMM (``torch._int_mm``; VNNI/AMX on x86), the zero
-  points corrected with the weight's row sums, then one float epilogue ``acc * s_x * s_w + bias``.
+  points corrected with the weight's row sums, then one float epilogue ``acc * s_x * s_w + bias``. (On CUDA:
+  M padded above 16; K or N not multiples of 8 fall back to the reference.)
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ def int8_weight_linear(
 ) -> torch.Tensor:
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
         flat = x.reshape(-1, x.shape[-1])  # (M, K)
-        out = torch.ops.aten._weight_int8pack_mm(flat, w, scales.to(x.dtype))  # (M, N)
+        out = torch.ops.aten._weight_int8pack_mm(flat, w.contiguous(), scales.to(x.dtype))  # (M, N)
         out = out.reshape(*x.shape[:-1], w.shape[0])
         return out + bias if bias is not None else out
     return int8_weight_linear_reference(x, w, scales, bias)
@@ -68,12 +69,13 @@ def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
 def int8_dynamic_linear_reference(
     x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """What the fake-quant graph computes: dequantize(quantize_per_token(x)) @ dequantize(w).T + bias."""
+    """What the fake-quant graph computes, op for op: dequantize(quantize_per_token(x)) @ dequantize(w).T + b."""
     qd = torch.ops.quantized_decomposed
     x_scales, x_zero_points = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
     qx = qd.quantize_per_token(x, x_scales, x_zero_points, -128, 127, torch.int8)
     dqx = qd.dequantize_per_token(qx, x_scales, x_zero_points, -128, 127, torch.int8, x.dtype)
-    return int8_weight_linear_reference(dqx, w, scales, bias)
+    weight = qd.dequantize_per_channel(w, scales, None, 0, -128, 127, torch.int8, out_dtype=x.dtype)
+    return torch.nn.functional.linear(dqx, weight, bias)
 
 
 @torch.library.custom_op("passforge::int8_dynamic_linear", mutates_args=())
@@ -85,7 +87,9 @@ def int8_dynamic_linear(
     x_scales, x_zero_points = qd.choose_qparams_per_token_asymmetric(flat, torch.int8)  # (M, 1) f64, i64
     qx = qd.quantize_per_token(flat, x_scales, x_zero_points, -128, 127, torch.int8)  # (M, K) int8
     rows = qx.shape[0]
-    if rows <= 16:  # torch._int_mm wants M > 16: pad with zero rows (the GEMM is weight-bound at small M)
+    if x.is_cuda and (w.shape[0] % 8 or w.shape[1] % 8):  # cuBLASLt int8 needs K, N multiples of 8
+        return int8_dynamic_linear_reference(x, w, scales, bias)
+    if x.is_cuda and rows <= 16:  # and M > 16: pad with zero rows (the GEMM is weight-bound at small M)
         qx = torch.cat([qx, qx.new_zeros(17 - rows, qx.shape[1])])
     acc = torch._int_mm(qx, w.t())[:rows]  # (M, N) int32
     acc = acc - x_zero_points.to(torch.int32) * w.sum(dim=1, dtype=torch.int32)  # (q_x - z_x) @ w.T

@@ -160,6 +160,16 @@ def _static_tensor(val: object) -> bool:
     return isinstance(val, torch.Tensor) and all(isinstance(d, int) for d in val.shape)
 
 
+FOLD_BARRIER_NAMESPACES = frozenset({"quantized_decomposed", "passforge"})
+"""Ops other passes own the meaning of (Q/DQ, passforge kernels): folding ``dequantize(quantize(w))`` would
+silently undo quantization, so these are never evaluated at optimisation time by cleanup."""
+
+
+def _foldable_op(node: fx.Node) -> bool:
+    target = node.target
+    return _is_pure(node) and getattr(target, "namespace", None) not in FOLD_BARRIER_NAMESPACES
+
+
 def fold_constants(gm: fx.GraphModule) -> int:
     """Evaluate pure nodes whose inputs are all parameters/constants; store results as buffers."""
     values: dict[fx.Node, object] = {}
@@ -168,7 +178,7 @@ def fold_constants(gm: fx.GraphModule) -> int:
         if node.op == "get_attr":
             values[node] = get_attr(gm, node.target)
             foldable.add(node)
-        elif _is_pure(node) and _static_tensor(node.meta.get("val")) and all(
+        elif _foldable_op(node) and _static_tensor(node.meta.get("val")) and all(
             arg in foldable for arg in node.all_input_nodes
         ):
             foldable.add(node)

@@ -42,3 +42,10 @@ def test_int8_dynamic_linear_matches_the_fake_quant_graph(tokens):
     expected = int8_dynamic_linear_reference(x.double(), w, scales.double(), bias.double())
     assert out.shape == (1, tokens, 48)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)  # exact integer GEMM, fp32 epilogue
+
+
+def test_int8_weight_linear_accepts_a_non_contiguous_weight():
+    w = torch.randint(-127, 128, (64, 48), dtype=torch.int8).t()  # (48, 64), strided
+    x, scales = torch.randn(3, 64), torch.rand(48) / 50
+    torch.testing.assert_close(torch.ops.passforge.int8_weight_linear(x, w, scales, None),
+                               int8_weight_linear_reference(x, w, scales, None), rtol=1e-4, atol=1e-4)

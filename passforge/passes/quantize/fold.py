@@ -52,6 +52,8 @@ class FoldQuant(Pass):
                 continue
             if not all(arg.op == "get_attr" for arg in node.all_input_nodes):
                 continue  # an activation quantize: computed at run time
+            if node.target is per_group and tuple(node.args[3:6]) != (0, 15, torch.uint8):
+                continue  # only uint4 (0..15) packs two per byte; other group schemes stay as they are
             args = fx.node.map_arg(node.args, lambda n: get_attr(gm, n.target))
             with torch.no_grad():
                 values = node.target(*args)

@@ -1,6 +1,7 @@
 """``quantize(scheme=w8|w4, group_size=128, skip=lm_head*)``: fake-quant (quantize → dequantize) on the
 weights of linear layers, in torch's standard Q/DQ ops (``quantized_decomposed``), which ``fold-quant`` turns
-into stored integers and ``lower-quant`` into integer kernels, and which ONNX exports as QDQ.
+into stored integers and ``lower-quant`` into integer kernels (the same Q/DQ form ONNX's QDQ format has;
+the ONNX export of it is future work).
 
 Before → after (w8: symmetric int8, one scale per output channel)::
 
@@ -94,12 +95,20 @@ class Quantize(Pass):
         scheme = self.scheme if ctx.role != "decode" or self.decode_scheme == "same" else self.decode_scheme
         skips = [pattern for pattern in self.skip.split(";") if pattern]
         quantized = skipped = 0
+        done: dict[str, fx.Node] = {}  # weight name -> its dequantize: a shared (tied) weight is quantized once
         for node in list(gm.graph.nodes):
             if node.target is not aten.linear.default:
                 continue
-            weight = node.args[1]
+            _, weight, _ = linear_operands(node)
             if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
                 continue  # already quantized, or a computed weight
+            if weight.target in done:
+                if scheme == "w8a8":
+                    with gm.graph.inserting_before(node):
+                        _fake_quantize_activation(gm.graph, node)
+                node.replace_input_with(weight, done[weight.target])
+                quantized += 1
+                continue
             tensor = get_attr(gm, weight.target)
             if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() == 2):
                 continue
@@ -113,14 +122,14 @@ class Quantize(Pass):
                     f"quantize: weight '{weight.target}' has {tensor.shape[1]} input channels, not a multiple of "
                     f"group_size={self.group_size}; choose a group_size that divides it or skip the layer"
                 )
-            self._insert(gm, node, weight, tensor, scheme)
+            done[weight.target] = self._insert(gm, node, weight, tensor, scheme)
             quantized += 1
         gm.recompile()
         return PassResult(gm, modified=quantized > 0, stats={"quantized": quantized, "skipped": skipped})
 
     def _insert(
         self, gm: fx.GraphModule, linear: fx.Node, weight: fx.Node, tensor: torch.Tensor, scheme: str
-    ) -> None:
+    ) -> fx.Node:
         qd = torch.ops.quantized_decomposed
         params = uint4_per_group(tensor, self.group_size) if scheme == "w4" else int8_per_channel(tensor)
         graph = gm.graph
@@ -132,9 +141,8 @@ class Quantize(Pass):
                 _fake_quantize_activation(graph, linear)
             if scheme != "w4":
                 q = graph.call_function(qd.quantize_per_channel.default, (weight, scales, zero_points, 0, *common))
-                dq = graph.call_function(
-                    qd.dequantize_per_channel.default, (q, scales, zero_points, 0, *common),
-                    {"out_dtype": tensor.dtype},
+                dq = graph.call_function(  # symmetric: zero points are 0, so none are read back
+                    qd.dequantize_per_channel.default, (q, scales, None, 0, *common), {"out_dtype": tensor.dtype}
                 )
             else:
                 group = (*common, self.group_size)
@@ -143,6 +151,17 @@ class Quantize(Pass):
                     qd.dequantize_per_channel_group.default, (q, scales, zero_points, *group, tensor.dtype)
                 )
         linear.replace_input_with(weight, dq)
+        return dq
+
+
+def linear_operands(node: fx.Node) -> tuple[object, object, object]:
+    """``(x, weight, bias)`` of an ``aten.linear`` call, whether passed positionally or by keyword."""
+    args = (*node.args, None, None)
+    return (
+        node.kwargs.get("input", args[0]),
+        node.kwargs.get("weight", args[1]),
+        node.kwargs.get("bias", args[2] if len(node.args) > 2 else None),
+    )
 
 
 def _name_matches(name: str, pattern: str) -> bool:
@@ -155,7 +174,7 @@ def _name_matches(name: str, pattern: str) -> bool:
 def _fake_quantize_activation(graph: fx.Graph, linear: fx.Node) -> None:
     """x → quantize_per_token → dequantize_per_token with per-token qparams chosen at run time."""
     qd = torch.ops.quantized_decomposed
-    x = linear.args[0]
+    x = linear_operands(linear)[0]
     qparams = graph.call_function(qd.choose_qparams_per_token_asymmetric.default, (x, torch.int8))
     scales = graph.call_function(operator.getitem, (qparams, 0))
     zero_points = graph.call_function(operator.getitem, (qparams, 1))

@@ -12,9 +12,10 @@ weights streamed, never materialised in float), ``dequantize+linear`` (leave the
 ``prefer=speed`` also ``float weight`` (dequantize once, now, and store the float weight: the quantization
 error stays, the size win goes — for machines whose int8 kernels lose to float GEMMs). The speed guard times
 the candidates once per (shape, dtype, device) on the pipeline's device — medians, round-robin, cached for
-the process — and keeps the fastest; every layer's choice and timings are in ``node.meta["passforge.kernel"]``,
-the counters and the pass's report notes. ``guard=false`` lowers every eligible layer to the kernel.
-Lossless up to float reassociation.
+the process; "as is" is timed as the exact ops the graph runs — and keeps the fastest; every layer's choice
+and timings are in ``node.meta["passforge.kernel"]``, the counters and the pass's report notes.
+``guard=false`` lowers every eligible layer to the kernel. Verified against the graph before it with the
+bounds in :meth:`LowerQuant.tolerance` (float reassociation in fp32; more for bf16 and for w8a8).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import fx
 from passforge.ir.graph import fresh_attr_name, get_attr
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.cleanup import eliminate_dead_code
+from passforge.passes.quantize.insert import linear_operands
 from passforge.passes.registry import register
 from passforge.runtime.profile import interleaved_latency_ms
 
@@ -74,12 +76,11 @@ class LowerQuant(Pass):
         counts = dict.fromkeys(CANDIDATES, 0)
         notes: dict[str, str] = {}
         for node in list(gm.graph.nodes):
-            if node.target is not aten.linear.default or not isinstance(node.args[1], fx.Node):
+            if node.target is not aten.linear.default:
                 continue
-            dq = node.args[1]
-            if dq.target is not dequantize or not _is_symmetric_int8(gm, dq):
+            x, dq, _ = linear_operands(node)
+            if not (isinstance(dq, fx.Node) and dq.target is dequantize and _is_symmetric_int8(gm, dq)):
                 continue
-            x = node.args[0]
             source = _dynamic_activation_source(x)
             if source is not None:  # w8a8: x is fake-quantized per token
                 x = source
@@ -92,8 +93,9 @@ class LowerQuant(Pass):
             node.meta[KERNEL_META] = decision
             counts[decision["kernel"]] += 1
             if "timings_ms" in decision:
-                notes.setdefault(_shape_key(gm, x, dq), f"{_shape_key(gm, x, dq)}: {decision['kernel']} "
-                                 f"({', '.join(f'{k} {v:.3f} ms' for k, v in decision['timings_ms'].items())})")
+                key = f"{_shape_key(gm, x, dq)}{' (w8a8)' if source is not None else ''}"
+                timings = ", ".join(f"{k} {v:.3f} ms" for k, v in decision["timings_ms"].items())
+                notes.setdefault(key, f"{key}: {decision['kernel']} ({timings})")
             _rewrite(gm, node, x, dq, decision["kernel"])
         eliminate_dead_code(gm)
         gm.recompile()
@@ -115,15 +117,23 @@ def _dynamic_activation_source(x: fx.Node) -> fx.Node | None:
     q = x.args[0]
     if not (isinstance(q, fx.Node) and q.target is qd.quantize_per_token.default):
         return None
-    source, scales = q.args[0], q.args[1]
+    source, scales, zero_points = q.args[0], q.args[1], q.args[2]
+    if tuple(x.args[1:3]) != (scales, zero_points) or tuple(q.args[3:6]) != (-128, 127, torch.int8):
+        return None  # dequantized with other qparams, or another range: not what the kernel computes
+    if tuple(x.args[3:6]) != (-128, 127, torch.int8):
+        return None
     chooser = scales.args[0] if isinstance(scales, fx.Node) and scales.target is operator.getitem else None
     if not (isinstance(chooser, fx.Node) and chooser.target is qd.choose_qparams_per_token_asymmetric.default):
         return None
-    return source if chooser.args[0] is source else None
+    expected = [(operator.getitem, (chooser, 0)), (operator.getitem, (chooser, 1))]
+    found = [(n.target, tuple(n.args)) if isinstance(n, fx.Node) else None for n in (scales, zero_points)]
+    if found != expected or chooser.args[0] is not source:
+        return None
+    return source
 
 
 def _rewrite(gm: fx.GraphModule, linear: fx.Node, x: fx.Node, dq: fx.Node, kernel: str) -> None:
-    bias = linear.args[2] if len(linear.args) > 2 else None
+    bias = linear_operands(linear)[2]
     weight, scales = dq.args[0], dq.args[1]
     if kernel == KEEP:
         return
@@ -151,7 +161,9 @@ def _is_symmetric_int8(gm: fx.GraphModule, dq: fx.Node) -> bool:
     weight, scales, zero_points = dq.args[0], dq.args[1], dq.args[2]
     if not all(isinstance(n, fx.Node) and n.op == "get_attr" for n in (weight, scales)):
         return False
-    if get_attr(gm, weight.target).dtype != torch.int8 or dq.args[3] != 0:
+    if get_attr(gm, weight.target).dtype != torch.int8 or tuple(dq.args[3:7]) != (0, -128, 127, torch.int8):
+        return False  # per output channel (axis 0), full int8 range: what the kernels assume
+    if get_attr(gm, scales.target).shape != (get_attr(gm, weight.target).shape[0],):
         return False
     if zero_points is None:
         return True
@@ -175,25 +187,33 @@ def _choose(
 def _timings(
     x_shape: tuple[int, ...], dtype: torch.dtype, w_shape: tuple[int, int], device: str, dynamic: bool
 ) -> tuple[tuple[str, float], ...]:
-    """Median ms of each candidate on random data of these shapes, timed round-robin (once per process)."""
-    from passforge.kernels.ops import int8_dynamic_linear_reference, int8_weight_linear_reference
+    """Median ms of each candidate on random data of these shapes, timed round-robin (once per process; the
+    key holds what changes the answer: shapes, dtype, device, activation quantization — thread count is
+    fixed per process)."""
+    qd = torch.ops.quantized_decomposed
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=generator).to(device=device, dtype=dtype)
     w = torch.randint(-127, 128, w_shape, generator=generator, dtype=torch.int8).to(device)
     scales = (torch.rand(w_shape[0], generator=generator) / 100).to(device)
     float_weight = w.to(dtype) * scales.to(dtype)[:, None]
+    def as_is() -> torch.Tensor:  # exactly the ops the graph runs when it is left alone
+        weight = qd.dequantize_per_channel(w, scales, None, 0, -128, 127, torch.int8, out_dtype=dtype)
+        if not dynamic:
+            return torch.nn.functional.linear(x, weight)
+        x_scales, x_zero_points = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+        qx = qd.quantize_per_token(x, x_scales, x_zero_points, -128, 127, torch.int8)
+        dqx = qd.dequantize_per_token(qx, x_scales, x_zero_points, -128, 127, torch.int8, dtype)
+        return torch.nn.functional.linear(dqx, weight)
+
     if dynamic:
-        candidates = {
-            DYNAMIC: lambda: torch.ops.passforge.int8_dynamic_linear.default(x, w, scales, None),
-            KEEP: lambda: int8_dynamic_linear_reference(x, w, scales, None),
-        }
+        candidates = {DYNAMIC: lambda: torch.ops.passforge.int8_dynamic_linear.default(x, w, scales, None)}
     else:
         candidates = {
             KERNEL: lambda: torch.ops.passforge.int8_weight_linear.default(x, w, scales, None),
-            KEEP: lambda: int8_weight_linear_reference(x, w, scales, None),
             FLOAT: lambda: torch.nn.functional.linear(x, float_weight),
         }
+    candidates[KEEP] = as_is
     medians = interleaved_latency_ms(
         list(candidates.values()), device=torch.device(device), repeats=10, warmup=2, min_total_s=0.02
     )

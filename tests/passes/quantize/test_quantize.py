@@ -142,3 +142,40 @@ def test_decode_graph_can_take_its_own_scheme(small_llama):
         out = PassManager.parse(spec, hooks=[VerifyHook()]).run(gm, ctx).graph
         assert count_calls(out, qd.quantize_per_token.default) == dynamic
         assert count_calls(out, qd.quantize_per_channel.default) == LINEARS - 1
+
+
+def test_cleanup_after_quantize_keeps_the_quantization(llama_graph, tokens):
+    after_cleanup = _run(llama_graph, "quantize,cleanup", tokens).graph
+    assert count_calls(after_cleanup, qd.quantize_per_channel.default) == LINEARS - 1  # Q/DQ: a folding barrier
+    assert _run(after_cleanup, "fold-quant", tokens).records[0].stats == {"folded": LINEARS - 1}
+
+
+class _BiasedTied(torch.nn.Module):
+    """Biased linears (bias passed by keyword in one of them) and two linears sharing one weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(32, 32)
+        self.b = torch.nn.Linear(32, 32)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten.linear.default(x, self.a.weight, bias=self.a.bias)
+        return self.b(torch.relu(y))
+
+
+@pytest.mark.parametrize("scheme", ["w8", "w8a8"])
+def test_biases_and_shared_weights(scheme):
+    x = torch.randn(2, 24, 32)
+    model = _BiasedTied()
+    gm = capture(model, (x,))
+    spec = f"quantize(scheme={scheme},skip=''),fold-quant,lower-quant(guard=false)"
+    result = PassManager.parse(spec, hooks=[VerifyHook()]).run(gm, Context(example_inputs=(x,)))
+    out = result.graph
+    assert result.records[0].stats == {"quantized": 2, "skipped": 0}
+    assert result.records[1].stats == {"folded": 1}  # the shared weight is quantized and stored once
+    assert len([n for n, _ in out.named_buffers() if n.endswith("_int8")]) == 1
+    kernel = torch.ops.passforge.int8_dynamic_linear if scheme == "w8a8" else torch.ops.passforge.int8_weight_linear
+    assert count_calls(out, kernel.default) == 2
+    ref = model(x)
+    torch.testing.assert_close(out(x), ref, rtol=0, atol=0.05 * ref.abs().max().item())  # biases kept
