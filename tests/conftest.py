@@ -11,6 +11,20 @@ from passforge.models.llama import Llama, LlamaConfig
 SMALL = LlamaConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, max_seq_len=64)
 
 
+class TiedEmbeddingHead(torch.nn.Module):
+    """Embedding and output head sharing one weight (as GPT-2 / Llama-3.2 do); also returns the shared weight,
+    a parameter as a graph output."""
+
+    def __init__(self, vocab: int = 32, dim: int = 8) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, vocab, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.head(self.emb(ids)), self.head.weight
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

@@ -4,24 +4,14 @@ import torch
 
 from passforge.ir.capture import capture
 from passforge.ir.graph import copy_graph_module, param_stats, to_device
-
-
-class _Tied(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(16, 4)
-        self.head = torch.nn.Linear(4, 16, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.head(self.emb(ids))
+from tests.conftest import TiedEmbeddingHead
 
 
 def test_copies_share_tensors_and_device_moves_never_touch_them(llama_graph):
     copy = copy_graph_module(llama_graph)
     assert copy.graph is not llama_graph.graph
     assert copy.get_parameter("lm_head.weight") is llama_graph.get_parameter("lm_head.weight")
-    gm = capture(_Tied(), (torch.randint(0, 16, (1, 3)),))
+    gm = capture(TiedEmbeddingHead(), (torch.randint(0, 32, (1, 3)),))
     moved = to_device(gm, torch.device("meta"))
     assert all(t.device.type == "meta" for t in [*moved.parameters(), *moved.buffers()])
     assert all(t.device.type == "cpu" for t in gm.parameters())  # the original is untouched

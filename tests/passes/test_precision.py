@@ -10,6 +10,7 @@ from passforge.passes.base import Context
 from passforge.passes.hooks import VerifyHook
 from passforge.passes.manager import PassManager
 from passforge.passes.precision import Cast
+from tests.conftest import TiedEmbeddingHead
 
 aten = torch.ops.aten
 
@@ -105,20 +106,9 @@ def test_position_arithmetic_stays_fp32():
     torch.testing.assert_close(out, ref, rtol=0, atol=0.02 * ref.abs().max().item())
 
 
-class _Tied(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.emb = torch.nn.Embedding(32, 8)
-        self.head = torch.nn.Linear(8, 32, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.head(self.emb(ids)), self.head.weight  # a parameter returned as an output
-
-
 def test_tied_weights_stay_tied_and_outputs_keep_their_dtype():
     ids = torch.randint(0, 32, (1, 4))
-    result = _cast(capture(_Tied(), (ids,)), (ids,))
+    result = _cast(capture(TiedEmbeddingHead(), (ids,)), (ids,))
     gm = result.graph
     assert result.records[0].status == "ok" and result.records[0].stats["params"] == 1
     logits, weight = gm(ids)
