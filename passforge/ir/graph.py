@@ -17,6 +17,8 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 PASS_META = "passforge.pass"
+COMPUTE_OPS = ("call_function", "call_method", "call_module")
+"""Node kinds that compute something (the rest are placeholders, get_attr and output)."""
 """``node.meta`` key naming the pass that created a node (``"capture"`` for captured nodes)."""
 
 
@@ -36,7 +38,7 @@ def op_counts(gm: fx.GraphModule, *, compute_only: bool = True) -> Counter[str]:
     """Count nodes by :func:`op_name`; ``compute_only`` leaves out placeholders, get_attr and output."""
     counts: Counter[str] = Counter()
     for node in gm.graph.nodes:
-        if compute_only and node.op not in ("call_function", "call_method", "call_module"):
+        if compute_only and node.op not in COMPUTE_OPS:
             continue
         counts[op_name(node)] += 1
     return counts
@@ -57,7 +59,7 @@ def matches_target(node: fx.Node, target: object) -> bool:
 
 
 def num_compute_nodes(gm: fx.GraphModule) -> int:
-    return sum(1 for node in gm.graph.nodes if node.op in ("call_function", "call_method", "call_module"))
+    return sum(1 for node in gm.graph.nodes if node.op in COMPUTE_OPS)
 
 
 def tensor_attrs(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]]:
@@ -110,7 +112,24 @@ def set_tensor_attr(gm: fx.GraphModule, qualname: str, value: torch.Tensor) -> N
         owner.register_buffer(leaf, value)
 
 
-def fresh_attr_name(gm: fx.GraphModule, stem: str) -> str:
+def add_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> fx.Node:
+    """Store ``value`` as a new top-level buffer named after ``stem`` and return a ``get_attr`` node for it,
+    created at the graph's current insertion point. The stored tensor is contiguous and owns its memory (a
+    view would keep its whole base alive in the saved model)."""
+    stored = value.detach()
+    if stored._base is not None or not stored.is_contiguous():
+        stored = stored.clone(memory_format=torch.contiguous_format)
+    name = _fresh_attr_name(gm, stem)
+    gm.register_buffer(name, stored)
+    return gm.graph.get_attr(name)
+
+
+def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal shapes, symbolic dims compared by expression (never adds a guard to a ShapeEnv)."""
+    return [str(d) for d in a.shape] == [str(d) for d in b.shape]
+
+
+def _fresh_attr_name(gm: fx.GraphModule, stem: str) -> str:
     """A top-level attribute name starting with ``stem`` that ``gm`` does not use yet."""
     stem = stem.replace(".", "_")
     name, i = stem, 0

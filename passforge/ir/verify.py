@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from passforge.ir.graph import describe_val, propagate_meta
+from passforge.ir.graph import describe_val, get_attr, propagate_meta, same_shape
 
 
 class VerificationError(RuntimeError):
@@ -25,11 +25,12 @@ def lint(gm: fx.GraphModule) -> None:
         raise VerificationError(f"graph lint failed: {exc}") from exc
     for node in gm.graph.nodes:
         if node.op == "get_attr":
-            owner: object = gm
-            for part in str(node.target).split("."):
-                if not hasattr(owner, part):
-                    raise VerificationError(f"node '{node.name}' reads attribute '{node.target}', which is missing")
-                owner = getattr(owner, part)
+            try:
+                get_attr(gm, str(node.target))
+            except AttributeError:
+                raise VerificationError(
+                    f"node '{node.name}' reads attribute '{node.target}', which is missing"
+                ) from None
 
 
 def check_meta(gm: fx.GraphModule) -> None:
@@ -55,7 +56,7 @@ def _same_value(recorded: object, actual: object) -> bool:
             isinstance(recorded, torch.Tensor)
             and recorded.dtype == actual.dtype
             and recorded.device.type == actual.device.type
-            and [str(d) for d in recorded.shape] == [str(d) for d in actual.shape]
+            and same_shape(recorded, actual)
         )
     if isinstance(actual, (list, tuple)):
         return (

@@ -14,6 +14,7 @@ import torch
 from torch import fx
 
 from passforge.ir.capture import CaptureError, capture
+from passforge.models.registry import example_tokens
 
 
 class LogitsOnly(torch.nn.Module):
@@ -52,12 +53,6 @@ def load_causal_lm(
             folder, local_files_only=True, use_safetensors=True, dtype=dtype, **options
         )
     return model.eval()
-
-
-def example_tokens(vocab_size: int, seq_len: int, batch: int = 1) -> tuple[torch.Tensor]:
-    """Seeded example ``input_ids`` (ids below 256, so byte-level and real vocabularies both accept them)."""
-    generator = torch.Generator().manual_seed(0)
-    return (torch.randint(0, min(vocab_size, 256), (batch, seq_len), generator=generator),)
 
 
 def capture_hf(

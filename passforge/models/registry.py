@@ -36,9 +36,14 @@ class ModelSource:
     extra: dict[str, object] = field(default_factory=dict)
 
 
+def example_tokens(vocab_size: int, seq_len: int, batch: int = 1) -> tuple[torch.Tensor]:
+    """Seeded example ``input_ids`` (ids below 256, so byte-level and real vocabularies both accept them)."""
+    generator = torch.Generator().manual_seed(0)
+    return (torch.randint(0, min(vocab_size, 256), (batch, seq_len), generator=generator),)
+
+
 def _llama_source(name: str, model: torch.nn.Module, seq_len: int, **extra: object) -> ModelSource:
     from passforge.models import tokenizer
-    from passforge.models.hf import example_tokens
 
     seq_len = min(seq_len, model.config.max_seq_len)
     return ModelSource(
@@ -78,7 +83,6 @@ def resolve(model: str | os.PathLike[str] | None, *, seq_len: int = DEFAULT_SEQ_
         return _llama_source(spec, llama.build(spec), seq_len)
     if spec.startswith("nanogpt-") and spec.removeprefix("nanogpt-") in nanogpt.PRESETS:
         from passforge.models import tokenizer
-        from passforge.models.hf import example_tokens
 
         gpt = nanogpt.build(spec.removeprefix("nanogpt-")).eval()
         cfg = gpt.config
@@ -115,7 +119,7 @@ def _require_memory(name: str, cfg: object) -> None:
 
 
 def _hf_source(path: Path, seq_len: int) -> ModelSource:
-    from passforge.models.hf import LogitsOnly, example_tokens, load_causal_lm
+    from passforge.models.hf import LogitsOnly, load_causal_lm
 
     hf_model = load_causal_lm(path)
     encode = decode = None

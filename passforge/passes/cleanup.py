@@ -24,7 +24,7 @@ import torch
 from torch import fx
 from torch.fx.passes.utils.matcher_utils import InternalMatch
 
-from passforge.ir.graph import drop_unused_attrs, fresh_attr_name, get_attr
+from passforge.ir.graph import add_buffer, drop_unused_attrs, get_attr, same_shape
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.registry import register
 from passforge.passes.rewrite import Rule, apply_rules
@@ -53,7 +53,7 @@ def _same_shape(match: InternalMatch, gm: fx.GraphModule) -> str | None:
     before, after = _input_val(match), _output_val(match)
     if before is None or after is None:
         return "missing meta['val']"
-    if [str(d) for d in before.shape] != [str(d) for d in after.shape]:
+    if not same_shape(before, after):
         return f"changes the shape {tuple(before.shape)} → {tuple(after.shape)}"
     return None
 
@@ -192,10 +192,8 @@ def fold_constants(gm: fx.GraphModule) -> int:
         value = _evaluate(node, values)
         if not isinstance(value, torch.Tensor) or value.nbytes > _input_bytes(node, values):
             continue
-        attr = fresh_attr_name(gm, "_folded")
-        gm.register_buffer(attr, value.detach().clone() if value._base is not None else value.detach())
         with gm.graph.inserting_before(node):
-            replacement = gm.graph.get_attr(attr)
+            replacement = add_buffer(gm, "_folded", value)
         replacement.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(replacement)
         folded += 1

@@ -23,7 +23,7 @@ from torch import fx
 
 from passforge.eval.compare import logits_kl, max_abs_err
 from passforge.eval.perplexity import perplexity
-from passforge.ir.graph import PASS_META, num_compute_nodes, op_name, param_stats, to_device
+from passforge.ir.graph import COMPUTE_OPS, PASS_META, num_compute_nodes, op_name, param_stats, to_device
 from passforge.passes.base import Context, Pass
 from passforge.passes.hooks import run_graph
 from passforge.passes.manager import Hook, PassRecord, PipelineResult
@@ -244,7 +244,7 @@ def profile_nodes(
     bytes_by_node: dict[str, int] = {}
     bytes_by_op: dict[str, int] = defaultdict(int)
     for node, values in samples.items():
-        if node.op not in ("call_function", "call_module", "call_method"):
+        if node.op not in COMPUTE_OPS:
             continue
         ms = statistics.median(values)
         by_node[node.name] = ms

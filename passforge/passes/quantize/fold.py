@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import fx
 
-from passforge.ir.graph import fresh_attr_name, get_attr
+from passforge.ir.graph import add_buffer, get_attr
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.cleanup import eliminate_dead_code
 from passforge.passes.registry import register
@@ -60,18 +60,12 @@ class FoldQuant(Pass):
             weight_name = node.args[0].target
             with gm.graph.inserting_before(node):
                 if node.target is per_group:  # uint4 values 0..15: two per byte
-                    stored = _buffer(gm, f"{weight_name}_int4", pack_int4(values))
+                    stored = add_buffer(gm, f"{weight_name}_int4", pack_int4(values))
                     replacement = gm.graph.call_function(torch.ops.passforge.unpack_int4.default, (stored,))
                 else:
-                    replacement = _buffer(gm, f"{weight_name}_int8", values)
+                    replacement = add_buffer(gm, f"{weight_name}_int8", values)
             node.replace_all_uses_with(replacement)
             folded += 1
         eliminate_dead_code(gm)  # the float weights and their quantize nodes
         gm.recompile()
         return PassResult(gm, modified=folded > 0, stats={"folded": folded})
-
-
-def _buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> fx.Node:
-    name = fresh_attr_name(gm, stem)
-    gm.register_buffer(name, value.contiguous())
-    return gm.graph.get_attr(name)

@@ -30,7 +30,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import fx
 
-from passforge.ir.graph import fresh_attr_name, get_attr
+from passforge.ir.graph import add_buffer, get_attr
 from passforge.passes.base import Context, Pass, PassError, PassResult
 from passforge.passes.registry import register
 
@@ -134,8 +134,8 @@ class Quantize(Pass):
         params = uint4_per_group(tensor, self.group_size) if scheme == "w4" else int8_per_channel(tensor)
         graph = gm.graph
         with graph.inserting_before(linear):
-            scales = _buffer(gm, f"{weight.target}_scale", params.scales)
-            zero_points = _buffer(gm, f"{weight.target}_zero_point", params.zero_points)
+            scales = add_buffer(gm, f"{weight.target}_scale", params.scales)
+            zero_points = add_buffer(gm, f"{weight.target}_zero_point", params.zero_points)
             common = (params.quant_min, params.quant_max, params.dtype)
             if scheme == "w8a8":
                 _fake_quantize_activation(graph, linear)
@@ -183,9 +183,3 @@ def _fake_quantize_activation(graph: fx.Graph, linear: fx.Node) -> None:
         qd.dequantize_per_token.default, (q, scales, zero_points, -128, 127, torch.int8, x.meta["val"].dtype)
     )
     linear.replace_input_with(x, dq)
-
-
-def _buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> fx.Node:
-    name = fresh_attr_name(gm, stem)
-    gm.register_buffer(name, value)
-    return gm.graph.get_attr(name)

@@ -29,7 +29,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import fx
 
-from passforge.ir.graph import fresh_attr_name, get_attr
+from passforge.ir.graph import add_buffer, get_attr
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.cleanup import eliminate_dead_code
 from passforge.passes.quantize.insert import linear_operands
@@ -146,9 +146,7 @@ def _rewrite(gm: fx.GraphModule, linear: fx.Node, x: fx.Node, dq: fx.Node, kerne
             return
         dtype = x.meta["val"].dtype
         value = get_attr(gm, weight.target).to(dtype) * get_attr(gm, scales.target).to(dtype)[:, None]
-        name = fresh_attr_name(gm, weight.target.removesuffix("_int8") + "_dequantized")
-        gm.register_buffer(name, value)
-        float_weight = gm.graph.get_attr(name)
+        float_weight = add_buffer(gm, weight.target.removesuffix("_int8") + "_dequantized", value)
     linear.replace_input_with(dq, float_weight)
 
 
