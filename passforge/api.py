@@ -280,7 +280,10 @@ def _add_generation_graphs(
     graphs, statuses = [], {}
     for label, step, inputs in (("prefill", PrefillStep(model), prefill_in), ("decode", DecodeStep(model), decode_in)):
         gm = capture(step, inputs, name=f"{source.name}:{label}")
-        step_ctx = Context(example_inputs=inputs, device=ctx.device, repro_dir=ctx.repro_dir, role=label)
+        step_ctx = Context(
+            example_inputs=inputs, device=ctx.device, calib_tokens=ctx.calib_tokens, repro_dir=ctx.repro_dir,
+            role=label, memo=ctx.memo,
+        )
         manager = PassManager.parse(pipeline, hooks=[VerifyHook()], on_error=on_error)
         result: PipelineResult = manager.run(gm, step_ctx)
         graphs.append(result.graph)

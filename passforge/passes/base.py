@@ -48,7 +48,10 @@ class Context:
     1-D int64 token streams (for calibration-driven passes and perplexity); ``repro_dir`` is where a failing
     pass leaves its reproducer (none written when unset); ``role`` says which graph of a model this is —
     ``forward``, or ``prefill`` / ``decode`` for the generation graphs — so a pass can treat a one-token
-    decode step differently from a compute-bound prefill.
+    decode step differently from a compute-bound prefill. ``memo`` holds what a calibration-driven pass
+    computed on one graph of a model (smoothing factors, activation ranges, GPTQ weights), keyed by weight
+    name, so the same model's other graphs (prefill, decode) reuse it: all of them then compute the same
+    function, and calibration runs once.
     """
 
     example_inputs: tuple[object, ...] = ()
@@ -57,6 +60,7 @@ class Context:
     eval_tokens: torch.Tensor | None = None
     repro_dir: Path | None = None
     role: Literal["forward", "prefill", "decode"] = "forward"
+    memo: dict[str, object] = field(default_factory=dict)
 
 
 @dataclass

@@ -18,6 +18,8 @@ _BUILTIN_MODULES = (
     "passforge.passes.cleanup",
     "passforge.passes.precision",
     "passforge.passes.quantize.insert",
+    "passforge.passes.quantize.smooth",
+    "passforge.passes.quantize.gptq",
     "passforge.passes.quantize.fold",
     "passforge.passes.quantize.lower",
 )

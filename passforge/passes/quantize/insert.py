@@ -32,9 +32,12 @@ from torch import fx
 
 from passforge.ir.graph import add_buffer, get_attr
 from passforge.passes.base import Context, Pass, PassError, PassResult
+from passforge.passes.quantize.calibrate import calibration_inputs, memo_get, memo_put, observe
+from passforge.passes.quantize.observers import Method, RangeObserver, int8_affine_qparams
 from passforge.passes.registry import register
 
 aten = torch.ops.aten
+Scheme = Literal["w8", "w4", "w8a8", "w8a8-static"]
 
 
 @dataclass(frozen=True)
@@ -71,48 +74,80 @@ def uint4_per_group(weight: torch.Tensor, group_size: int) -> QParams:
 @dataclass(frozen=True)
 class Quantize(Pass):
     """Fake-quantize linear weights: ``w8`` (int8, per output channel, symmetric), ``w4`` (uint4, per group
-    of ``group_size`` inputs, asymmetric) or ``w8a8`` (w8 weights and int8 activations, per token, asymmetric,
-    scales computed at run time). ``skip``: ``;``-separated globs of weight names left in float, matched
-    against the name or any trailing part of it (default ``lm_head*``: the output projection is the most
-    sensitive layer). ``decode_scheme``: the scheme for the one-token decode graph (``same``: ``scheme``) —
-    int8 activations pay off in a compute-bound prefill, not in a weight-bound decode step."""
+    of ``group_size`` inputs, asymmetric), ``w8a8`` (w8 weights and int8 activations, per token, asymmetric,
+    scales computed at run time) or ``w8a8-static`` (w8 weights and int8 activations, per tensor, asymmetric,
+    one range per linear input from ``calib_windows`` windows of calibration data by ``observer``: minmax,
+    moving-average, percentile (``percentile``), mse or entropy). ``skip``: ``;``-separated globs of weight
+    names left in float, matched against the name or any trailing part of it (default ``lm_head*``: the
+    output projection is the most sensitive layer); ``only``: if set, globs of the only weights quantized.
+    ``decode_scheme``: the scheme for the one-token decode graph (``same``: ``scheme``) — int8 activations
+    pay off in a compute-bound prefill, not in a weight-bound decode step."""
 
     name: ClassVar[str] = "quantize"
     lossy: ClassVar[bool] = True
     max_rel_err: ClassVar[float | None] = 0.5  # collapse guard only; the profile measures the real cost
-    scheme: Literal["w8", "w4", "w8a8"] = "w8"
+    scheme: Scheme = "w8"
     group_size: int = 128
     skip: str = "lm_head*"
-    decode_scheme: Literal["same", "w8", "w4", "w8a8"] = "same"
+    only: str = ""
+    decode_scheme: Literal["same", "w8", "w4", "w8a8", "w8a8-static"] = "same"
+    observer: Method = "minmax"
+    percentile: float = 99.99
+    calib_windows: int = 32
 
     def __post_init__(self) -> None:
         if self.group_size < 2 or self.group_size % 2:
             raise ValueError(f"group_size must be an even number >= 2, got {self.group_size}")
+        if not 50 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.calib_windows < 1:
+            raise ValueError(f"calib_windows must be >= 1, got {self.calib_windows}")
 
+    @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         import passforge.kernels.ops  # noqa: F401 - registers the Q/DQ ops
 
         scheme = self.scheme if ctx.role != "decode" or self.decode_scheme == "same" else self.decode_scheme
-        skips = [pattern for pattern in self.skip.split(";") if pattern]
-        quantized = skipped = 0
+        targets, skipped = self._targets(gm, scheme)
+        notes: list[str] = []
+        static = self._static_activation_qparams(gm, ctx, targets, notes) if scheme == "w8a8-static" else {}
         done: dict[str, fx.Node] = {}  # weight name -> its dequantize: a shared (tied) weight is quantized once
-        for node in list(gm.graph.nodes):
+        activations: dict[fx.Node, fx.Node] = {}  # x -> its static fake quant, shared by the linears reading x
+        for linear, weight in targets:
+            if weight.target not in done:
+                done[weight.target] = self._insert(gm, linear, weight, scheme)
+            if scheme == "w8a8":
+                with gm.graph.inserting_before(linear):
+                    _fake_quantize_activation(gm.graph, linear)
+            elif scheme == "w8a8-static":
+                x = linear_operands(linear)[0]
+                if x not in activations:
+                    activations[x] = _fake_quantize_static(gm.graph, x, *static[x])
+                linear.replace_input_with(x, activations[x])
+            linear.replace_input_with(weight, done[weight.target])
+        gm.recompile()
+        stats = {"quantized": len(targets), "skipped": skipped}
+        if static:
+            stats["activation_ranges"] = len(static)
+        return PassResult(gm, modified=bool(targets), stats=stats, notes=notes)
+
+    def _targets(self, gm: fx.GraphModule, scheme: str) -> tuple[list[tuple[fx.Node, fx.Node]], int]:
+        """The linears to quantize with their weight nodes, and how many were skipped by name."""
+        skips = [pattern for pattern in self.skip.split(";") if pattern]
+        only = [pattern for pattern in self.only.split(";") if pattern]
+        targets, skipped = [], 0
+        for node in gm.graph.nodes:
             if node.target is not aten.linear.default:
                 continue
             _, weight, _ = linear_operands(node)
             if not (isinstance(weight, fx.Node) and weight.op == "get_attr"):
                 continue  # already quantized, or a computed weight
-            if weight.target in done:
-                if scheme == "w8a8":
-                    with gm.graph.inserting_before(node):
-                        _fake_quantize_activation(gm.graph, node)
-                node.replace_input_with(weight, done[weight.target])
-                quantized += 1
-                continue
             tensor = get_attr(gm, weight.target)
             if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() == 2):
                 continue
-            if any(_name_matches(weight.target, pattern) for pattern in skips):
+            if any(_name_matches(weight.target, p) for p in skips) or (
+                only and not any(_name_matches(weight.target, p) for p in only)
+            ):
                 skipped += 1
                 continue
             if not bool(torch.isfinite(tensor).all()):
@@ -122,23 +157,48 @@ class Quantize(Pass):
                     f"quantize: weight '{weight.target}' has {tensor.shape[1]} input channels, not a multiple of "
                     f"group_size={self.group_size}; choose a group_size that divides it or skip the layer"
                 )
-            done[weight.target] = self._insert(gm, node, weight, tensor, scheme)
-            quantized += 1
-        gm.recompile()
-        return PassResult(gm, modified=quantized > 0, stats={"quantized": quantized, "skipped": skipped})
+            targets.append((node, weight))
+        return targets, skipped
 
-    def _insert(
-        self, gm: fx.GraphModule, linear: fx.Node, weight: fx.Node, tensor: torch.Tensor, scheme: str
-    ) -> fx.Node:
+    def _static_activation_qparams(
+        self, gm: fx.GraphModule, ctx: Context, targets: list[tuple[fx.Node, fx.Node]], notes: list[str]
+    ) -> dict[fx.Node, tuple[float, int]]:
+        """Per linear input: the int8 ``(scale, zero_point)`` its observer chose on calibration data — or the
+        ones the same model's forward graph chose (``ctx.memo``), so prefill and decode graphs agree with it."""
+        readers: dict[fx.Node, list[str]] = {}
+        for linear, weight in targets:
+            readers.setdefault(linear_operands(linear)[0], []).append(weight.target)
+        ranges = {x: memo_get(ctx.memo, f"{self.spec}:range", names) for x, names in readers.items()}
+        missing = [x for x, found in ranges.items() if found is None]
+        if missing:
+            observers = {x: RangeObserver(self.observer, f"'{readers[x][0]}' (node '{x.name}')",
+                                          percentile=self.percentile) for x in missing}
+            inputs = calibration_inputs(ctx, self.spec, self.calib_windows)
+            observe(gm, inputs, {x: o.update for x, o in observers.items()}, label=f"{self.name}: ranges")
+            if any(o.needs_histogram for o in observers.values()):
+                for o in observers.values():
+                    o.start_histogram()
+                observe(gm, inputs, {x: o.update for x, o in observers.items()}, label=f"{self.name}: histograms")
+            for x, o in observers.items():
+                ranges[x] = o.range()
+                memo_put(ctx.memo, f"{self.spec}:range", readers[x][0], ranges[x])
+            notes.append(f"activation ranges: {self.observer} over {len(inputs)} calibration windows "
+                         f"({len(missing)} inputs)")
+            if ctx.role == "decode":
+                notes.append("calibrated on one-token windows (this decode graph had no forward graph's ranges "
+                             "to reuse)")
+        return {x: int8_affine_qparams(*ranges[x]) for x in readers}
+
+    def _insert(self, gm: fx.GraphModule, linear: fx.Node, weight: fx.Node, scheme: str) -> fx.Node:
+        """Weight quantize → dequantize in front of ``linear``; returns the dequantize."""
         qd = torch.ops.quantized_decomposed
+        tensor = get_attr(gm, weight.target)
         params = uint4_per_group(tensor, self.group_size) if scheme == "w4" else int8_per_channel(tensor)
         graph = gm.graph
         with graph.inserting_before(linear):
             scales = add_buffer(gm, f"{weight.target}_scale", params.scales)
             zero_points = add_buffer(gm, f"{weight.target}_zero_point", params.zero_points)
             common = (params.quant_min, params.quant_max, params.dtype)
-            if scheme == "w8a8":
-                _fake_quantize_activation(graph, linear)
             if scheme != "w4":
                 q = graph.call_function(qd.quantize_per_channel.default, (weight, scales, zero_points, 0, *common))
                 dq = graph.call_function(  # symmetric: zero points are 0, so none are read back
@@ -150,7 +210,6 @@ class Quantize(Pass):
                 dq = graph.call_function(
                     qd.dequantize_per_channel_group.default, (q, scales, zero_points, *group, tensor.dtype)
                 )
-        linear.replace_input_with(weight, dq)
         return dq
 
 
@@ -183,3 +242,13 @@ def _fake_quantize_activation(graph: fx.Graph, linear: fx.Node) -> None:
         qd.dequantize_per_token.default, (q, scales, zero_points, -128, 127, torch.int8, x.meta["val"].dtype)
     )
     linear.replace_input_with(x, dq)
+
+
+def _fake_quantize_static(graph: fx.Graph, x: fx.Node, scale: float, zero_point: int) -> fx.Node:
+    """x → quantize_per_tensor → dequantize_per_tensor with calibrated constants, right after x."""
+    qd = torch.ops.quantized_decomposed
+    common = (scale, zero_point, -128, 127, torch.int8)
+    with graph.inserting_after(x):
+        q = graph.call_function(qd.quantize_per_tensor.default, (x, *common))
+    with graph.inserting_after(q):
+        return graph.call_function(qd.dequantize_per_tensor.default, (q, *common), {"out_dtype": x.meta["val"].dtype})
