@@ -220,8 +220,8 @@ def optimize(
     ctx = Context(
         example_inputs=example,
         device=dev,
-        calib_tokens=read_tokens(calib_data, source) if calib_data else _tokens(source, source.calib_text),
-        eval_tokens=read_tokens(eval_data, source) if eval_data else _tokens(source, source.eval_text),
+        calib_tokens=data_tokens(source, calib_data, source.calib_text),
+        eval_tokens=data_tokens(source, eval_data, source.eval_text),
         repro_dir=Path(repro_dir) if repro_dir else None,
     )
     all_hooks: list[Hook] = [VerifyHook()]
@@ -260,10 +260,15 @@ def _source_for(
     return resolve(model, seq_len=seq_len)
 
 
-def _tokens(source: ModelSource, text: str | None) -> torch.Tensor | None:
-    if text is None or source.encode is None:
+def data_tokens(
+    source: ModelSource, path: str | os.PathLike[str] | None, bundled_text: str | None
+) -> torch.Tensor | None:
+    """The user's data file as tokens (see ``read_tokens``), else the model's bundled text, else None."""
+    if path:
+        return read_tokens(path, source)
+    if bundled_text is None or source.encode is None:
         return None
-    return torch.tensor(source.encode(text), dtype=torch.long)
+    return torch.tensor(source.encode(bundled_text), dtype=torch.long)
 
 
 def _add_generation_graphs(

@@ -143,10 +143,14 @@ def _hf_source(path: Path, seq_len: int) -> ModelSource:
 
 
 def read_tokens(path: str | os.PathLike[str], source: ModelSource) -> torch.Tensor:
-    """A data file as a 1-D int64 token stream: UTF-8 text through the model's tokenizer."""
+    """A data file as a 1-D int64 token stream: token ids already (a ``.json`` list of integers, or a
+    ``.safetensors`` file holding one integer tensor, flattened), or UTF-8 text through the model's
+    tokenizer."""
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"{path}: no such data file")
+    if path.suffix in (".json", ".safetensors"):
+        return _read_token_ids(path)
     if source.encode is None:
         raise ModelError(f"{path}: model {source.name} has no tokenizer to read text data with")
     try:
@@ -157,3 +161,26 @@ def read_tokens(path: str | os.PathLike[str], source: ModelSource) -> torch.Tens
     if len(ids) < 2:
         raise ModelError(f"{path}: holds {len(ids)} tokens; need at least a sequence's worth")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def _read_token_ids(path: Path) -> torch.Tensor:
+    if path.suffix == ".json":
+        import json
+
+        try:
+            ids = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ModelError(f"{path}: not a JSON list of token ids ({exc})") from None
+        if not (isinstance(ids, list) and ids and all(isinstance(i, int) and i >= 0 for i in ids)):
+            raise ModelError(f"{path}: expected a JSON list of non-negative integers (token ids)")
+        return torch.tensor(ids, dtype=torch.long)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
+    if len(tensors) != 1 or next(iter(tensors.values())).is_floating_point():
+        raise ModelError(f"{path}: expected exactly one integer tensor of token ids, found {sorted(tensors)}")
+    return next(iter(tensors.values())).reshape(-1).long()

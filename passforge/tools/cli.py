@@ -53,15 +53,39 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("pass_name", metavar="PASS")
     explain.add_argument("model", nargs="?", default=DEFAULT_MODEL)
 
-    prof = sub.add_parser("profile", help="per-node time of a model's graph, by op and by creating pass")
+    prof = sub.add_parser("profile", help="per-node time of a model's graph, by op and by creating pass; or "
+                          "with --sensitivity, what quantizing each layer costs and which layers to skip")
     prof.add_argument("model", nargs="?", default=DEFAULT_MODEL)
     prof.add_argument("--pipeline", default="", help="optimize with this pipeline first (default: none)")
     prof.add_argument("--top", type=int, default=15, help="rows per table (default: 15)")
     prof.add_argument("--seq-len", type=_length, default=128)
+    sens = prof.add_argument_group("sensitivity search")
+    sens.add_argument("--sensitivity", action="store_true",
+                      help="rank layers by the perplexity the recipe costs each, and propose a skip list")
+    sens.add_argument("--recipe", default="quantize(scheme=w4)",
+                      help="quantization pipeline, starting with quantize(...) (default: quantize(scheme=w4))")
+    sens.add_argument("--max-ppl-increase", type=_increase, default=0.01, metavar="BUDGET",
+                      help="perplexity budget, e.g. 1%% or 0.01 (default: 1%%)")
+    sens.add_argument("--time-budget", type=float, default=600.0, metavar="SECONDS",
+                      help="stop with the best candidate so far after this long (default: 600)")
+    sens.add_argument("--eval-windows", type=int, default=16, help="perplexity windows per evaluation (default: 16)")
+    sens.add_argument("--calib-data", help="calibration data: UTF-8 text, or token ids (.json list, .safetensors)")
+    sens.add_argument("--eval-data", help="evaluation data (default: the model's bundled held-out text)")
+    sens.add_argument("--out", default="sensitivity.json", help="where the search state and its best candidate "
+                      "are written after every step (default: sensitivity.json)")
 
     replay = sub.add_parser("replay", help="rerun the failing pass of a reproducer folder")
     replay.add_argument("reproducer", type=Path)
     return parser
+
+
+def _increase(text: str) -> float:
+    from passforge.eval.sensitivity import parse_increase
+
+    try:
+        return parse_increase(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _length(text: str) -> int:
@@ -192,6 +216,9 @@ def _profile(args: argparse.Namespace) -> int:
     from passforge.api import optimize
     from passforge.runtime.profile import profile_nodes
 
+    if args.sensitivity:
+        return _sensitivity(args)
+
     optimized = optimize(args.model, pipeline=args.pipeline or "cleanup", profile=False, generation=False,
                          seq_len=args.seq_len)
     result = profile_nodes(optimized.graph, optimized.example_inputs)
@@ -203,6 +230,47 @@ def _profile(args: argparse.Namespace) -> int:
     print("\nallocated by op:")
     for key, nbytes in list(result.bytes_by_op.items())[: args.top]:
         print(f"  {nbytes / 2**20:9.3f} MB  {key}")
+    return EXIT_OK
+
+
+def _sensitivity(args: argparse.Namespace) -> int:
+    from passforge.api import data_tokens
+    from passforge.eval.sensitivity import _recipe_passes, sensitivity_search
+    from passforge.ir.capture import capture
+    from passforge.models.registry import ModelError, resolve
+    from passforge.passes.base import Context
+    from passforge.passes.manager import PassManager
+
+    _recipe_passes(args.recipe)  # a bad recipe is a usage error before any slow work
+    source = resolve(args.model, seq_len=args.seq_len)
+    if source.module is None:
+        raise ModelError(f"{args.model}: the sensitivity search needs a model to capture, not a saved graph")
+    example = source.example_inputs
+    ctx = Context(
+        example_inputs=example,
+        calib_tokens=data_tokens(source, args.calib_data, source.calib_text),
+        eval_tokens=data_tokens(source, args.eval_data, source.eval_text),
+    )
+    if ctx.eval_tokens is None:
+        raise ModelError(f"{args.model}: no evaluation text to measure perplexity on; pass --eval-data FILE")
+    gm = capture(source.module, example, name=source.name)
+    gm = PassManager.parse(args.pipeline or "cleanup").run(gm, ctx).graph
+    result = sensitivity_search(
+        gm, ctx, args.recipe, seq_len=example[0].shape[-1], max_increase=args.max_ppl_increase,
+        eval_windows=args.eval_windows, time_budget_s=args.time_budget, out=Path(args.out),
+        on_progress=lambda message: print(message, flush=True),
+    )
+    print(f"\nfloat perplexity {result.float_ppl:.4f}; most sensitive layers for {result.recipe}:")
+    for name, increase in result.ranking[: args.top]:
+        print(f"  {100 * increase:+8.3f}%  {name}")
+    if result.stopped_early:
+        print(f"time budget spent: {len(result.unranked)} layer(s) unranked (kept in float), best so far below")
+    best = result.best
+    if best is not None:
+        verdict = "within" if best.increase <= result.max_increase else "NOT within"
+        print(f"\nbest: skip {len(best.skip)} layer(s), {100 * best.increase:+.3f}% ({verdict} the "
+              f"{100 * result.max_increase:g}% budget)\n  --pipeline \"{best.pipeline}\"")
+    print(f"wrote {args.out}")
     return EXIT_OK
 
 

@@ -108,7 +108,7 @@ class Quantize(Pass):
         import passforge.kernels.ops  # noqa: F401 - registers the Q/DQ ops
 
         scheme = self.scheme if ctx.role != "decode" or self.decode_scheme == "same" else self.decode_scheme
-        targets, skipped = self._targets(gm, scheme)
+        targets, skipped = self.targets(gm, scheme)
         notes: list[str] = []
         static = self._static_activation_qparams(gm, ctx, targets, notes) if scheme == "w8a8-static" else {}
         done: dict[str, fx.Node] = {}  # weight name -> its dequantize: a shared (tied) weight is quantized once
@@ -131,7 +131,7 @@ class Quantize(Pass):
             stats["activation_ranges"] = len(static)
         return PassResult(gm, modified=bool(targets), stats=stats, notes=notes)
 
-    def _targets(self, gm: fx.GraphModule, scheme: str) -> tuple[list[tuple[fx.Node, fx.Node]], int]:
+    def targets(self, gm: fx.GraphModule, scheme: str) -> tuple[list[tuple[fx.Node, fx.Node]], int]:
         """The linears to quantize with their weight nodes, and how many were skipped by name."""
         skips = [pattern for pattern in self.skip.split(";") if pattern]
         only = [pattern for pattern in self.only.split(";") if pattern]
