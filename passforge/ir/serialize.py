@@ -76,6 +76,7 @@ def load_graph(path: str | os.PathLike[str]) -> fx.GraphModule:
     if not path.is_file():
         raise CaptureError(f"{path}: no such file; expected a .pt2 saved by torch.export.save or passforge")
     refuse_pickled_payloads(path)
+    import passforge.kernels.fp8  # graphs may call passforge's fp8 Q/DQ ops
     import passforge.kernels.ops  # noqa: F401 - graphs may call passforge's custom ops and torch's Q/DQ ops
     try:
         with warnings.catch_warnings():

@@ -7,8 +7,8 @@ Before → after (w8; the fp32 weight is gone from the module)::
     %d = dequantize_per_channel(%q, %s, %z, ...)                   %d = dequantize_per_channel(%q, %s, %z, ...)
 
 w4 weights are packed two per byte and unpacked in the graph (``passforge::unpack_int4``), so the stored
-tensor is (N, K/2) uint8: 1/8 of fp32 plus scales and zero points. Lossless (the graph computes exactly what
-it did) and idempotent (a folded weight has no quantize node left).
+tensor is (N, K/2) uint8: 1/8 of fp32 plus scales and zero points. fp8 weights are stored as e4m3 (1 byte).
+Lossless (the graph computes exactly what it did) and idempotent (a folded weight has no quantize node left).
 """
 
 from __future__ import annotations
@@ -25,11 +25,12 @@ from passforge.passes.cleanup import eliminate_dead_code
 from passforge.passes.registry import register
 
 
-def _quantize_targets() -> tuple[object, object]:
+def _quantize_targets() -> tuple[object, object, object]:
     import passforge.kernels.ops  # noqa: F401 - registers the Q/DQ ops
+    from passforge.kernels.fp8 import quantize_fp8
 
     qd = torch.ops.quantized_decomposed
-    return qd.quantize_per_channel.default, qd.quantize_per_channel_group.default
+    return qd.quantize_per_channel.default, qd.quantize_per_channel_group.default, quantize_fp8._opoverload
 
 
 @register
@@ -45,10 +46,10 @@ class FoldQuant(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         from passforge.kernels.ops import pack_int4
 
-        per_channel, per_group = _quantize_targets()
+        per_channel, per_group, fp8 = _quantize_targets()
         folded = 0
         for node in list(gm.graph.nodes):
-            if node.target not in (per_channel, per_group):
+            if node.target not in (per_channel, per_group, fp8):
                 continue
             if not all(arg.op == "get_attr" for arg in node.all_input_nodes):
                 continue  # an activation quantize: computed at run time
@@ -63,7 +64,8 @@ class FoldQuant(Pass):
                     stored = add_buffer(gm, f"{weight_name}_int4", pack_int4(values))
                     replacement = gm.graph.call_function(torch.ops.passforge.unpack_int4.default, (stored,))
                 else:
-                    replacement = add_buffer(gm, f"{weight_name}_int8", values)
+                    suffix = "_fp8" if node.target is fp8 else "_int8"
+                    replacement = add_buffer(gm, f"{weight_name}{suffix}", values)
             node.replace_all_uses_with(replacement)
             folded += 1
         eliminate_dead_code(gm)  # the float weights and their quantize nodes

@@ -1,7 +1,7 @@
-"""``quantize(scheme=w8|w4, group_size=128, skip=lm_head*)``: fake-quant (quantize → dequantize) on the
-weights of linear layers, in torch's standard Q/DQ ops (``quantized_decomposed``), which ``fold-quant`` turns
-into stored integers and ``lower-quant`` into integer kernels (the same Q/DQ form ONNX's QDQ format has;
-the ONNX export of it is future work).
+"""``quantize(scheme=w8|w4|w8a8|w8a8-static|fp8, group_size=128, skip=lm_head*, only=...)``: fake-quant
+(quantize → dequantize) on the weights (and activations) of linear layers, in torch's standard Q/DQ ops
+(``quantized_decomposed``, the form PT2E produces and ONNX's QDQ format mirrors), which ``fold-quant`` turns
+into stored integers and ``lower-quant`` into integer kernels.
 
 Before → after (w8: symmetric int8, one scale per output channel)::
 
@@ -14,10 +14,14 @@ Before → after (w8: symmetric int8, one scale per output channel)::
 w4 is asymmetric uint4 (0..15) with one scale and zero point per ``group_size`` input channels of each row
 (``quantize_per_channel_group``). w8a8 adds dynamic int8 activations: per token (row), asymmetric, qparams
 chosen at run time (``choose_qparams_per_token_asymmetric`` → ``quantize_per_token`` →
-``dequantize_per_token`` in front of the linear's input). Weight scales are the weights' min/max
-(round-to-nearest); the error is measured by the profile. Weights with NaN/Inf are an error naming the
-layer; an all-zero row or group gets scale 1 (zero is exact). Idempotent: a weight that already goes through
-a dequantize is not a parameter read any more.
+``dequantize_per_token`` in front of the linear's input). w8a8-static quantizes each linear input per
+tensor with constants calibrated on ``ctx.calib_tokens`` (``quantize_per_tensor`` → ``dequantize_per_tensor``,
+one pair per input, shared by the q/k/v that read it; observers in ``observers.py``). fp8 is e4m3 with one
+scale per output channel for weights and per token for activations (``passforge::quantize_fp8`` /
+``dequantize_fp8``: torch's Q/DQ ops round fp8 to integers). Weight scales are the weights' min/max
+(round-to-nearest; ``gptq`` refines the rounding); the error is measured by the profile. Weights with
+NaN/Inf are an error naming the layer; an all-zero row or group gets scale 1 (zero is exact). Idempotent: a
+weight that already goes through a dequantize is not a parameter read any more.
 """
 
 from __future__ import annotations
@@ -31,13 +35,14 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import add_buffer, get_attr
+from passforge.kernels.fp8 import FP8_MAX, MIN_SCALE, fp8_scale
 from passforge.passes.base import Context, Pass, PassError, PassResult
 from passforge.passes.quantize.calibrate import calibration_inputs, memo_get, memo_put, observe
 from passforge.passes.quantize.observers import Method, RangeObserver, int8_affine_qparams
 from passforge.passes.registry import register
 
 aten = torch.ops.aten
-Scheme = Literal["w8", "w4", "w8a8", "w8a8-static"]
+Scheme = Literal["w8", "w4", "w8a8", "w8a8-static", "fp8"]
 
 
 @dataclass(frozen=True)
@@ -90,7 +95,7 @@ class Quantize(Pass):
     group_size: int = 128
     skip: str = "lm_head*"
     only: str = ""
-    decode_scheme: Literal["same", "w8", "w4", "w8a8", "w8a8-static"] = "same"
+    decode_scheme: Literal["same", "w8", "w4", "w8a8", "w8a8-static", "fp8"] = "same"
     observer: Method = "minmax"
     percentile: float = 99.99
     calib_windows: int = 32
@@ -116,9 +121,9 @@ class Quantize(Pass):
         for linear, weight in targets:
             if weight.target not in done:
                 done[weight.target] = self._insert(gm, linear, weight, scheme)
-            if scheme == "w8a8":
+            if scheme in ("w8a8", "fp8"):
                 with gm.graph.inserting_before(linear):
-                    _fake_quantize_activation(gm.graph, linear)
+                    (_fake_quantize_activation if scheme == "w8a8" else _fake_quantize_fp8_activation)(gm.graph, linear)
             elif scheme == "w8a8-static":
                 x = linear_operands(linear)[0]
                 if x not in activations:
@@ -193,6 +198,11 @@ class Quantize(Pass):
         """Weight quantize → dequantize in front of ``linear``; returns the dequantize."""
         qd = torch.ops.quantized_decomposed
         tensor = get_attr(gm, weight.target)
+        if scheme == "fp8":
+            with gm.graph.inserting_before(linear):
+                scales = add_buffer(gm, f"{weight.target}_scale", fp8_scale(tensor))  # (N, 1)
+                q = gm.graph.call_function(torch.ops.passforge.quantize_fp8.default, (weight, scales))
+                return gm.graph.call_function(torch.ops.passforge.dequantize_fp8.default, (q, scales, tensor.dtype))
         params = uint4_per_group(tensor, self.group_size) if scheme == "w4" else int8_per_channel(tensor)
         graph = gm.graph
         with graph.inserting_before(linear):
@@ -252,3 +262,14 @@ def _fake_quantize_static(graph: fx.Graph, x: fx.Node, scale: float, zero_point:
         q = graph.call_function(qd.quantize_per_tensor.default, (x, *common))
     with graph.inserting_after(q):
         return graph.call_function(qd.dequantize_per_tensor.default, (q, *common), {"out_dtype": x.meta["val"].dtype})
+
+
+def _fake_quantize_fp8_activation(graph: fx.Graph, linear: fx.Node) -> None:
+    """x → e4m3 with one scale per token (amax / 448, chosen at run time) → back to x's dtype."""
+    x = linear_operands(linear)[0]
+    amax = graph.call_function(aten.amax.default, (graph.call_function(aten.abs.default, (x,)), [-1], True))
+    scale = graph.call_function(aten.clamp_min.default, (graph.call_function(aten.div.Tensor, (amax, FP8_MAX)),
+                                                         MIN_SCALE))
+    q = graph.call_function(torch.ops.passforge.quantize_fp8.default, (x, scale))
+    dq = graph.call_function(torch.ops.passforge.dequantize_fp8.default, (q, scale, x.meta["val"].dtype))
+    linear.replace_input_with(x, dq)

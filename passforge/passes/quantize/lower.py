@@ -1,5 +1,5 @@
-"""``lower-quant(guard=true, prefer=size|speed)``: dequantize → linear on stored int8 weights becomes the
-fastest form this machine has for it — measured, not assumed.
+"""``lower-quant(guard=true, prefer=size|speed)``: dequantize → linear on stored int8 or packed uint4 weights
+becomes the fastest form this machine has for it — measured, not assumed.
 
 Before → after (when the kernel wins)::
 
@@ -7,15 +7,25 @@ Before → after (when the kernel wins)::
     %d = dequantize_per_channel(%q, %s, %z, 0, -128, 127, i8)  %y = passforge.int8_weight_linear(%x, %q, %s, %b)
     %y = aten.linear(%x, %d, %b)                         →
 
-Candidates per layer: ``int8_weight_linear`` (the kernel: on CPU PyTorch's ``_weight_int8pack_mm``; int8
-weights streamed, never materialised in float), ``dequantize+linear`` (leave the graph as it is), and with
-``prefer=speed`` also ``float weight`` (dequantize once, now, and store the float weight: the quantization
-error stays, the size win goes — for machines whose int8 kernels lose to float GEMMs). The speed guard times
-the candidates once per (shape, dtype, device) on the pipeline's device — medians, round-robin, cached for
-the process; "as is" is timed as the exact ops the graph runs — and keeps the fastest; every layer's choice
-and timings are in ``node.meta["passforge.kernel"]``, the counters and the pass's report notes.
+    %p = get_attr[wq.weight_int4]                # (N, K/2) u8    %p = get_attr[wq.weight_int4]
+    %u = passforge.unpack_int4(%p)                                %y = passforge.int4_weight_linear(
+    %d = dequantize_per_channel_group(%u, %s, %z, 0, 15, u8, g)  →         %x, %p, %s, %z, g, %b)
+    %y = aten.linear(%x, %d, %b)
+
+Candidates per layer: the kernel — ``int8_weight_linear`` (CPU: PyTorch's ``_weight_int8pack_mm``; int8 weights
+streamed, never materialised in float), ``int8_dynamic_linear`` for w8a8 layers, ``int4_weight_linear`` for
+folded w4 (CPU: PyTorch's ``_weight_int4pack_mm_for_cpu``), each a Triton kernel on CUDA (``passforge.kernels``)
+— then ``dequantize+linear`` (leave the graph as it is), and with ``prefer=speed`` also ``float weight``
+(dequantize once, now, and store the float weight: the quantization error stays, the size win goes — for
+machines whose integer kernels lose to float GEMMs). The speed guard times the candidates once per (shapes,
+dtype, device, scheme) on the pipeline's device — medians, round-robin, cached for the process; "as is" is
+timed as the exact ops the graph runs — and keeps the fastest; every layer's choice, timings and the
+implementation its kernel op runs here (``passforge.kernels.ops.backend``: "triton", an aten kernel or
+"reference") are in ``node.meta["passforge.kernel"]``, the counters and the pass's report notes.
 ``guard=false`` lowers every eligible layer to the kernel. Verified against the graph before it with the
 bounds in :meth:`LowerQuant.tolerance` (float reassociation in fp32; more for bf16 and for w8a8).
+A w4 weight that is not folded (still ``quantize_per_channel_group`` on a float weight) or not uint4 0..15 is
+left alone: the int4 kernels read ``fold-quant``'s packed bytes.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ import functools
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, NamedTuple
 
 import torch
 from torch import fx
@@ -43,8 +53,8 @@ KERNEL_META = "passforge.kernel"
 @register
 @dataclass(frozen=True)
 class LowerQuant(Pass):
-    """Per layer, replace int8 weight dequantize → linear with the fastest measured form: the int8
-    weight-only kernel, the graph as it is, or (``prefer=speed``) a float weight dequantized once.
+    """Per layer, replace int8 / packed uint4 weight dequantize → linear with the fastest measured form: the
+    integer kernel, the graph as it is, or (``prefer=speed``) a float weight dequantized once.
     ``guard=false``: always the kernel."""
 
     name: ClassVar[str] = "lower-quant"
@@ -59,7 +69,9 @@ class LowerQuant(Pass):
         upstream can flip one activation's rounding by one step (1/255 of its token's range) in any layer
         (allow 2%, measured 0.5% on the bundled LM); with both, the graph before also rounds every dequantized
         activation to bf16, which the integer kernel does not (allow 4 ulp more; measured 3.1% in total on
-        llama-100m). fp32 weight-only: float reassociation only."""
+        llama-100m). w4 in bf16: the CPU int4 kernel also takes its scales and zero offsets rounded to bf16
+        (measured 0.7% on the tests' two-layer llama, inside the 2 ulp). fp32 weight-only: float
+        reassociation only."""
         nodes = before.graph.nodes
         dynamic = any(n.target is torch.ops.quantized_decomposed.quantize_per_token.default for n in nodes)
         low = any(getattr(n.meta.get("val"), "dtype", None) in (torch.bfloat16, torch.float16) for n in nodes)
@@ -70,42 +82,105 @@ class LowerQuant(Pass):
         return 0.0, fraction * scale
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        import passforge.kernels.ops  # noqa: F401 - registers the ops
+        from passforge.kernels.ops import backend  # importing it registers the ops
 
         dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
         counts = dict.fromkeys(CANDIDATES, 0)
         notes: dict[str, str] = {}
+        float_weights: dict[tuple[fx.Node, torch.dtype], fx.Node] = {}  # (dequantize, dtype) -> stored weight
         for node in list(gm.graph.nodes):
             if node.target is not aten.linear.default:
                 continue
             x, dq, _ = linear_operands(node)
-            if not (isinstance(dq, fx.Node) and dq.target is dequantize and _is_symmetric_int8(gm, dq)):
+            if not isinstance(dq, fx.Node):
                 continue
-            source = _dynamic_activation_source(x)
-            if source is not None:  # w8a8: x is fake-quantized per token
-                x = source
-                decision = _choose(gm, x, dq.args[0], ctx.device, allow_float=False, dynamic=True) if self.guard \
-                    else {"kernel": DYNAMIC}
-            elif self.guard:
-                decision = _choose(gm, x, dq.args[0], ctx.device, allow_float=self.prefer == "speed")
+            int4 = _int4_operands(gm, dq, x)
+            if int4 is not None:
+                kind, kernel = "w4", INT4
+            elif dq.target is dequantize and _is_symmetric_int8(gm, dq):
+                source = _dynamic_activation_source(x)
+                kind, kernel = ("w8", KERNEL) if source is None else ("w8a8", DYNAMIC)
+                x = x if source is None else source  # w8a8: the kernel quantizes x per token itself
             else:
-                decision = {"kernel": KERNEL}
+                continue
+            weight_shape, group_size = _weight_shape(gm, dq, int4), int4.group_size if int4 else 0
+            if self.guard:
+                allow_float = self.prefer == "speed" and kind != "w8a8"
+                decision = _choose(x, weight_shape, ctx.device, kind, group_size, allow_float=allow_float)
+            else:
+                decision = {"kernel": kernel}
+            decision["backend"] = backend(kernel, x.meta["val"], weight_shape, group_size)  # what the op runs here
             node.meta[KERNEL_META] = decision
             counts[decision["kernel"]] += 1
             if "timings_ms" in decision:
-                key = f"{_shape_key(gm, x, dq)}{' (w8a8)' if source is not None else ''}"
-                timings = ", ".join(f"{k} {v:.3f} ms" for k, v in decision["timings_ms"].items())
+                key = _shape_key(x, weight_shape, kind, group_size)
+                named = {kernel: f"{kernel} [{decision['backend']}]"}
+                timings = ", ".join(f"{named.get(k, k)} {v:.3f} ms" for k, v in decision["timings_ms"].items())
                 notes.setdefault(key, f"{key}: {decision['kernel']} ({timings})")
-            _rewrite(gm, node, x, dq, decision["kernel"])
+            _rewrite(gm, node, x, dq, decision["kernel"], int4, float_weights)
         eliminate_dead_code(gm)
         gm.recompile()
-        stats = {"lowered": counts[KERNEL] + counts[DYNAMIC], "kept": counts[KEEP], "float": counts[FLOAT]}
+        lowered = counts[KERNEL] + counts[DYNAMIC] + counts[INT4]
+        stats = {"lowered": lowered, "kept": counts[KEEP], "float": counts[FLOAT]}
         modified = bool(stats["lowered"] or stats["float"])
         return PassResult(gm, modified=modified, stats=stats, notes=list(notes.values()))
 
 
-KERNEL, DYNAMIC, KEEP, FLOAT = "int8_weight_linear", "int8_dynamic_linear", "dequantize+linear", "float weight"
-CANDIDATES = (KERNEL, DYNAMIC, KEEP, FLOAT)
+KERNEL, DYNAMIC, INT4 = "int8_weight_linear", "int8_dynamic_linear", "int4_weight_linear"  # the ops' names
+KEEP, FLOAT = "dequantize+linear", "float weight"
+CANDIDATES = (KERNEL, DYNAMIC, INT4, KEEP, FLOAT)
+
+
+class Int4Operands(NamedTuple):
+    """fold-quant's w4 weight: packed (N, K/2) uint8, scales and zero points (N, K/g), g."""
+
+    packed: fx.Node
+    scales: fx.Node
+    zero_points: fx.Node
+    group_size: int
+
+
+def _int4_operands(gm: fx.GraphModule, dq: fx.Node, x: object) -> Int4Operands | None:
+    """The operands when ``dq`` is dequantize_per_channel_group(unpack_int4(packed), s, z, 0, 15, uint8, g, x's
+    dtype) on stored tensors of matching shapes (what ``fold-quant`` makes of w4); None otherwise."""
+    qd = torch.ops.quantized_decomposed
+    if dq.target is not qd.dequantize_per_channel_group.default or not isinstance(x, fx.Node):
+        return None
+    args = _bound_args(dq)
+    unpack = args["input"]
+    if not (isinstance(unpack, fx.Node) and unpack.target is torch.ops.passforge.unpack_int4.default):
+        return None
+    packed, scales, zero_points = unpack.args[0], args["scales"], args["zero_points"]
+    if not all(isinstance(n, fx.Node) and n.op == "get_attr" for n in (packed, scales, zero_points)):
+        return None
+    if (args["quant_min"], args["quant_max"], args["dtype"]) != (0, 15, torch.uint8):
+        return None  # another group scheme: the int4 kernels read uint4 0..15
+    if args.get("output_dtype") != getattr(x.meta.get("val"), "dtype", None):
+        return None
+    tensor, group_size = get_attr(gm, packed.target), args["group_size"]
+    if tensor.dtype != torch.uint8 or tensor.dim() != 2 or (tensor.shape[1] * 2) % group_size:
+        return None
+    groups = (tensor.shape[0], tensor.shape[1] * 2 // group_size)
+    if tuple(get_attr(gm, scales.target).shape) != groups or tuple(get_attr(gm, zero_points.target).shape) != groups:
+        return None
+    return Int4Operands(packed, scales, zero_points, group_size)
+
+
+def _bound_args(node: fx.Node) -> dict[str, object]:
+    """An ATen call's arguments by schema name, positional or keyword, defaults filled in."""
+    schema = node.target._schema
+    bound = {a.name: a.default_value for a in schema.arguments if a.has_default_value()}
+    bound.update(zip((a.name for a in schema.arguments), node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def _weight_shape(gm: fx.GraphModule, dq: fx.Node, int4: Int4Operands | None) -> tuple[int, int]:
+    """The weight's logical (N, K)."""
+    if int4 is None:
+        return tuple(get_attr(gm, dq.args[0].target).shape)
+    rows, half = get_attr(gm, int4.packed.target).shape
+    return rows, half * 2
 
 
 def _dynamic_activation_source(x: fx.Node) -> fx.Node | None:
@@ -132,27 +207,48 @@ def _dynamic_activation_source(x: fx.Node) -> fx.Node | None:
     return source
 
 
-def _rewrite(gm: fx.GraphModule, linear: fx.Node, x: fx.Node, dq: fx.Node, kernel: str) -> None:
-    bias = linear_operands(linear)[2]
-    weight, scales = dq.args[0], dq.args[1]
+def _rewrite(
+    gm: fx.GraphModule, linear: fx.Node, x: fx.Node, dq: fx.Node, kernel: str, int4: Int4Operands | None,
+    float_weights: dict[tuple[fx.Node, torch.dtype], fx.Node],
+) -> None:
     if kernel == KEEP:
         return
-    with gm.graph.inserting_before(linear):
-        if kernel in (KERNEL, DYNAMIC):
-            op = torch.ops.passforge.int8_weight_linear if kernel == KERNEL else torch.ops.passforge.int8_dynamic_linear
-            fused = gm.graph.call_function(op.default, (x, weight, scales, bias))
-            fused.meta[KERNEL_META] = linear.meta[KERNEL_META]
-            linear.replace_all_uses_with(fused)
-            return
+    if kernel == FLOAT:
         dtype = x.meta["val"].dtype
+        if (dq, dtype) not in float_weights:  # a shared weight is dequantized and stored once
+            with gm.graph.inserting_before(dq):
+                float_weights[dq, dtype] = _store_float_weight(gm, dq, int4, dtype)
+        linear.replace_input_with(dq, float_weights[dq, dtype])
+        return
+    bias = linear_operands(linear)[2]
+    if kernel == INT4:
+        args = (x, int4.packed, int4.scales, int4.zero_points, int4.group_size, bias)
+    else:
+        args = (x, dq.args[0], dq.args[1], bias)
+    with gm.graph.inserting_before(linear):
+        fused = gm.graph.call_function(getattr(torch.ops.passforge, kernel).default, args)
+    fused.meta[KERNEL_META] = linear.meta[KERNEL_META]
+    linear.replace_all_uses_with(fused)
+
+
+def _store_float_weight(gm: fx.GraphModule, dq: fx.Node, int4: Int4Operands | None, dtype: torch.dtype) -> fx.Node:
+    """The weight ``dq`` computes, evaluated now and stored as a ``dtype`` buffer."""
+    if int4 is None:
+        weight, scales = dq.args[0], dq.args[1]
         value = get_attr(gm, weight.target).to(dtype) * get_attr(gm, scales.target).to(dtype)[:, None]
-        float_weight = add_buffer(gm, weight.target.removesuffix("_int8") + "_dequantized", value)
-    linear.replace_input_with(dq, float_weight)
+        return add_buffer(gm, weight.target.removesuffix("_int8") + "_dequantized", value)
+    value = torch.ops.quantized_decomposed.dequantize_per_channel_group(  # the graph's own ops, once
+        torch.ops.passforge.unpack_int4(get_attr(gm, int4.packed.target)),
+        get_attr(gm, int4.scales.target), get_attr(gm, int4.zero_points.target),
+        0, 15, torch.uint8, int4.group_size, dtype,
+    )
+    return add_buffer(gm, int4.packed.target.removesuffix("_int4") + "_dequantized", value)
 
 
-def _shape_key(gm: fx.GraphModule, x: fx.Node, dq: fx.Node) -> str:
-    rows, cols = get_attr(gm, dq.args[0].target).shape
-    return f"x{tuple(x.meta['val'].shape)} @ int8[{rows}, {cols}]"
+def _shape_key(x: fx.Node, weight_shape: tuple[int, int], kind: str, group_size: int) -> str:
+    weight = f"uint4[{weight_shape[0]}, {weight_shape[1]}] g{group_size}" if kind == "w4" else \
+        f"int8[{weight_shape[0]}, {weight_shape[1]}]"
+    return f"x{tuple(x.meta['val'].shape)} @ {weight}{' (w8a8)' if kind == 'w8a8' else ''}"
 
 
 def _is_symmetric_int8(gm: fx.GraphModule, dq: fx.Node) -> bool:
@@ -171,47 +267,63 @@ def _is_symmetric_int8(gm: fx.GraphModule, dq: fx.Node) -> bool:
 
 
 def _choose(
-    gm: fx.GraphModule, x: fx.Node, weight: fx.Node, device: torch.device, *, allow_float: bool,
-    dynamic: bool = False,
+    x: fx.Node, weight_shape: tuple[int, int], device: torch.device, kind: str, group_size: int, *,
+    allow_float: bool,
 ) -> dict[str, object]:
     val = x.meta["val"]
     shape = tuple(int(d) if isinstance(d, int) else int(d.node.hint or 1) for d in val.shape)
-    timings = dict(_timings(shape, val.dtype, tuple(get_attr(gm, weight.target).shape), str(device), dynamic))
+    timings = dict(_timings(shape, val.dtype, weight_shape, str(device), kind, group_size))
     allowed = {k: v for k, v in timings.items() if allow_float or k != FLOAT}
     return {"kernel": min(allowed, key=allowed.get), "timings_ms": allowed}
 
 
 @functools.cache
 def _timings(
-    x_shape: tuple[int, ...], dtype: torch.dtype, w_shape: tuple[int, int], device: str, dynamic: bool
+    x_shape: tuple[int, ...], dtype: torch.dtype, w_shape: tuple[int, int], device: str, kind: str, group_size: int
 ) -> tuple[tuple[str, float], ...]:
     """Median ms of each candidate on random data of these shapes, timed round-robin (once per process; the
-    key holds what changes the answer: shapes, dtype, device, activation quantization — thread count is
-    fixed per process)."""
+    key holds what changes the answer: shapes, dtype, device, scheme and group size — thread count is fixed per
+    process). Kernels that prepack a weight (the CPU int4 tile layout) do it in the untimed warm-up, as a
+    lowered graph does it on its first call."""
     qd = torch.ops.quantized_decomposed
+    passforge = torch.ops.passforge
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(x_shape, generator=generator).to(device=device, dtype=dtype)
-    w = torch.randint(-127, 128, w_shape, generator=generator, dtype=torch.int8).to(device)
-    scales = (torch.rand(w_shape[0], generator=generator) / 100).to(device)
-    float_weight = w.to(dtype) * scales.to(dtype)[:, None]
+    if kind == "w4":
+        rows, cols = w_shape
+        packed = torch.randint(0, 256, (rows, cols // 2), generator=generator, dtype=torch.uint8).to(device)
+        scales = (torch.rand(rows, cols // group_size, generator=generator) / 100).to(device)
+        zero_points = torch.randint(0, 16, scales.shape, generator=generator, dtype=torch.int32).to(device)
+
+        def dequantized() -> torch.Tensor:
+            return qd.dequantize_per_channel_group(
+                passforge.unpack_int4(packed), scales, zero_points, 0, 15, torch.uint8, group_size, dtype
+            )
+
+        kernel = {INT4: lambda: passforge.int4_weight_linear.default(x, packed, scales, zero_points, group_size, None)}
+    else:
+        w = torch.randint(-127, 128, w_shape, generator=generator, dtype=torch.int8).to(device)
+        scales = (torch.rand(w_shape[0], generator=generator) / 100).to(device)
+
+        def dequantized() -> torch.Tensor:
+            return qd.dequantize_per_channel(w, scales, None, 0, -128, 127, torch.int8, out_dtype=dtype)
+
+        op = passforge.int8_dynamic_linear if kind == "w8a8" else passforge.int8_weight_linear
+        kernel = {DYNAMIC if kind == "w8a8" else KERNEL: lambda: op.default(x, w, scales, None)}
+    float_weight = dequantized()
+
     def as_is() -> torch.Tensor:  # exactly the ops the graph runs when it is left alone
-        weight = qd.dequantize_per_channel(w, scales, None, 0, -128, 127, torch.int8, out_dtype=dtype)
-        if not dynamic:
-            return torch.nn.functional.linear(x, weight)
+        if kind != "w8a8":
+            return torch.nn.functional.linear(x, dequantized())
         x_scales, x_zero_points = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
         qx = qd.quantize_per_token(x, x_scales, x_zero_points, -128, 127, torch.int8)
         dqx = qd.dequantize_per_token(qx, x_scales, x_zero_points, -128, 127, torch.int8, dtype)
-        return torch.nn.functional.linear(dqx, weight)
+        return torch.nn.functional.linear(dqx, dequantized())
 
-    if dynamic:
-        candidates = {DYNAMIC: lambda: torch.ops.passforge.int8_dynamic_linear.default(x, w, scales, None)}
-    else:
-        candidates = {
-            KERNEL: lambda: torch.ops.passforge.int8_weight_linear.default(x, w, scales, None),
-            FLOAT: lambda: torch.nn.functional.linear(x, float_weight),
-        }
-    candidates[KEEP] = as_is
+    candidates = {**kernel, KEEP: as_is}
+    if kind != "w8a8":
+        candidates[FLOAT] = lambda: torch.nn.functional.linear(x, float_weight)
     medians = interleaved_latency_ms(
         list(candidates.values()), device=torch.device(device), repeats=10, warmup=2, min_total_s=0.02
     )

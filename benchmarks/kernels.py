@@ -1,0 +1,127 @@
+"""Are passforge's integer GEMM kernels faster than their references and than a bf16 GEMM on this device?
+
+For each distinct (K, N) of a LLaMA preset's linear layers (``llama-100m``, ``llama-7b``) and M tokens — decode
+(1, 4, 16) and prefill (512) — it times, with bf16 activations:
+
+- ``bf16 mm``: ``torch.mm`` on a bf16 weight (cuBLAS on CUDA, oneDNN on CPU), the float baseline;
+- ``w8`` / ``w8a8`` / ``w4``: passforge's op (``int8_weight_linear``, ``int8_dynamic_linear``,
+  ``int4_weight_linear`` with groups of 128) as it runs on this device — the Triton kernel on CUDA, PyTorch's
+  aten kernel on CPU (``passforge.kernels.ops.backend`` names it in the header) — and its reference, the
+  fake-quant graph's ops (dequantize, then the float GEMM). ``err``: max |op - reference| / max |reference|.
+
+Times are medians in ms: ``triton.testing.do_bench`` on CUDA (L2 flushed before each call, as weights streamed
+from HBM are in decode), round-robin wall time on CPU (``interleaved_latency_ms``). The first call of each CUDA
+shape autotunes; that is not timed.
+
+    python benchmarks/kernels.py [--quick] [--device cuda|cpu] [--threads N]
+
+``--quick``: M in (1, 16, 512) and, on CPU, only ``llama-100m`` (a 7B prefill GEMM takes seconds on a laptop CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+
+from passforge.kernels.ops import (
+    backend,
+    int4_weight_linear_reference,
+    int8_dynamic_linear_reference,
+    int8_weight_linear_reference,
+)
+from passforge.models.llama import PRESETS, LlamaConfig
+from passforge.runtime.profile import interleaved_latency_ms
+
+GROUP_SIZE = 128
+DECODE, PREFILL = (1, 4, 16), (512,)
+SCHEMES = ("w8", "w8a8", "w4")
+OP_OF = {"w8": "int8_weight_linear", "w8a8": "int8_dynamic_linear", "w4": "int4_weight_linear"}
+
+
+def linear_shapes(cfg: LlamaConfig) -> list[tuple[int, int]]:
+    """Distinct (K, N) of one block's linears: q/o, k/v (grouped-query heads), gate/up, down."""
+    head_dim = cfg.dim // cfg.n_heads
+    shapes = [(cfg.dim, cfg.dim), (cfg.dim, cfg.n_kv_heads * head_dim), (cfg.dim, cfg.ffn_dim), (cfg.ffn_dim, cfg.dim)]
+    return list(dict.fromkeys(shapes))
+
+
+def operands(k: int, n: int, device: torch.device) -> dict[str, tuple[torch.Tensor, ...]]:
+    """Random weights of each scheme for a (N, K) layer (seeded: every run times the same data)."""
+    g = torch.Generator().manual_seed(0)
+    w8 = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    scales = torch.rand(n, generator=g) / 100
+    packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
+    group_scales = torch.rand(n, k // GROUP_SIZE, generator=g) / 100
+    zero_points = torch.randint(0, 16, group_scales.shape, generator=g, dtype=torch.int32)
+    weights = {"w8": (w8, scales), "w8a8": (w8, scales), "w4": (packed, group_scales, zero_points)}
+    return {name: tuple(t.to(device) for t in tensors) for name, tensors in weights.items()}
+
+
+def calls(x: torch.Tensor, weights: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, Callable[[], torch.Tensor]]:
+    ops = torch.ops.passforge
+    (w8, scales), (packed, group_scales, zero_points) = weights["w8"], weights["w4"]
+    bf16_weight = w8.to(torch.bfloat16) * scales.to(torch.bfloat16)[:, None]  # (N, K), as nn.Linear stores it
+    return {
+        "bf16 mm": lambda: torch.mm(x, bf16_weight.t()),
+        "w8": lambda: ops.int8_weight_linear(x, w8, scales, None),
+        "w8 ref": lambda: int8_weight_linear_reference(x, w8, scales, None),
+        "w8a8": lambda: ops.int8_dynamic_linear(x, w8, scales, None),
+        "w8a8 ref": lambda: int8_dynamic_linear_reference(x, w8, scales, None),
+        "w4": lambda: ops.int4_weight_linear(x, packed, group_scales, zero_points, GROUP_SIZE, None),
+        "w4 ref": lambda: int4_weight_linear_reference(x, packed, group_scales, zero_points, GROUP_SIZE, None),
+    }
+
+
+def time_ms(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, quick: bool) -> dict[str, float]:
+    if device.type == "cuda":
+        import triton.testing
+
+        return {name: triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                              return_mode="median") for name, fn in fns.items()}
+    medians = interleaved_latency_ms(list(fns.values()), device=device, repeats=3 if quick else 7, warmup=1,
+                                     min_total_s=0.05 if quick else 0.2)
+    return dict(zip(fns, medians))
+
+
+def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((out.float() - expected.float()).abs().max() / expected.float().abs().max())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (the GPU check uses it)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    presets = ["llama-100m"] if args.quick and device.type == "cpu" else ["llama-100m", "llama-7b"]
+    tokens = (1, 16, 512) if args.quick else DECODE + PREFILL
+
+    probe = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
+    implementations = ", ".join(f"{s}: {backend(OP_OF[s], probe, (4096, 4096), GROUP_SIZE)}" for s in SCHEMES)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"# {name}; torch {torch.__version__}; bf16 activations; w4 groups of {GROUP_SIZE}; {implementations}")
+    print("| model | K | N | M | bf16 mm ms | " + " | ".join(f"{s} ms | {s} ref ms | {s} err" for s in SCHEMES) + " |")
+    print("|---" * (5 + 3 * len(SCHEMES)) + "|")
+    for preset in presets:
+        for k, n in linear_shapes(PRESETS[preset]):
+            weights = operands(k, n, device)
+            for m in tokens:
+                x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, torch.bfloat16)
+                fns = calls(x, weights)
+                with torch.inference_mode():
+                    outputs = {label: fn() for label, fn in fns.items()}  # also the warm-up: autotune, prepack
+                times = time_ms(fns, device, args.quick)
+                cells = [f"{times['bf16 mm']:.4f}"]
+                for s in SCHEMES:
+                    error = relative_error(outputs[s], outputs[f"{s} ref"])
+                    cells += [f"{times[s]:.4f}", f"{times[f'{s} ref']:.4f}", f"{error:.1e}"]
+                print(f"| {preset} | {k} | {n} | {m} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

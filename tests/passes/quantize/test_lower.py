@@ -1,0 +1,150 @@
+"""lower-quant on folded w4 (packed uint4 → ``passforge::int4_weight_linear``): structure, numerics, counts and
+negatives. (int8 and w8a8 lowering are tested in test_quantize.py.)"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import passforge.kernels.ops  # noqa: F401 - registers the ops counted below
+from passforge.ir.capture import capture
+from passforge.ir.graph import count_calls, op_counts
+from passforge.ir.serialize import load_graph, save_graph
+from passforge.passes.base import Context
+from passforge.passes.hooks import VerifyHook
+from passforge.passes.manager import PassManager
+from passforge.passes.quantize.lower import KERNEL_META
+
+aten, qd, passforge_ops = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.passforge
+LINEARS = 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head (left in float by quantize's default skip)
+W4 = "quantize(scheme=w4,group_size=32),fold-quant"
+
+
+def _run(gm, spec, inputs, **kw):
+    return PassManager.parse(spec, hooks=[VerifyHook()], **kw).run(gm, Context(example_inputs=inputs))
+
+
+class _TwoLinears(torch.nn.Module):
+    """A biased linear (bias passed by keyword) feeding a linear that shares its weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(64, 64)
+        self.b = torch.nn.Linear(64, 64)
+        self.b.weight = self.a.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = aten.linear.default(x, self.a.weight, bias=self.a.bias)
+        return self.b(torch.relu(y))
+
+
+def test_w4_lowers_to_the_int4_kernel_and_survives_save(llama_graph, tokens, tmp_path):
+    """Structure, and numerics by VerifyHook against the graph before (fp32: summation order, 1e-4)."""
+    folded = _run(llama_graph, W4, (tokens,)).graph
+    before = folded(tokens)
+    result = _run(folded, "lower-quant(guard=false)", (tokens,))
+    gm, record = result.graph, result.records[0]
+    assert record.stats == {"lowered": LINEARS - 1, "kept": 0, "float": 0}
+    assert count_calls(gm, passforge_ops.int4_weight_linear.default) == LINEARS - 1
+    assert count_calls(gm, passforge_ops.unpack_int4.default) == 0
+    assert count_calls(gm, qd.dequantize_per_channel_group.default) == 0
+    assert count_calls(gm, aten.linear.default) == 1  # the float lm_head
+    torch.testing.assert_close(gm(tokens), before, rtol=1e-4, atol=1e-4)
+    decisions = [n.meta[KERNEL_META] for n in gm.graph.nodes if n.target is passforge_ops.int4_weight_linear.default]
+    assert {d["backend"] for d in decisions} == {"aten._weight_int4pack_mm_for_cpu"}  # 32..128-wide: all fit
+    save_graph(gm, tmp_path / "w4.pt2", (tokens,))  # re-exported: the op's fake impl carries it
+    torch.testing.assert_close(load_graph(tmp_path / "w4.pt2")(tokens), gm(tokens), rtol=0, atol=0)
+
+
+def test_w4_lowering_of_a_small_graph_reads_the_packed_bytes_directly():
+    """Golden op list: the weight is never unpacked or dequantized; the bias and the shared weight survive."""
+    x = torch.randn(3, 64)
+    folded = _run(capture(_TwoLinears(), (x,)), "quantize(scheme=w4,group_size=32,skip=''),fold-quant", (x,)).graph
+    gm = _run(folded, "lower-quant(guard=false)", (x,)).graph
+    assert op_counts(gm) == {"passforge.int4_weight_linear.default": 2, "aten.relu.default": 1}
+    packed = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.endswith("_int4")]
+    assert len(packed) == 1 and len(packed[0].users) == 2  # one stored weight, read by both kernels
+    kernels = [n for n in gm.graph.nodes if n.target is passforge_ops.int4_weight_linear.default]
+    assert [n.args[4] for n in kernels] == [32, 32] and all(n.args[5] is not None for n in kernels)  # group, bias
+    torch.testing.assert_close(gm(x), folded(x), rtol=1e-5, atol=1e-6)  # fp32: only the summation order differs
+
+
+def test_w4_bf16_lowering_stays_within_the_bf16_bound(llama_graph, tokens):
+    """Numerics in bf16: the CPU kernel rounds scales and zero offsets to bf16, which the graph does not; the
+    pass's bf16 bound (2 units of bf16 at the logits' scale) holds, checked by VerifyHook and here."""
+    folded = _run(llama_graph, f"cast(dtype=bf16),{W4}", (tokens,)).graph
+    before = folded(tokens).float()
+    gm = _run(folded, "lower-quant(guard=false)", (tokens,)).graph
+    assert count_calls(gm, passforge_ops.int4_weight_linear.default) == LINEARS - 1
+    torch.testing.assert_close(gm(tokens).float(), before, rtol=0, atol=2 * 2**-7 * before.abs().max().item())
+
+
+@pytest.mark.parametrize("prefer", ["size", "speed"])
+def test_speed_guard_times_the_int4_kernel(llama_graph, tokens, prefer):
+    folded = _run(llama_graph, W4, (tokens,)).graph
+    result = _run(folded, f"lower-quant(prefer={prefer})", (tokens,))
+    record, gm = result.records[0], result.graph
+    stats = record.stats
+    assert stats["lowered"] + stats["kept"] + stats["float"] == LINEARS - 1
+    assert count_calls(gm, passforge_ops.int4_weight_linear.default) == stats["lowered"]
+    assert count_calls(gm, qd.dequantize_per_channel_group.default) == stats["kept"]
+    assert len([n for n, _ in gm.named_buffers() if n.endswith("_dequantized")]) == stats["float"]
+    expected = {"int4_weight_linear", "dequantize+linear"} | ({"float weight"} if prefer == "speed" else set())
+    decisions = [n.meta[KERNEL_META] for n in gm.graph.nodes if KERNEL_META in n.meta]
+    assert len(decisions) == LINEARS - 1
+    for decision in decisions:  # which form wins is the machine's business; the record must say why
+        assert set(decision["timings_ms"]) == expected
+        assert decision["kernel"] == min(decision["timings_ms"], key=decision["timings_ms"].get)
+    assert len(record.notes) == 4  # one per distinct (x, weight) shape: q/o, k/v, gate/up, down
+    assert all("uint4[" in note and "int4_weight_linear [aten._weight_int4pack_mm_for_cpu]" in note
+               for note in record.notes)
+
+
+def test_unfolded_or_other_range_w4_is_not_lowered_and_a_second_run_changes_nothing(llama_graph, tokens):
+    """Near misses: w4 still quantized from float weights (no packed bytes to read), and a folded w4 whose
+    dequantize says int8 instead of uint8 (another scheme: the kernels' zero-point arithmetic assumes 0..15)."""
+    unfolded = _run(llama_graph, "quantize(scheme=w4,group_size=32)", (tokens,)).graph
+    record = _run(unfolded, "lower-quant(guard=false)", (tokens,)).records[0]
+    assert record.modified is False and record.stats == {"lowered": 0, "kept": 0, "float": 0}
+
+    folded = _run(llama_graph, W4, (tokens,)).graph
+    dq = next(n for n in folded.graph.nodes if n.target is qd.dequantize_per_channel_group.default)
+    dq.update_arg(5, torch.int8)  # dtype: the stored values are unchanged, only the declared scheme differs
+    folded.recompile()
+    result = _run(folded, "lower-quant(guard=false)", (tokens,))
+    assert result.records[0].stats == {"lowered": LINEARS - 2, "kept": 0, "float": 0}
+    assert count_calls(result.graph, qd.dequantize_per_channel_group.default) == 1
+
+    again = _run(result.graph, "lower-quant", (tokens,)).records[0]  # idempotent: nothing left to lower
+    assert again.modified is False and again.stats == {"lowered": 0, "kept": 0, "float": 0}
+
+
+def test_float_weight_candidate_dequantizes_w4_once(monkeypatch):
+    """When the float GEMM is timed fastest (forced here), prefer=speed stores exactly the weight the graph
+    dequantized: outputs are bit-identical, and the packed bytes leave the graph."""
+    from passforge.passes.quantize import lower
+
+    monkeypatch.setattr(lower, "_timings", lambda *key: ((lower.INT4, 2.0), (lower.KEEP, 3.0), (lower.FLOAT, 1.0)))
+    x = torch.randn(3, 64)
+    folded = _run(capture(_TwoLinears(), (x,)), "quantize(scheme=w4,group_size=32,skip=''),fold-quant", (x,)).graph
+    result = _run(folded, "lower-quant(prefer=speed)", (x,))
+    gm = result.graph
+    assert result.records[0].stats == {"lowered": 0, "kept": 0, "float": 2}
+    stored = [name for name, _ in gm.named_buffers() if "_dequantized" in name or name.endswith("_int4")]
+    assert len(stored) == 1 and stored[0].endswith("weight_dequantized")  # the shared weight, once
+    assert torch.equal(gm(x), folded(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton kernels are candidates on CUDA")
+@pytest.mark.parametrize("scheme", ["w8", "w8a8", "w4"])
+def test_triton_kernels_are_the_candidates_on_cuda(small_llama, tokens, scheme):
+    from passforge.ir.graph import to_device
+
+    device = torch.device("cuda")
+    gm = to_device(capture(small_llama, (tokens,)), device)
+    inputs = (tokens.to(device),)
+    spec = f"cast(dtype=bf16),quantize(scheme={scheme},group_size=32),fold-quant,lower-quant"
+    result = PassManager.parse(spec, hooks=[VerifyHook()]).run(gm, Context(example_inputs=inputs, device=device))
+    decisions = [n.meta[KERNEL_META] for n in result.graph.nodes if KERNEL_META in n.meta]
+    assert len(decisions) == LINEARS - 1 and {d["backend"] for d in decisions} == {"triton"}
+    assert all(any("[triton]" in note for note in result.records[-1].notes) for _ in decisions)
