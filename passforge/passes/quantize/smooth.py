@@ -6,7 +6,10 @@ levels on them and rounds the other channels to a handful of values. For a linea
 norm's per-channel scale ``g`` (``x = n * g``), dividing ``g`` by ``s`` and multiplying the weight's input
 columns by ``s`` computes exactly the same function, with ``s_j = max|x_j|^alpha / max|W_j|^(1-alpha)``:
 the outlier channels shrink in the activation and grow in the weight, which per-channel weight quantization
-absorbs. Before → after (the norm's scale feeding q/k/v; one ``s`` for all the linears reading it)::
+absorbs. The same works wherever the input is a per-channel product with a tensor we own: LLaMA's
+down_proj reads ``silu(gate(h)) * up(h)``, so ``1/s`` goes into up_proj's output rows (this is where the
+bundled LM's largest outliers are: 78 against ~5 elsewhere). Before → after (the norm's scale feeding q/k/v;
+one ``s`` for all the linears reading it)::
 
     %g = get_attr[attention_norm.weight]            %g = get_attr[attention_norm.weight]      # now g / s
     %x = aten.mul(%n, %g)                     →     %x = aten.mul(%n, %g)
@@ -16,8 +19,9 @@ absorbs. Before → after (the norm's scale feeding q/k/v; one ``s`` for all the
 from 0.05 .. 0.95: the one whose w8a8-static fake-quantized outputs (per-tensor min/max activations,
 per-channel weights) are closest to the float outputs on up to 2048 calibration tokens of that norm's
 output. Where the norm's output also reaches something other than linears (or a linear whose weight is
-computed or shared elsewhere), that norm is left alone. Only norm-fed linears are smoothed (q/k/v and
-gate/up in LLaMA; o_proj's and down_proj's inputs have no per-channel scale to fold into). Idempotent: a
+computed or shared elsewhere), that norm is left alone. Smoothed: q/k/v and gate/up (norms) and down_proj
+(up_proj); not o_proj (its input comes through attention and grouped heads: no per-channel tensor of its
+own to fold into). Idempotent: a
 smoothed norm is marked (``node.meta["passforge.smoothed"]``) and not smoothed again. The prefill and
 decode graphs of a model reuse the forward graph's ``s`` (``ctx.memo``).
 """
@@ -44,12 +48,18 @@ SEARCH_TOKENS = 2048
 
 @dataclass
 class _Group:
-    """A norm scale ``g`` (the ``mul`` node and its get_attr) and the linears reading its output."""
+    """A per-channel scale to fold ``1/s`` into — a norm's ``g`` (``source`` is its get_attr) or the output
+    rows of a linear (``source`` is that linear) — and the linears reading the scaled value."""
 
     mul: fx.Node
-    scale: fx.Node
+    source: fx.Node
     x: fx.Node  # what the linears read: the mul, or a dtype cast of it
     linears: list[fx.Node]
+
+    @property
+    def name(self) -> str:
+        """The tensor ``1/s`` goes into: the norm's weight, or the producing linear's weight."""
+        return self.source.target if self.source.op == "get_attr" else linear_operands(self.source)[1].target
 
 
 @register
@@ -85,7 +95,7 @@ class SmoothQuant(Pass):
         groups = _norm_groups(gm)
         if not groups:
             return PassResult(gm, modified=False, stats={"smoothed": 0})
-        factors = {g.mul: memo_get(ctx.memo, f"{self.spec}:s", [g.scale.target]) for g in groups}
+        factors = {g.mul: memo_get(ctx.memo, f"{self.spec}:s", [g.name]) for g in groups}
         todo = [g for g in groups if factors[g.mul] is None]
         notes = []
         if todo:
@@ -93,9 +103,9 @@ class SmoothQuant(Pass):
             for g in todo:
                 alpha = self._best_alpha(gm, g, amax[g.x], samples[g.x]) if self.search else self.alpha
                 factors[g.mul] = _factors(amax[g.x], _weight_amax(gm, g), alpha)
-                memo_put(ctx.memo, f"{self.spec}:s", g.scale.target, factors[g.mul])
+                memo_put(ctx.memo, f"{self.spec}:s", g.name, factors[g.mul])
                 if self.search:
-                    notes.append(f"{g.scale.target}: alpha {alpha:.2f}")
+                    notes.append(f"{g.name}: alpha {alpha:.2f}")
         for g in groups:
             _apply(gm, g, factors[g.mul])
         gm.recompile()
@@ -136,14 +146,18 @@ class SmoothQuant(Pass):
 
 
 def _norm_groups(gm: fx.GraphModule) -> list[_Group]:
-    """Norm scales (``mul`` by a 1-D parameter of the last dim's size) read only by linears, directly or
-    through dtype casts, whose weights are parameters read nowhere else."""
+    """Per-channel products read only by linears (directly or through a dtype cast) whose weights are
+    parameters read nowhere else: ``n * g`` with ``g`` a 1-D parameter (a norm's scale), or ``a * b`` with
+    ``b`` a linear read only there (LLaMA's ``silu(gate(h)) * up(h)``, down_proj's input: ``1/s`` goes into
+    up's output rows)."""
     groups = []
     for node in gm.graph.nodes:
         if node.target is not aten.mul.Tensor or node.meta.get(SMOOTHED_META):
             continue
-        scale = next((a for a in node.args if _is_vector_param(gm, a, node)), None)
-        if scale is None or len(scale.users) != 1:
+        source = next((a for a in node.args if _is_vector_param(gm, a, node)), None)
+        if source is None:
+            source = next((a for a in node.args if _is_private_linear(gm, a, node)), None)
+        if source is None or len(source.users) != 1:
             continue
         x = node
         if len(x.users) == 1 and _is_cast(next(iter(x.users))):
@@ -151,8 +165,23 @@ def _norm_groups(gm: fx.GraphModule) -> list[_Group]:
         linears = list(x.users)
         if not linears or not all(_smoothable_linear(gm, n, x) for n in linears):
             continue
-        groups.append(_Group(node, scale, x, linears))
+        groups.append(_Group(node, source, x, linears))
     return groups
+
+
+def _is_private_linear(gm: fx.GraphModule, arg: object, mul: fx.Node) -> bool:
+    """A linear read only by ``mul`` (and not by its own other operand), with a parameter weight of its own."""
+    return (isinstance(arg, fx.Node) and arg.target is aten.linear.default and set(arg.users) == {mul}
+            and mul.args.count(arg) == 1 and _has_private_weight(gm, arg))
+
+
+def _has_private_weight(gm: fx.GraphModule, linear: fx.Node) -> bool:
+    _, weight, bias = linear_operands(linear)
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr" and len(weight.users) == 1):
+        return False
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr" and len(bias.users) == 1):
+        return False
+    return get_attr(gm, weight.target).dim() == 2
 
 
 def _is_vector_param(gm: fx.GraphModule, arg: object, mul: fx.Node) -> bool:
@@ -169,11 +198,7 @@ def _is_cast(node: fx.Node) -> bool:
 
 
 def _smoothable_linear(gm: fx.GraphModule, node: fx.Node, x: fx.Node) -> bool:
-    if node.target is not aten.linear.default:
-        return False
-    inp, weight, _ = linear_operands(node)
-    return (inp is x and isinstance(weight, fx.Node) and weight.op == "get_attr" and len(weight.users) == 1
-            and get_attr(gm, weight.target).dim() == 2)
+    return node.target is aten.linear.default and linear_operands(node)[0] is x and _has_private_weight(gm, node)
 
 
 def _weight_amax(gm: fx.GraphModule, group: _Group) -> torch.Tensor:
@@ -188,9 +213,18 @@ def _factors(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.
 
 
 def _apply(gm: fx.GraphModule, group: _Group, s: torch.Tensor) -> None:
-    """g / s and W * s, as new tensors under the same names (a smoothed norm is marked)."""
-    g = get_attr(gm, group.scale.target)
-    set_tensor_attr(gm, group.scale.target, (g.float() / s).to(g.dtype))
+    """g / s (or the producing linear's rows and bias / s) and W * s, as new tensors under the same names;
+    the product is marked smoothed."""
+    if group.source.op == "get_attr":
+        g = get_attr(gm, group.source.target)
+        set_tensor_attr(gm, group.source.target, (g.float() / s).to(g.dtype))
+    else:
+        _, weight, bias = linear_operands(group.source)
+        w = get_attr(gm, weight.target)
+        set_tensor_attr(gm, weight.target, (w.float() / s[:, None]).to(w.dtype))
+        if bias is not None:
+            b = get_attr(gm, bias.target)
+            set_tensor_attr(gm, bias.target, (b.float() / s).to(b.dtype))
     for linear in group.linears:
         name = linear_operands(linear)[1].target
         w = get_attr(gm, name)

@@ -13,6 +13,7 @@ from passforge.passes.manager import PassManager
 from passforge.passes.quantize.smooth import SMOOTHED_META
 
 NORMS = 2 * 2 + 1  # attention and ffn norm per layer, and the final norm (feeding lm_head)
+GROUPS = NORMS + 2  # and down_proj's input, silu(gate) * up, per layer (1/s into up_proj's rows)
 
 
 def _calib_tokens() -> torch.Tensor:
@@ -41,7 +42,7 @@ def test_same_function_with_flatter_activations(small_llama, tokens):
     before_ops = op_counts(gm)
     result = _run(gm, "smooth-quant", tokens)
     out = result.graph
-    assert result.records[0].stats == {"smoothed": NORMS}
+    assert result.records[0].stats == {"smoothed": GROUPS}
     assert op_counts(out) == before_ops  # no node added or removed: only tensors change
     norm_before = model.layers[0].attention_norm.weight
     norm_after = out.get_parameter("layers.0.attention_norm.weight")
@@ -50,6 +51,13 @@ def test_same_function_with_flatter_activations(small_llama, tokens):
     wq_before = model.layers[0].attention.q_proj.weight
     wq_after = out.get_parameter("layers.0.attention.q_proj.weight")
     assert wq_after[:, 5].abs().max() > wq_before[:, 5].abs().max()
+    up_before = model.layers[0].feed_forward.up_proj.weight
+    up_after = out.get_parameter("layers.0.feed_forward.up_proj.weight")
+    down_before = model.layers[0].feed_forward.down_proj.weight
+    down_after = out.get_parameter("layers.0.feed_forward.down_proj.weight")
+    assert not torch.equal(up_after, up_before) and not torch.equal(down_after, down_before)
+    column_factors = down_after / down_before  # down_proj's input column j scaled by s_j: one factor per column
+    torch.testing.assert_close(column_factors, column_factors[:1].expand_as(column_factors))
     assert model.layers[0].attention_norm.weight is norm_before  # the user's model is untouched
     torch.testing.assert_close(out(tokens), model(tokens), rtol=1e-4, atol=1e-4)
 
@@ -70,13 +78,13 @@ def test_smoothing_helps_static_int8_on_outlier_activations(small_llama, tokens)
 def test_alpha_search_reports_a_choice_per_norm(small_llama, tokens):
     result = _run(capture(_with_outlier_channel(small_llama), (tokens,)), "smooth-quant(search=true)", tokens)
     notes = result.records[0].notes
-    assert len(notes) == NORMS and all("alpha 0." in n for n in notes)
+    assert len(notes) == GROUPS and all("alpha 0." in n for n in notes)
 
 
 def test_second_run_changes_nothing_and_non_norm_inputs_are_left_alone(small_llama, tokens):
     out = _run(capture(small_llama, (tokens,)), "smooth-quant", tokens).graph
     marked = [n for n in out.graph.nodes if n.meta.get(SMOOTHED_META)]
-    assert len(marked) == NORMS
+    assert len(marked) == GROUPS
     assert _run(out, "smooth-quant", tokens).records[0].modified is False
 
 
