@@ -4,10 +4,15 @@ For each distinct (K, N) of a LLaMA preset's linear layers (``llama-100m``, ``ll
 (1, 4, 16) and prefill (512) — it times, with bf16 activations:
 
 - ``bf16 mm``: ``torch.mm`` on a bf16 weight (cuBLAS on CUDA, oneDNN on CPU), the float baseline;
-- ``w8`` / ``w8a8`` / ``w4``: passforge's op (``int8_weight_linear``, ``int8_dynamic_linear``,
-  ``int4_weight_linear`` with groups of 128) as it runs on this device — the Triton kernel on CUDA, PyTorch's
-  aten kernel on CPU (``passforge.kernels.ops.backend`` names it in the header) — and its reference, the
-  fake-quant graph's ops (dequantize, then the float GEMM). ``err``: max |op - reference| / max |reference|.
+- ``w8`` / ``w8a8`` / ``w8a8-static`` / ``w4``: passforge's op (``int8_weight_linear``, ``int8_dynamic_linear``,
+  ``int8_static_linear`` with one calibrated scale and zero point for x, ``int4_weight_linear`` with groups of
+  128) as it runs on this device — the Triton kernel on CUDA, PyTorch's aten kernel on CPU
+  (``passforge.kernels.ops.backend`` names it in the header) — and its reference, the fake-quant graph's ops
+  (dequantize, then the float GEMM). ``err``: max |op - reference| / max |reference|. On CUDA also ``fp8``
+  (``fp8_linear``: ``torch._scaled_mm`` from compute capability 8.9 on).
+
+After each preset's table, one line compares w8a8-static with w8a8 (dynamic): the geometric mean of their time
+ratio over the shapes and token counts, at decode (M <= 16) and at prefill.
 
 Times are medians in ms: ``triton.testing.do_bench`` on CUDA (L2 flushed before each call, as weights streamed
 from HBM are in decode), round-robin wall time on CPU (``interleaved_latency_ms``). The first call of each CUDA
@@ -21,23 +26,34 @@ shape autotunes; that is not timed.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable
 
 import torch
 
+from passforge.kernels.fp8 import fp8_scale, quantize_fp8
 from passforge.kernels.ops import (
     backend,
+    fp8_linear_reference,
     int4_weight_linear_reference,
     int8_dynamic_linear_reference,
+    int8_static_linear_reference,
     int8_weight_linear_reference,
 )
 from passforge.models.llama import PRESETS, LlamaConfig
+from passforge.passes.quantize.observers import int8_affine_qparams
 from passforge.runtime.profile import interleaved_latency_ms
 
 GROUP_SIZE = 128
 DECODE, PREFILL = (1, 4, 16), (512,)
-SCHEMES = ("w8", "w8a8", "w4")
-OP_OF = {"w8": "int8_weight_linear", "w8a8": "int8_dynamic_linear", "w4": "int4_weight_linear"}
+OP_OF = {"w8": "int8_weight_linear", "w8a8": "int8_dynamic_linear", "w8a8-static": "int8_static_linear",
+         "w4": "int4_weight_linear", "fp8": "fp8_linear"}
+X_SCALE, X_ZERO_POINT = int8_affine_qparams(-4.0, 4.0)  # a calibrated range for N(0, 1) activations
+
+
+def schemes(device: torch.device) -> tuple[str, ...]:
+    """fp8 only on CUDA: elsewhere ``fp8_linear`` runs its reference (CPU ``_scaled_mm`` is an emulation)."""
+    return ("w8", "w8a8", "w8a8-static", "w4") + (("fp8",) if device.type == "cuda" else ())
 
 
 def linear_shapes(cfg: LlamaConfig) -> list[tuple[int, int]]:
@@ -55,23 +71,35 @@ def operands(k: int, n: int, device: torch.device) -> dict[str, tuple[torch.Tens
     packed = torch.randint(0, 256, (n, k // 2), generator=g, dtype=torch.uint8)
     group_scales = torch.rand(n, k // GROUP_SIZE, generator=g) / 100
     zero_points = torch.randint(0, 16, group_scales.shape, generator=g, dtype=torch.int32)
-    weights = {"w8": (w8, scales), "w8a8": (w8, scales), "w4": (packed, group_scales, zero_points)}
+    float_weight = torch.randn(n, k, generator=g)
+    fp8_scales = fp8_scale(float_weight)  # (N, 1)
+    weights = {"w8": (w8, scales), "w4": (packed, group_scales, zero_points),
+               "fp8": (quantize_fp8(float_weight, fp8_scales), fp8_scales)}
     return {name: tuple(t.to(device) for t in tensors) for name, tensors in weights.items()}
 
 
-def calls(x: torch.Tensor, weights: dict[str, tuple[torch.Tensor, ...]]) -> dict[str, Callable[[], torch.Tensor]]:
+def calls(
+    x: torch.Tensor, weights: dict[str, tuple[torch.Tensor, ...]], timed: tuple[str, ...]
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The baseline, and each scheme in ``timed`` with its reference."""
     ops = torch.ops.passforge
     (w8, scales), (packed, group_scales, zero_points) = weights["w8"], weights["w4"]
+    (fp8, fp8_scales), static = weights["fp8"], (X_SCALE, X_ZERO_POINT)
     bf16_weight = w8.to(torch.bfloat16) * scales.to(torch.bfloat16)[:, None]  # (N, K), as nn.Linear stores it
-    return {
+    fns = {
         "bf16 mm": lambda: torch.mm(x, bf16_weight.t()),
         "w8": lambda: ops.int8_weight_linear(x, w8, scales, None),
         "w8 ref": lambda: int8_weight_linear_reference(x, w8, scales, None),
         "w8a8": lambda: ops.int8_dynamic_linear(x, w8, scales, None),
         "w8a8 ref": lambda: int8_dynamic_linear_reference(x, w8, scales, None),
+        "w8a8-static": lambda: ops.int8_static_linear(x, *static, w8, scales, None),
+        "w8a8-static ref": lambda: int8_static_linear_reference(x, *static, w8, scales, None),
         "w4": lambda: ops.int4_weight_linear(x, packed, group_scales, zero_points, GROUP_SIZE, None),
         "w4 ref": lambda: int4_weight_linear_reference(x, packed, group_scales, zero_points, GROUP_SIZE, None),
+        "fp8": lambda: ops.fp8_linear(x, fp8, fp8_scales, None),
+        "fp8 ref": lambda: fp8_linear_reference(x, fp8, fp8_scales, None),
     }
+    return {name: fn for name, fn in fns.items() if name == "bf16 mm" or name.removesuffix(" ref") in timed}
 
 
 def time_ms(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, quick: bool) -> dict[str, float]:
@@ -89,6 +117,20 @@ def relative_error(out: torch.Tensor, expected: torch.Tensor) -> float:
     return float((out.float() - expected.float()).abs().max() / expected.float().abs().max())
 
 
+def static_vs_dynamic(ratios: dict[int, list[float]]) -> str:
+    """One line: w8a8-static time / w8a8 time, geometric mean at decode (M <= 16) and prefill token counts."""
+
+    def geomean(values: list[float]) -> float:
+        return math.exp(sum(map(math.log, values)) / len(values))
+
+    parts = []
+    for label, keep in (("decode", lambda m: m <= 16), ("prefill", lambda m: m > 16)):
+        values = [r for m, rs in ratios.items() if keep(m) for r in rs]
+        if values:
+            parts.append(f"{label} {geomean(values):.2f}x")
+    return "w8a8-static / w8a8 (dynamic) time, geometric mean: " + ", ".join(parts)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (the GPU check uses it)")
@@ -100,27 +142,31 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     presets = ["llama-100m"] if args.quick and device.type == "cpu" else ["llama-100m", "llama-7b"]
     tokens = (1, 16, 512) if args.quick else DECODE + PREFILL
+    timed = schemes(device)
 
     probe = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
-    implementations = ", ".join(f"{s}: {backend(OP_OF[s], probe, (4096, 4096), GROUP_SIZE)}" for s in SCHEMES)
+    implementations = ", ".join(f"{s}: {backend(OP_OF[s], probe, (4096, 4096), GROUP_SIZE)}" for s in timed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"# {name}; torch {torch.__version__}; bf16 activations; w4 groups of {GROUP_SIZE}; {implementations}")
-    print("| model | K | N | M | bf16 mm ms | " + " | ".join(f"{s} ms | {s} ref ms | {s} err" for s in SCHEMES) + " |")
-    print("|---" * (5 + 3 * len(SCHEMES)) + "|")
+    header = "| model | K | N | M | bf16 mm ms | " + " | ".join(f"{s} ms | {s} ref ms | {s} err" for s in timed) + " |"
     for preset in presets:
+        print(f"\n{header}\n" + "|---" * (5 + 3 * len(timed)) + "|")
+        ratios: dict[int, list[float]] = {}
         for k, n in linear_shapes(PRESETS[preset]):
             weights = operands(k, n, device)
             for m in tokens:
                 x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(device, torch.bfloat16)
-                fns = calls(x, weights)
+                fns = calls(x, weights, timed)
                 with torch.inference_mode():
                     outputs = {label: fn() for label, fn in fns.items()}  # also the warm-up: autotune, prepack
                 times = time_ms(fns, device, args.quick)
+                ratios.setdefault(m, []).append(times["w8a8-static"] / times["w8a8"])
                 cells = [f"{times['bf16 mm']:.4f}"]
-                for s in SCHEMES:
+                for s in timed:
                     error = relative_error(outputs[s], outputs[f"{s} ref"])
                     cells += [f"{times[s]:.4f}", f"{times[f'{s} ref']:.4f}", f"{error:.1e}"]
                 print(f"| {preset} | {k} | {n} | {m} | " + " | ".join(cells) + " |", flush=True)
+        print(f"\n{preset}: {static_vs_dynamic(ratios)}", flush=True)
 
 
 if __name__ == "__main__":

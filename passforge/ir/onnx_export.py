@@ -145,7 +145,9 @@ _BEFORE_LOWERING = (
 )
 _HINTS = {
     f"passforge.{kernel}.default": _BEFORE_LOWERING
-    for kernel in ("int8_weight_linear", "int8_dynamic_linear", "int4_weight_linear")
+    for kernel in (
+        "int8_weight_linear", "int8_dynamic_linear", "int4_weight_linear", "int8_static_linear", "fp8_linear"
+    )
 }
 """What to do about an untranslated op, where we know better than "write a translation"."""
 _NO_TRANSLATION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>")

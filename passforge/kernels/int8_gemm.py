@@ -1,13 +1,18 @@
-"""Triton kernels for w8a8 on CUDA (``passforge::int8_dynamic_linear``): a per-token activation quantizer and an
-int8 × int8 → int32 GEMM with the dequantizing epilogue fused in.
+"""Triton kernels for w8a8 on CUDA (``passforge::int8_dynamic_linear``, ``passforge::int8_static_linear``):
+activation quantizers and an int8 × int8 → int32 GEMM with the dequantizing epilogue fused in.
 
     x (M, K) f32/f16/bf16 ──quantize_per_token──► q_x (M, K) int8, s_x (M,) f32, z_x (M,) int32
     q_x, w (N, K) int8 ──int8_gemm──► out (M, N) = ((q_x @ w.T) - z_x ⊗ Σ_k w[n, k]) * (s_x ⊗ s_w) + bias
 
-Numerics: the quantizer reproduces ``choose_qparams_per_token_asymmetric`` + ``quantize_per_token`` bit for bit
-(the qparams in x's dtype with one rounding per op as torch does them, the scaling in float64, round half to
-even, no FMA contraction), the GEMM is exact in int32, and the epilogue is fp32 with one rounding to the output
-dtype. This module imports triton: import it only on CUDA paths (``passforge.kernels.ops`` does) and in tests.
+    w8a8-static: x ──quantize_per_tensor(s, z)──► q_x; the same GEMM with s_x = s and z_x = z, constants
+    passed as kernel arguments (no per-token vectors to allocate or load).
+
+Numerics: the per-token quantizer reproduces ``choose_qparams_per_token_asymmetric`` + ``quantize_per_token``
+bit for bit (the qparams in x's dtype with one rounding per op as torch does them, the scaling in float64, round
+half to even, no FMA contraction), the per-tensor one ``quantize_per_tensor`` (x in fp32 times the fp32 inverse
+scale, round half to even, + zero point), the GEMM is exact in int32, and the epilogue is fp32 with one rounding
+to the output dtype. This module imports triton: import it only on CUDA paths (``passforge.kernels.ops`` does)
+and in tests.
 """
 
 from __future__ import annotations
@@ -85,6 +90,17 @@ def _quantize_per_token_kernel(
         tl.store(q_ptr + row * stride_qm + offs, q.to(tl.int8), mask=offs < K)
 
 
+@triton.jit
+def _quantize_per_tensor_kernel(x_ptr, q_ptr, numel, inverse_scale, zero_point,
+                                QMIN: tl.constexpr, QMAX: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per BLOCK elements of contiguous x: q = clamp(round(x * inverse_scale) + zero_point) int8."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)  # exact for every float dtype
+    q = _round_half_even(x * inverse_scale) + zero_point
+    q = tl.minimum(tl.maximum(q, QMIN), QMAX)
+    tl.store(q_ptr + offs, q.to(tl.int8), mask=offs < numel)
+
+
 def _gemm_configs() -> list[triton.Config]:
     """Decode tiles (BLOCK_M 16: M ≤ 16 is weight-bound, so many narrow column tiles with long K steps) and
     prefill tiles (compute-bound: square-ish tiles, K steps of 64-128 int8 = 128 bytes per row)."""
@@ -108,15 +124,18 @@ def _fitting_configs(configs: list[triton.Config], named_args: dict, **kwargs: o
     return fitting[:1] if triton.knobs.runtime.interpret else fitting
 
 
-@triton.jit(do_not_specialize=["M"])  # one compile for every token count
+@triton.jit(do_not_specialize=["M", "a_zero_point_value"])  # one compile for every token count and zero point
 def _int8_gemm_kernel(
     a_ptr, b_ptr, out_ptr, a_scale_ptr, a_zero_point_ptr, b_scale_ptr, b_row_sum_ptr, bias_ptr,
+    a_scale_value, a_zero_point_value,  # a's qparams when they are one constant (PER_TOKEN False)
     M, N, K,
     M_BUCKET,  # autotune key only: M rounded up to a power of two, so each new prompt length does not re-tune
     stride_am, stride_ak, stride_bn, stride_bk, stride_om, stride_on,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PER_TOKEN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """a (M, K) int8 · b (N, K) int8 -> int32 tile, corrected for a's zero points, scaled, biased, cast."""
+    """a (M, K) int8 · b (N, K) int8 -> int32 tile, corrected for a's zero points, scaled, biased, cast. a's
+    scales and zero points are per row (PER_TOKEN: loaded from a_scale_ptr, a_zero_point_ptr) or constants."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -132,12 +151,16 @@ def _int8_gemm_kernel(
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
-    a_zero_point = tl.load(a_zero_point_ptr + offs_m, mask=m_mask, other=0)
     b_row_sum = tl.load(b_row_sum_ptr + offs_n, mask=n_mask, other=0)
-    acc -= a_zero_point[:, None] * b_row_sum[None, :]  # (q_x - z_x) @ w.T
-    a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
     b_scale = tl.load(b_scale_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
-    out = acc.to(tl.float32) * (a_scale[:, None] * b_scale[None, :])
+    if PER_TOKEN:
+        a_zero_point = tl.load(a_zero_point_ptr + offs_m, mask=m_mask, other=0)
+        acc -= a_zero_point[:, None] * b_row_sum[None, :]  # (q_x - z_x) @ w.T
+        a_scale = tl.load(a_scale_ptr + offs_m, mask=m_mask, other=0.0)
+        out = acc.to(tl.float32) * (a_scale[:, None] * b_scale[None, :])
+    else:
+        acc -= a_zero_point_value * b_row_sum[None, :]
+        out = acc.to(tl.float32) * (a_scale_value * b_scale)[None, :]
     if HAS_BIAS:
         out += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -145,7 +168,7 @@ def _int8_gemm_kernel(
 
 
 _int8_gemm_tuned = triton.autotune(
-    configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "HAS_BIAS"],
+    configs=_gemm_configs(), key=["M_BUCKET", "N", "K", "PER_TOKEN", "HAS_BIAS"],
     prune_configs_by={"early_config_prune": _fitting_configs},
 )(_int8_gemm_kernel)
 
@@ -174,12 +197,13 @@ def quantize_per_token(x: torch.Tensor, *, block_k: int = 1024) -> tuple[torch.T
 
 
 def int8_gemm(
-    q_x: torch.Tensor, w: torch.Tensor, x_scales: torch.Tensor, x_zero_points: torch.Tensor,
+    q_x: torch.Tensor, w: torch.Tensor, x_scales: torch.Tensor | float, x_zero_points: torch.Tensor | int,
     w_scales: torch.Tensor, w_row_sums: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
     *, config: triton.Config | None = None,
 ) -> torch.Tensor:
-    """q_x (M, K) int8, w (N, K) int8, x_scales (M,) f32, x_zero_points (M,) int32, w_scales (N,),
-    w_row_sums (N,) int32, bias (N,)? -> (M, N) ``out_dtype``. ``config``: one fixed tile (tests), else autotuned."""
+    """q_x (M, K) int8, w (N, K) int8, x_scales (M,) f32 and x_zero_points (M,) int32 — or one scale and zero
+    point for all of q_x (w8a8-static) —, w_scales (N,), w_row_sums (N,) int32, bias (N,)? -> (M, N)
+    ``out_dtype``. ``config``: one fixed tile (tests), else autotuned."""
     rows, cols = q_x.shape
     if q_x.dtype != torch.int8 or w.dtype != torch.int8 or w.dim() != 2 or w.shape[1] != cols:
         raise ValueError(
@@ -187,27 +211,37 @@ def int8_gemm(
             f"{tuple(w.shape)} {w.dtype}"
         )
     n = w.shape[0]
-    for name, vector, length in (("x_scales", x_scales, rows), ("x_zero_points", x_zero_points, rows),
-                                 ("w_scales", w_scales, n), ("w_row_sums", w_row_sums, n)):
+    per_token = isinstance(x_scales, torch.Tensor)
+    if per_token != isinstance(x_zero_points, torch.Tensor):
+        raise ValueError("int8_gemm: x_scales and x_zero_points must both be (M,) tensors or both be numbers")
+    vectors = [("w_scales", w_scales, n), ("w_row_sums", w_row_sums, n)]
+    if per_token:
+        vectors += [("x_scales", x_scales, rows), ("x_zero_points", x_zero_points, rows)]
+    for name, vector, length in vectors:
         if tuple(vector.shape) != (length,):
             raise ValueError(f"int8_gemm: {name} must have shape ({length},), got {tuple(vector.shape)}")
     out = torch.empty((rows, n), dtype=out_dtype, device=q_x.device)
     if rows == 0 or n == 0:
         return out
+    if per_token:
+        x_vectors, x_constants = (x_scales, x_zero_points.to(torch.int32)), (1.0, 0)
+    else:
+        x_vectors, x_constants = (out, out), (float(x_scales), int(x_zero_points))  # never read: no PER_TOKEN
     args = (
-        q_x, w, out, x_scales, x_zero_points.to(torch.int32), w_scales, w_row_sums.to(torch.int32),
+        q_x, w, out, *x_vectors, w_scales, w_row_sums.to(torch.int32),
         bias if bias is not None else out,  # never read without HAS_BIAS
-        rows, n, cols, max(16, triton.next_power_of_2(rows)),
+        *x_constants, rows, n, cols, max(16, triton.next_power_of_2(rows)),
         q_x.stride(0), q_x.stride(1), w.stride(0), w.stride(1), out.stride(0), out.stride(1),
     )
+    flags = {"PER_TOKEN": per_token, "HAS_BIAS": bias is not None}
     if config is None:
         def grid(meta: dict) -> tuple[int, int]:
             return triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"])
 
-        _int8_gemm_tuned[grid](*args, HAS_BIAS=bias is not None)
+        _int8_gemm_tuned[grid](*args, **flags)
     else:
         grid = (triton.cdiv(rows, config.kwargs["BLOCK_M"]), triton.cdiv(n, config.kwargs["BLOCK_N"]))
-        _int8_gemm_kernel[grid](*args, HAS_BIAS=bias is not None, **config.all_kwargs())
+        _int8_gemm_kernel[grid](*args, **flags, **config.all_kwargs())
     return out
 
 
@@ -224,6 +258,33 @@ def int8_dynamic_linear(
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
+def quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, *, block: int = 1024) -> torch.Tensor:
+    """x (...) f32/f16/bf16 -> int8 of x's shape, exactly ``quantize_per_tensor(x, scale, zero_point, -128, 127,
+    int8)`` (the inverse scale rounded to fp32 as torch rounds a scalar operand)."""
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"quantize_per_tensor: expected f32/f16/bf16 x, got {x.dtype}")
+    x = x.contiguous()
+    q = torch.empty_like(x, dtype=torch.int8)
+    if x.numel():
+        _quantize_per_tensor_kernel[(triton.cdiv(x.numel(), block),)](
+            x, q, x.numel(), 1.0 / scale, zero_point, QMIN=QMIN, QMAX=QMAX, BLOCK=block, enable_fp_fusion=False,
+        )
+    return q
+
+
+def int8_static_linear(
+    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """x (..., K) -> (..., N): quantize x per tensor with the constants, int8 GEMM with w (N, K) int8 and
+    per-channel ``w_scales`` (N,), + bias, in x's dtype. The weight's row sums are computed once per weight."""
+    from passforge.kernels.prepack import int8_row_sums
+
+    q_x = quantize_per_tensor(x.reshape(-1, x.shape[-1]), x_scale, x_zero_point)  # (M, K)
+    out = int8_gemm(q_x, w, x_scale, x_zero_point, w_scales, int8_row_sums(w), bias, x.dtype)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
 # -------------------------------------------------------------------------------------------------- references
 
 
@@ -236,10 +297,13 @@ def quantize_per_token_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def int8_gemm_reference(
-    q_x: torch.Tensor, w: torch.Tensor, x_scales: torch.Tensor, x_zero_points: torch.Tensor,
+    q_x: torch.Tensor, w: torch.Tensor, x_scales: torch.Tensor | float, x_zero_points: torch.Tensor | int,
     w_scales: torch.Tensor, w_row_sums: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """What :func:`int8_gemm` computes, in PyTorch (the int32 GEMM as an int64 matmul on any device)."""
+    rows = q_x.shape[0]
+    x_scales = torch.as_tensor(x_scales, dtype=torch.float32, device=q_x.device).expand(rows)
+    x_zero_points = torch.as_tensor(x_zero_points, device=q_x.device).expand(rows)
     acc = q_x.long() @ w.long().t() - x_zero_points.long()[:, None] * w_row_sums.long()[None, :]
     out = acc.float() * (x_scales.float()[:, None] * w_scales.float()[None, :])
     return (out + bias.float() if bias is not None else out).to(out_dtype)

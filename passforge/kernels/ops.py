@@ -14,15 +14,26 @@ PT2E quantization and ONNX QDQ export use). Passes that insert these ops import 
   ``quantize_per_token``), an int8 × int8 → int32 GEMM (``torch._int_mm``; VNNI/AMX on x86), the zero
   points corrected with the weight's row sums, then one float epilogue ``acc * s_x * s_w + bias``. (On CUDA
   without triton: M padded above 16; K or N not multiples of 8 fall back to the reference.)
+- ``passforge::int8_static_linear(x (..., K), x_scale, x_zero_point, w (N, K) int8, w_scales (N,), bias (N,)?)
+  -> (..., N)``: w8a8-static. x quantized per tensor with calibrated constants (exactly ``quantize_per_tensor``:
+  ``clamp(round(x * (1 / x_scale)) + x_zero_point, -128, 127)``), an int8 × int8 → int32 GEMM, the zero point
+  corrected with the weight's cached row sums, then ``acc * (x_scale * w_scales) + bias``. CPU:
+  ``torch._int_mm``. CUDA: the Triton GEMM of ``int8_gemm`` with the constants in its epilogue.
+- ``passforge::fp8_linear(x (..., K), w (N, K) float8_e4m3fn, w_scale (N, 1), bias (N,)?) -> (..., N)``: x
+  quantized to e4m3 per token exactly as ``quantize(scheme=fp8)``'s graph does it (``amax(|x|) / 448``), then
+  ``torch._scaled_mm`` with row-wise scales on CUDA with compute capability >= 8.9 for bf16 x and K, N multiples
+  of 16 (the shapes and output dtypes its row-wise kernels take); elsewhere the reference (the fake-quant graph's
+  own ops: PyTorch's CPU ``_scaled_mm`` is an emulation, 3-30x slower than a bf16 GEMM on the llama-100m shapes).
 - ``passforge::int4_weight_linear(x (..., K), packed (N, K/2) uint8, scales (N, K/g), zero_points (N, K/g),
   group_size, bias (N,)?) -> (..., N)``: ``x @ ((q - zp) * s).T + bias`` for ``fold-quant``'s packed uint4
   weights, exactly the weight ``dequantize_per_channel_group`` gives. CPU: PyTorch's
   ``_weight_int4pack_mm_for_cpu`` (N a multiple of 16, group_size 32/64/128/256; the weight repacked into the
   CPU's tile layout once per process, see ``prepack``). Elsewhere: the reference.
 
-On CUDA tensors each op runs its Triton kernel (``int8_gemm``, ``weight_only_gemm``; triton is imported then, not
-before) and falls back to the PyTorch implementation when triton is not installed or the shape is unsupported;
-:func:`backend` says which implementation runs for given operands.
+On CUDA tensors each integer op runs its Triton kernel (``int8_gemm``, ``weight_only_gemm``; triton is imported
+then, not before) and falls back to the PyTorch implementation when triton is not installed or the shape is
+unsupported (``fp8_linear`` runs ``torch._scaled_mm``); :func:`backend` says which implementation runs for given
+operands.
 """
 
 from __future__ import annotations
@@ -33,10 +44,12 @@ import importlib.util
 import torch
 import torch.ao.quantization.fx._decomposed
 
+from passforge.kernels.fp8 import FP8_MAX, MIN_SCALE, dequantize_fp8, quantize_fp8
 from passforge.kernels.prepack import cpu_int4_layout, int8_row_sums
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
+OPS = ("int8_weight_linear", "int8_dynamic_linear", "int8_static_linear", "int4_weight_linear", "fp8_linear")
 
 
 @functools.cache
@@ -49,17 +62,37 @@ def backend(op: str, x: torch.Tensor, weight_shape: tuple[int, int], group_size:
     """Which implementation ``passforge::<op>`` runs for an activation like ``x`` and a weight of logical shape
     (N, K) — ``"triton"``, an aten kernel's name, or ``"reference"`` — so reports can say what was timed."""
     n, k = weight_shape
+    if op not in OPS:
+        raise ValueError(f"unknown op '{op}'; expected one of {', '.join(OPS)}")
+    if op == "fp8_linear":
+        return "aten._scaled_mm" if scaled_mm_unsupported(x, weight_shape) is None else "reference"
     triton_shape = op != "int4_weight_linear" or (group_size % 32 == 0 and k % group_size == 0)
     if x.device.type == "cuda" and x.dtype in FLOAT_DTYPES and triton_shape and triton_available():
         return "triton"
     if op == "int8_weight_linear":
         return "aten._weight_int8pack_mm" if x.device.type == "cpu" and x.dtype in FLOAT_DTYPES else "reference"
-    if op == "int8_dynamic_linear":
+    if op in ("int8_dynamic_linear", "int8_static_linear"):
         return "reference" if x.is_cuda and (n % 8 or k % 8) else "aten._int_mm"
-    if op == "int4_weight_linear":
-        cpu = x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and n % 16 == 0
-        return "aten._weight_int4pack_mm_for_cpu" if cpu and group_size in CPU_INT4_GROUP_SIZES else "reference"
-    raise ValueError(f"unknown op '{op}'; expected int8_weight_linear, int8_dynamic_linear or int4_weight_linear")
+    cpu = x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and n % 16 == 0
+    return "aten._weight_int4pack_mm_for_cpu" if cpu and group_size in CPU_INT4_GROUP_SIZES else "reference"
+
+
+def scaled_mm_unsupported(x: torch.Tensor, weight_shape: tuple[int, int]) -> str | None:
+    """Why ``fp8_linear`` cannot use ``torch._scaled_mm`` with row-wise scales for an activation like ``x`` and
+    a (N, K) weight, or None when it can. Row-wise fp8 GEMMs exist on CUDA from compute capability 8.9 (Ada) on;
+    they need K and N multiples of 16, and bf16 is the output dtype every one of them supports (fp16 and fp32
+    outputs depend on the CUDA and cuBLAS versions)."""
+    n, k = weight_shape
+    if x.device.type != "cuda":
+        return f"no fp8 GEMM on {x.device.type} (torch._scaled_mm there is an emulation, slower than bf16)"
+    capability = torch.cuda.get_device_capability(x.device)
+    if capability < (8, 9):
+        return f"no fp8 tensor cores on compute capability {capability[0]}.{capability[1]} (needs 8.9 or later)"
+    if x.dtype != torch.bfloat16:
+        return f"row-wise torch._scaled_mm outputs bf16; activations are {x.dtype} (cast(dtype=bf16) first)"
+    if n % 16 or k % 16:
+        return f"torch._scaled_mm needs K and N multiples of 16, got N={n}, K={k}"
+    return None
 
 
 @torch.library.custom_op("passforge::unpack_int4", mutates_args=())
@@ -128,6 +161,19 @@ def int8_dynamic_linear_reference(
     return torch.nn.functional.linear(dqx, weight, bias)
 
 
+def _int_mm_minus_zero_points(qx: torch.Tensor, w: torch.Tensor, zero_points: torch.Tensor | int) -> torch.Tensor:
+    """qx (M, K) int8, w (N, K) int8, zero points (M, 1) or one int -> (qx - zero_points) @ w.T (M, N) int32,
+    exactly: ``torch._int_mm``, then the zero points times the weight's row sums (cached per weight). cuBLASLt's
+    int8 GEMM needs M > 16: on CUDA smaller M is padded with zero rows (the GEMM is weight-bound there anyway)."""
+    rows = qx.shape[0]
+    if qx.is_cuda and rows <= 16:
+        qx = torch.cat([qx, qx.new_zeros(17 - rows, qx.shape[1])])
+    acc = torch._int_mm(qx, w.t())[:rows]  # (M, N) int32
+    if isinstance(zero_points, torch.Tensor):
+        return acc - zero_points.to(torch.int32) * int8_row_sums(w)
+    return acc - zero_points * int8_row_sums(w) if zero_points else acc
+
+
 def _int8_dynamic_linear_torch(
     x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
@@ -137,11 +183,7 @@ def _int8_dynamic_linear_torch(
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
     x_scales, x_zero_points = qd.choose_qparams_per_token_asymmetric(flat, torch.int8)  # (M, 1) f64, i64
     qx = qd.quantize_per_token(flat, x_scales, x_zero_points, -128, 127, torch.int8)  # (M, K) int8
-    rows = qx.shape[0]
-    if x.is_cuda and rows <= 16:  # and M > 16: pad with zero rows (the GEMM is weight-bound at small M)
-        qx = torch.cat([qx, qx.new_zeros(17 - rows, qx.shape[1])])
-    acc = torch._int_mm(qx, w.t())[:rows]  # (M, N) int32
-    acc = acc - x_zero_points.to(torch.int32) * int8_row_sums(w)  # (q_x - z_x) @ w.T
+    acc = _int_mm_minus_zero_points(qx, w, x_zero_points)
     out = (acc.to(torch.float32) * (x_scales.to(torch.float32) * scales.to(torch.float32))).to(x.dtype)
     out = out.reshape(*x.shape[:-1], w.shape[0])
     return out + bias if bias is not None else out
@@ -166,6 +208,108 @@ def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
     from passforge.kernels.int8_gemm import int8_dynamic_linear as triton_int8_dynamic_linear
 
     return triton_int8_dynamic_linear(x, w, scales, bias)
+
+
+def int8_static_linear_reference(
+    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """What the w8a8-static graph computes, op for op: linear(dequantize_per_tensor(quantize_per_tensor(x)),
+    dequantize_per_channel(w), bias)."""
+    qd = torch.ops.quantized_decomposed
+    qx = qd.quantize_per_tensor(x, x_scale, x_zero_point, -128, 127, torch.int8)
+    dqx = qd.dequantize_per_tensor(qx, x_scale, x_zero_point, -128, 127, torch.int8, out_dtype=x.dtype)
+    weight = qd.dequantize_per_channel(w, w_scales, None, 0, -128, 127, torch.int8, out_dtype=x.dtype)
+    return torch.nn.functional.linear(dqx, weight, bias)
+
+
+def quantize_per_tensor_int8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """``quantize_per_tensor(x, scale, zero_point, -128, 127, int8)`` bit for bit — the same fp32 ops (x times
+    the inverse scale, which torch rounds to fp32 as a scalar operand; round half to even; + zero point; clamp)
+    on one buffer in place: 1.5-5x faster on CPU than the decomposed op, which allocates at each step."""
+    scaled = x.float() * (1.0 / scale)  # a new buffer: the in-place steps never write into x
+    return scaled.round_().add_(zero_point).clamp_(-128, 127).to(torch.int8)
+
+
+def _int8_static_linear_torch(
+    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    if backend("int8_static_linear", x, tuple(w.shape)) == "reference":  # cuBLASLt int8 needs K, N multiples of 8
+        return int8_static_linear_reference(x, x_scale, x_zero_point, w, w_scales, bias)
+    qx = quantize_per_tensor_int8(x.reshape(-1, x.shape[-1]), x_scale, x_zero_point)  # (M, K) int8
+    acc = _int_mm_minus_zero_points(qx, w, x_zero_point)  # (M, N) int32
+    out = acc.to(torch.float32).mul_(x_scale * w_scales.to(torch.float32)).to(x.dtype)
+    out = out.reshape(*x.shape[:-1], w.shape[0])
+    return out + bias if bias is not None else out
+
+
+@torch.library.custom_op("passforge::int8_static_linear", mutates_args=())
+def int8_static_linear(
+    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return _int8_static_linear_torch(x, x_scale, x_zero_point, w, w_scales, bias)
+
+
+@int8_static_linear.register_fake
+def _(
+    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@int8_static_linear.register_kernel("cuda")
+def _(
+    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    if backend("int8_static_linear", x, tuple(w.shape)) != "triton":
+        return _int8_static_linear_torch(x, x_scale, x_zero_point, w, w_scales, bias)
+    from passforge.kernels.int8_gemm import int8_static_linear as triton_int8_static_linear
+
+    return triton_int8_static_linear(x, x_scale, x_zero_point, w, w_scales, bias)
+
+
+def fp8_token_scale(x: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (..., 1) in x's dtype: ``max(amax(|x|) / 448, 1e-12)`` per token, the aten ops
+    ``quantize(scheme=fp8)`` puts in front of each linear."""
+    return torch.clamp_min(x.abs().amax(-1, keepdim=True) / FP8_MAX, MIN_SCALE)
+
+
+def fp8_linear_reference(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """What the folded fp8 graph computes, op for op: linear(dequantize_fp8(quantize_fp8(x, s_x), s_x),
+    dequantize_fp8(w, w_scale), bias) with s_x from :func:`fp8_token_scale`."""
+    scale = fp8_token_scale(x)
+    dqx = dequantize_fp8(quantize_fp8(x, scale), scale, x.dtype)
+    return torch.nn.functional.linear(dqx, dequantize_fp8(w, w_scale, x.dtype), bias)
+
+
+def fp8_scaled_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., K) quantized per token exactly as the graph does it, then one ``torch._scaled_mm``: e4m3 × e4m3
+    with fp32 accumulation, row-wise scales (x's (M, 1), w's as (1, N)), bias and the cast to x's dtype in its
+    epilogue. Operand layouts as it requires them: x row-major (M, K), the weight column-major (K, N)."""
+    flat = x.reshape(-1, x.shape[-1])  # (M, K)
+    scale = fp8_token_scale(flat)  # (M, 1) in x's dtype
+    q = quantize_fp8(flat, scale).contiguous()  # (M, K) e4m3
+    out = torch._scaled_mm(q, w.contiguous().t(), scale.float(), w_scale.float().reshape(1, -1), bias=bias,
+                           out_dtype=x.dtype)  # (M, N)
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+@torch.library.custom_op("passforge::fp8_linear", mutates_args=())
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if backend("fp8_linear", x, tuple(w.shape)) == "aten._scaled_mm":
+        return fp8_scaled_mm(x, w, w_scale, bias)
+    return fp8_linear_reference(x, w, w_scale, bias)
+
+
+@fp8_linear.register_fake
+def _(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
 def int4_weight_linear_reference(

@@ -44,6 +44,130 @@ def test_int8_dynamic_linear_matches_the_fake_quant_graph(tokens):
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)  # exact integer GEMM, fp32 epilogue
 
 
+def _tie_and_range_probe(dtype: torch.dtype, scale: float, tokens: int, g: torch.Generator) -> torch.Tensor:
+    """(2, tokens, 64) random values, and on the grid of ``scale``: exact ties (k + 0.5 steps, which round to
+    even), values far outside the int8 range (clamped) and zeros."""
+    x = torch.randn(2, tokens, 64, generator=g) * 2
+    x[0, 0, :8] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, 200.0, -200.0, 0.0]) * scale
+    x[1, 0] = 6e4  # far beyond the last int8 step: clamps to 127
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_per_tensor_int8_is_bit_exact(dtype):
+    """The static op's in-place quantizer against ``quantize_per_tensor`` itself, on ties and clamped values."""
+    from passforge.kernels.ops import quantize_per_tensor_int8
+
+    scale, zero_point = 0.03125, -3  # a power of two: the ties above are exact in every dtype
+    x = _tie_and_range_probe(dtype, scale, 5, torch.Generator().manual_seed(0))
+    q = quantize_per_tensor_int8(x, scale, zero_point)
+    expected = torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, zero_point, -128, 127, torch.int8)
+    assert q.dtype == torch.int8 and torch.equal(q, expected)
+    assert q[0, 0, :3].tolist() == [0 + zero_point, 2 + zero_point, 2 + zero_point]  # half to even
+    assert q[1, 0].unique().tolist() == [127]
+
+
+def _static_reference_float64(x, x_scale, x_zero_point, w, w_scales, bias):
+    """The fake-quant graph with the same int8 activations, dequantized and multiplied in float64."""
+    qx = torch.ops.quantized_decomposed.quantize_per_tensor(x, x_scale, x_zero_point, -128, 127, torch.int8)
+    weight = w.double() * w_scales.double()[:, None]
+    return torch.nn.functional.linear((qx.double() - x_zero_point) * x_scale, weight, bias.double())
+
+
+@pytest.mark.parametrize(("dtype", "ulps"), [(torch.float32, 2**-17), (torch.bfloat16, 2**-7)])
+@pytest.mark.parametrize("tokens", [1, 40])
+@pytest.mark.parametrize("zero_point", [0, -3])
+def test_int8_static_linear_matches_the_fake_quant_graph(dtype, ulps, tokens, zero_point):
+    """Same int8 activations (bit-exact quantizer), an exact int32 GEMM and an fp32 epilogue, against the
+    graph in float64. fp32: a few roundings of the epilogue and the bias add (units of 2^-24; bound 2^-17 of the
+    output scale, measured 2^-24). bf16: the cast of the fp32 result and the bias add, half a unit each (bound
+    1 unit of bf16). A missed zero point or scale is off by whole steps."""
+    from passforge.kernels.ops import backend, int8_static_linear_reference
+
+    g = torch.Generator().manual_seed(0)
+    x_scale = 0.03125
+    x = _tie_and_range_probe(dtype, x_scale, tokens, g)
+    w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    w_scales, bias = torch.rand(48, generator=g) / 50, torch.randn(48, generator=g).to(dtype)
+    assert backend("int8_static_linear", x, (48, 64)) == "aten._int_mm"
+    out = torch.ops.passforge.int8_static_linear(x, x_scale, zero_point, w, w_scales, bias)
+    assert out.shape == (*x.shape[:-1], 48) and out.dtype == dtype
+    expected = _static_reference_float64(x, x_scale, zero_point, w, w_scales, bias)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=ulps * expected.abs().max().item())
+    graph = int8_static_linear_reference(x, x_scale, zero_point, w, w_scales, bias)  # what it replaces
+    assert graph.dtype == dtype and graph.shape == out.shape
+
+
+def test_fp8_linear_on_cpu_runs_exactly_the_fake_quant_graph():
+    """The ops quantize(scheme=fp8) + fold-quant leave in the graph, written out here: bit-identical."""
+    from passforge.kernels.fp8 import dequantize_fp8, fp8_scale, quantize_fp8
+    from passforge.kernels.ops import backend
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 64, generator=g)
+    x[0, 1] = 0  # an all-zero token: its scale is the 1e-12 floor and it stays 0
+    weight = torch.randn(48, 64, generator=g)
+    w_scale = fp8_scale(weight)  # (48, 1)
+    w, bias = quantize_fp8(weight, w_scale), torch.randn(48, generator=g)
+    assert backend("fp8_linear", x, (48, 64)) == "reference"
+    out = torch.ops.passforge.fp8_linear(x, w, w_scale, bias)
+    x_scale = torch.clamp_min(torch.amax(torch.abs(x), [-1], True) / 448.0, 1e-12)
+    dqx = dequantize_fp8(quantize_fp8(x, x_scale), x_scale, x.dtype)
+    expected = torch.nn.functional.linear(dqx, dequantize_fp8(w, w_scale, x.dtype), bias)
+    assert out.shape == (2, 5, 48) and torch.equal(out, expected)
+    assert torch.equal(out[0, 1], bias)
+
+
+def _fp8_operands(tokens: int, device: str = "cpu"):
+    from passforge.kernels.fp8 import fp8_scale, quantize_fp8
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, tokens, 64, generator=g).to(device=device, dtype=torch.bfloat16)
+    weight = torch.randn(32, 64, generator=g).to(device)
+    w_scale = fp8_scale(weight)
+    return x, quantize_fp8(weight, w_scale), w_scale, torch.randn(32, generator=g).to(device=device,
+                                                                                  dtype=torch.bfloat16)
+
+
+def _fp8_float64(x, w, w_scale, bias):
+    """The graph's quantized activations and weights, multiplied and scaled in float64 (no bf16 rounding)."""
+    from passforge.kernels.fp8 import quantize_fp8
+    from passforge.kernels.ops import fp8_token_scale
+
+    x_scale = fp8_token_scale(x)
+    dqx = quantize_fp8(x, x_scale).double() * x_scale.double()
+    return torch.nn.functional.linear(dqx, w.double() * w_scale.double(), bias.double())
+
+
+@pytest.mark.parametrize("tokens", [1, 24])
+def test_fp8_scaled_mm_call_on_cpu(tokens):
+    """The ``torch._scaled_mm`` call itself — operand layouts, (M, 1) and (1, N) fp32 scales, fused bias, bf16
+    out — run by PyTorch's CPU implementation: the graph's e4m3 operands, fp32 sums, one rounding to bf16 and
+    the bias add (bound 1 unit of bf16 at the output's scale; measured 0.3%)."""
+    from passforge.kernels.ops import fp8_scaled_mm
+
+    x, w, w_scale, bias = _fp8_operands(tokens)
+    out = fp8_scaled_mm(x, w, w_scale, bias)
+    assert out.shape == (1, tokens, 32) and out.dtype == torch.bfloat16
+    expected = _fp8_float64(x, w, w_scale, bias)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2**-7 * expected.abs().max().item())
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="row-wise torch._scaled_mm needs CUDA compute capability 8.9+")
+@pytest.mark.parametrize("tokens", [1, 24])
+def test_fp8_linear_runs_scaled_mm_on_cuda(tokens):
+    """On fp8 tensor cores: the same bound as the CPU call (fp32 accumulation, one rounding to bf16)."""
+    from passforge.kernels.ops import backend
+
+    x, w, w_scale, bias = _fp8_operands(tokens, "cuda")
+    assert backend("fp8_linear", x, (32, 64)) == "aten._scaled_mm"
+    out = torch.ops.passforge.fp8_linear(x, w, w_scale, bias)
+    assert out.shape == (1, tokens, 32) and out.dtype == torch.bfloat16
+    expected = _fp8_float64(x, w, w_scale, bias)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=2**-7 * expected.abs().max().item())
+
+
 def test_int8_weight_linear_accepts_a_non_contiguous_weight():
     w = torch.randint(-127, 128, (64, 48), dtype=torch.int8).t()  # (48, 64), strided
     x, scales = torch.randn(3, 64), torch.rand(48) / 50
@@ -120,6 +244,7 @@ def test_cpu_paths_work_without_triton(monkeypatch):
     packed, group_scales, zero_points = _int4_weight(32, 64, 32, g)
     assert torch.ops.passforge.int8_weight_linear(x, w, scales, None).shape == (2, 32)
     assert torch.ops.passforge.int8_dynamic_linear(x, w, scales, None).shape == (2, 32)
+    assert torch.ops.passforge.int8_static_linear(x, 0.02, 1, w, scales, None).shape == (2, 32)
     assert torch.ops.passforge.int4_weight_linear(x, packed, group_scales, zero_points, 32, None).shape == (2, 32)
 
 
@@ -130,5 +255,18 @@ def test_backend_names_the_implementation():
     assert backend("int8_weight_linear", x, (32, 64)) == "aten._weight_int8pack_mm"
     assert backend("int8_weight_linear", x.long(), (32, 64)) == "reference"
     assert backend("int8_dynamic_linear", x, (32, 64)) == "aten._int_mm"
+    assert backend("int8_static_linear", x, (32, 64)) == "aten._int_mm"
+    assert backend("fp8_linear", x.bfloat16(), (32, 64)) == "reference"
     with pytest.raises(ValueError, match="unknown op 'int3_linear'"):
         backend("int3_linear", x, (32, 64))
+
+
+def test_scaled_mm_unsupported_says_why():
+    from passforge.kernels.ops import scaled_mm_unsupported
+
+    assert "no fp8 GEMM on cpu" in scaled_mm_unsupported(torch.zeros(1, 64, dtype=torch.bfloat16), (32, 64))
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9):
+        x = torch.zeros(1, 64, dtype=torch.bfloat16, device="cuda")
+        assert scaled_mm_unsupported(x, (32, 64)) is None
+        assert "multiples of 16" in scaled_mm_unsupported(x, (40, 64))
+        assert "cast(dtype=bf16)" in scaled_mm_unsupported(x.float(), (32, 64))

@@ -17,6 +17,7 @@ from passforge.kernels.ops import (  # noqa: E402
     backend,
     int4_weight_linear_reference,
     int8_dynamic_linear_reference,
+    int8_static_linear_reference,
     int8_weight_linear_reference,
     pack_int4,
 )
@@ -98,6 +99,63 @@ def test_int8_dynamic_linear_matches_the_fake_quant_graph(rows, device):
     torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_per_tensor_is_bit_exact(dtype, device):
+    """Against ``quantize_per_tensor`` itself: exact ties (k + 0.5 steps of a power-of-two scale: half to even),
+    values far outside the range (clamped), a scale whose inverse is not exact in fp32, and 1000 elements (not
+    a multiple of the 256-wide blocks)."""
+    g = _generator()
+    x = torch.randn(4, 250, generator=g) * 3
+    x[0, :6] = torch.tensor([0.5, 1.5, 2.5, -0.5, -1.5, -2.5]) * 0.03125
+    x[1, :2] = torch.tensor([6e4, -6e4])
+    x = x.to(dtype=dtype, device=device)
+    for scale, zero_point in ((0.03125, -3), (0.0247163, 1)):
+        q = int8_gemm.quantize_per_tensor(x, scale, zero_point, block=256)
+        expected = torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, zero_point, -128, 127, torch.int8)
+        assert q.dtype == torch.int8 and torch.equal(q, expected)
+
+
+@pytest.mark.parametrize("tile", [_tile(16, 32, 64), None])  # None: autotuned
+@pytest.mark.parametrize("rows", [1, 19])
+@pytest.mark.parametrize("out_dtype", FLOATS)
+def test_int8_gemm_with_one_scale_and_zero_point_matches_its_reference(tile, rows, out_dtype, device):
+    """w8a8-static: the constants passed as kernel arguments instead of per-row vectors. Same bound as the
+    per-token GEMM (one unit of the output dtype)."""
+    g = _generator()
+    q_x = torch.randint(-128, 128, (rows, 96), generator=g, dtype=torch.int8).to(device)
+    w = torch.randint(-128, 128, (40, 96), generator=g, dtype=torch.int8).to(device)
+    w_scales, bias = (torch.rand(40, generator=g) / 100).to(device), torch.randn(40, generator=g).to(device)
+    args = (q_x, w, 0.037, -5, w_scales, w.sum(dim=1, dtype=torch.int32), bias, out_dtype)
+    out = int8_gemm.int8_gemm(*args, config=tile)
+    assert out.shape == (rows, 40) and out.dtype == out_dtype
+    _close(out, int8_gemm.int8_gemm_reference(*args), ulps=1)
+
+
+def test_int8_gemm_rejects_mixed_qparams(device):
+    q_x, w = torch.zeros(2, 64, dtype=torch.int8, device=device), torch.zeros(8, 64, dtype=torch.int8, device=device)
+    vector = torch.zeros(8, device=device)
+    with pytest.raises(ValueError, match="both be"):
+        int8_gemm.int8_gemm(q_x, w, 0.5, vector[:2].int(), vector, vector.int(), None, torch.float32)
+
+
+@pytest.mark.parametrize("rows", [1, 19])
+def test_int8_static_linear_matches_the_fake_quant_graph(rows, device):
+    """Bit-exact quantization and an exact integer GEMM: the fake-quant graph in float64 differs only in the
+    fp32 epilogue (1e-5 of the output scale); and bit-identical to the CPU op (same fp32 epilogue)."""
+    g = _generator()
+    x = torch.randn(1, rows, 96, generator=g).to(device)
+    w = torch.randint(-127, 128, (40, 96), generator=g, dtype=torch.int8).to(device)
+    scales, bias = (torch.rand(40, generator=g) / 50).to(device), torch.randn(40, generator=g).to(device)
+    out = int8_gemm.int8_static_linear(x, 0.02, 3, w, scales, bias)
+    q_x = torch.ops.quantized_decomposed.quantize_per_tensor(x, 0.02, 3, -128, 127, torch.int8)
+    expected = torch.nn.functional.linear((q_x.double() - 3) * 0.02, w.double() * scales.double()[:, None],
+                                          bias.double())
+    assert out.shape == (1, rows, 40)
+    torch.testing.assert_close(out.double(), expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+    if not COMPILED:  # the interpreter runs on CPU tensors: compare with the op's torch._int_mm path
+        assert torch.equal(out, torch.ops.passforge.int8_static_linear(x, 0.02, 3, w, scales, bias))
+
+
 @pytest.mark.parametrize("tile", [_tile(16, 32, 64), _tile(32, 64, 32), None])  # None: autotuned
 @pytest.mark.parametrize("rows", [1, 19])
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -156,7 +214,7 @@ def test_int4_weight_only_gemm_explains_unsupported_groups(device):
 @pytest.mark.skipif(not COMPILED, reason="ops dispatch to Triton for CUDA tensors only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_ops_run_triton_on_cuda(dtype):
-    """The registered CUDA kernels of the three ops: Triton, same results as the PyTorch references within
+    """The registered CUDA kernels of the four integer ops: Triton, same results as the PyTorch references within
     the graph's own rounding (the references round dequantized weights and activations to the dtype)."""
     g = _generator()
     x = torch.randn(2, 3, 256, generator=g).to(dtype=dtype, device="cuda")
@@ -168,6 +226,7 @@ def test_ops_run_triton_on_cuda(dtype):
     cases = [
         ("int8_weight_linear", (x, w, scales, None), int8_weight_linear_reference, 0),
         ("int8_dynamic_linear", (x, w, scales, None), int8_dynamic_linear_reference, 0),
+        ("int8_static_linear", (x, 0.02, 3, w, scales, None), int8_static_linear_reference, 0),
         ("int4_weight_linear", (x, packed, group_scales, zero_points, 128, None), int4_weight_linear_reference, 128),
     ]
     for name, args, reference, group_size in cases:

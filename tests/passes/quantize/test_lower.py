@@ -1,12 +1,13 @@
-"""lower-quant on folded w4 (packed uint4 → ``passforge::int4_weight_linear``): structure, numerics, counts and
-negatives. (int8 and w8a8 lowering are tested in test_quantize.py.)"""
+"""lower-quant on folded w4 (packed uint4 → ``passforge::int4_weight_linear``) and fp8 (per-token e4m3 activations
+and a folded e4m3 weight → ``passforge::fp8_linear``): structure, numerics, counts and negatives. (int8 and w8a8
+lowering are tested in test_quantize.py, w8a8-static in test_lower_static.py.)"""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import passforge.kernels.ops  # noqa: F401 - registers the ops counted below
+import passforge.kernels.ops
 from passforge.ir.capture import capture
 from passforge.ir.graph import count_calls, op_counts
 from passforge.ir.serialize import load_graph, save_graph
@@ -18,6 +19,9 @@ from passforge.passes.quantize.lower import KERNEL_META
 aten, qd, passforge_ops = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.passforge
 LINEARS = 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head (left in float by quantize's default skip)
 W4 = "quantize(scheme=w4,group_size=32),fold-quant"
+FP8 = "quantize(scheme=fp8),fold-quant"
+FP8_CHAIN = (aten.abs.default, aten.amax.default, aten.div.Tensor, aten.clamp_min.default,
+             passforge_ops.quantize_fp8.default, passforge_ops.dequantize_fp8.default)
 
 
 def _run(gm, spec, inputs, **kw):
@@ -148,3 +152,95 @@ def test_triton_kernels_are_the_candidates_on_cuda(small_llama, tokens, scheme):
     decisions = [n.meta[KERNEL_META] for n in result.graph.nodes if KERNEL_META in n.meta]
     assert len(decisions) == LINEARS - 1 and {d["backend"] for d in decisions} == {"triton"}
     assert all(any("[triton]" in note for note in result.records[-1].notes) for _ in decisions)
+
+
+def _decisions(gm):
+    return [n.meta[KERNEL_META] for n in gm.graph.nodes if KERNEL_META in n.meta]
+
+
+def test_fp8_lowers_to_fp8_linear_with_the_guard_off_and_survives_save(llama_graph, tokens, tmp_path):
+    """Without a row-wise fp8 GEMM (this CPU) ``fp8_linear`` runs the fake-quant graph's own ops: the output is
+    bit-identical, and the per-token scale chain and both dequantizes are gone from the graph."""
+    folded = _run(llama_graph, FP8, (tokens,)).graph
+    result = _run(folded, "lower-quant(guard=false)", (tokens,))
+    gm = result.graph
+    assert result.records[0].stats == {"lowered": LINEARS - 1, "kept": 0, "float": 0}
+    assert count_calls(gm, passforge_ops.fp8_linear.default) == LINEARS - 1
+    assert all(count_calls(gm, target) == 0 for target in FP8_CHAIN)
+    assert count_calls(gm, aten.linear.default) == 1  # the float lm_head
+    assert {d["backend"] for d in _decisions(gm)} == {"reference"}
+    out = gm(tokens)
+    assert torch.equal(out, folded(tokens))
+    assert _run(gm, "lower-quant(guard=false)", (tokens,)).records[0].modified is False
+    save_graph(gm, tmp_path / "fp8.pt2", (tokens,))
+    torch.testing.assert_close(load_graph(tmp_path / "fp8.pt2")(tokens), out, rtol=0, atol=0)
+
+
+def test_fp8_guard_keeps_the_graph_where_there_is_no_fp8_gemm(llama_graph, tokens):
+    """On CPU ``fp8_linear`` would only run the graph's own ops, so the guard times nothing and keeps every
+    layer; each layer's record and one note per shape say why."""
+    folded = _run(llama_graph, FP8, (tokens,)).graph
+    result = _run(folded, "lower-quant", (tokens,))
+    record, decisions = result.records[0], _decisions(result.graph)
+    assert record.modified is False and record.stats == {"lowered": 0, "kept": LINEARS - 1, "float": 0}
+    assert len(decisions) == LINEARS - 1
+    assert all(d["kernel"] == "dequantize+linear" and "timings_ms" not in d for d in decisions)
+    assert {d["reason"] for d in decisions} == {"fp8_linear not offered: no fp8 GEMM on cpu (torch._scaled_mm there "
+                                                "is an emulation, slower than bf16)"}
+    assert len(record.notes) == 4  # q/o, k/v, gate/up, down
+    assert all("e4m3[" in note and "fp8_linear not offered" in note for note in record.notes)
+
+
+def test_fp8_scaled_mm_path_stays_within_the_pass_bound(llama_graph, tokens, monkeypatch):
+    """The ``torch._scaled_mm`` path, run by PyTorch's CPU ``_scaled_mm`` (an emulation of the same row-wise
+    arithmetic) by declaring it supported here: on a bf16 graph VerifyHook holds the lowering to the pass's fp8
+    bound (6% + 4 units of bf16 of the logits' scale), and the measured error is about 3% (the dequantized
+    activations and weights are not rounded to bf16, the sums are fp32). With the guard on, both candidates
+    are timed."""
+    monkeypatch.setattr(passforge.kernels.ops, "scaled_mm_unsupported", lambda x, weight_shape: None)
+    folded = _run(llama_graph, f"cast(dtype=bf16),{FP8}", (tokens,)).graph
+    before = folded(tokens).float()
+    gm = _run(folded, "lower-quant(guard=false)", (tokens,)).graph
+    assert count_calls(gm, passforge_ops.fp8_linear.default) == LINEARS - 1
+    assert {d["backend"] for d in _decisions(gm)} == {"aten._scaled_mm"}
+    out = gm(tokens).float()
+    torch.testing.assert_close(out, before, rtol=0, atol=0.05 * before.abs().max().item())
+    assert not torch.equal(out, before)  # really another implementation
+
+    result = _run(folded, "lower-quant", (tokens,))
+    decisions = _decisions(result.graph)
+    assert all(set(d["timings_ms"]) == {"fp8_linear", "dequantize+linear"} for d in decisions)
+    assert all("fp8_linear [aten._scaled_mm]" in note for note in result.records[0].notes)
+
+
+def test_fp8_near_misses_are_not_lowered(llama_graph, tokens):
+    """An unfolded fp8 weight (still quantized from its float weight at run time), and an activation scale that
+    is not the graph's amax / 448 (here / 240, another format's range), are left alone."""
+    unfolded = _run(llama_graph, "quantize(scheme=fp8)", (tokens,)).graph
+    record = _run(unfolded, "lower-quant(guard=false)", (tokens,)).records[0]
+    assert record.modified is False and record.stats == {"lowered": 0, "kept": 0, "float": 0}
+
+    folded = _run(llama_graph, FP8, (tokens,)).graph
+    div = next(n for n in folded.graph.nodes if n.target is aten.div.Tensor)
+    div.update_arg(1, 240.0)
+    folded.recompile()
+    result = _run(folded, "lower-quant(guard=false)", (tokens,))
+    assert result.records[0].stats == {"lowered": LINEARS - 2, "kept": 0, "float": 0}
+    assert count_calls(result.graph, passforge_ops.quantize_fp8.default) == 1
+    assert count_calls(result.graph, passforge_ops.dequantize_fp8.default) == 2  # the activation and the weight
+    assert _run(result.graph, "lower-quant(guard=false)", (tokens,)).records[0].modified is False
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)),
+                    reason="row-wise torch._scaled_mm needs CUDA compute capability 8.9+")
+def test_scaled_mm_is_the_fp8_candidate_on_cuda(small_llama, tokens):
+    from passforge.ir.graph import to_device
+
+    device = torch.device("cuda")
+    gm = to_device(capture(small_llama, (tokens,)), device)
+    inputs = (tokens.to(device),)
+    spec = f"cast(dtype=bf16),{FP8},lower-quant"
+    result = PassManager.parse(spec, hooks=[VerifyHook()]).run(gm, Context(example_inputs=inputs, device=device))
+    decisions = _decisions(result.graph)
+    assert len(decisions) == LINEARS - 1 and {d["backend"] for d in decisions} == {"aten._scaled_mm"}
+    assert all(set(d["timings_ms"]) == {"fp8_linear", "dequantize+linear"} for d in decisions)

@@ -42,7 +42,8 @@ def test_weight_only_quantization_bounds(bundled_lm_and_text):
 def test_calibrated_quantization_bounds(bundled_lm_and_text):
     """The project's targets, on 32 windows of the bundled calibration text: w8a8-static (per-tensor int8
     activations, min/max) after smooth-quant ≤ +2% — measured +0.17% (+0.54% without smoothing: the outliers
-    are in down_proj's input, up to 78 against ~5 elsewhere, and smoothing moves them into up_proj's rows); w4 g128 with GPTQ ≤ +6% and clearly better than round-to-nearest:
+    are in down_proj's input, up to 78 against ~5 elsewhere, and smoothing moves them into up_proj's rows);
+    w4 g128 with GPTQ ≤ +6% and clearly better than round-to-nearest:
     at most 0.6x RTN's increase (measured +0.18% vs +0.51%, 0.36x)."""
     model, ids = bundled_lm_and_text
     fp32 = held_out_ppl(model, ids)
