@@ -67,6 +67,25 @@ def test_quantize_per_tensor_int8_is_bit_exact(dtype):
     assert q[1, 0].unique().tolist() == [127]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_quantize_per_token_int8_is_bit_exact(dtype):
+    """The dynamic op's fused quantizer against ``choose_qparams_per_token_asymmetric`` + ``quantize_per_token``
+    themselves: random rows, an all-zero row (eps scale), a constant row, one-signed rows, clamped values."""
+    from passforge.kernels.ops import quantize_per_token_int8
+
+    qd = torch.ops.quantized_decomposed
+    x = _tie_and_range_probe(dtype, 0.03125, 6, torch.Generator().manual_seed(1)).reshape(-1, 64)
+    x[2] = 0
+    x[3] = 7
+    x[4] = x[4].abs()
+    x[5] = -x[5].abs()
+    q, scales, zero_points = quantize_per_token_int8(x)
+    expected_scales, expected_zero_points = qd.choose_qparams_per_token_asymmetric(x, torch.int8)
+    expected = qd.quantize_per_token(x, expected_scales, expected_zero_points, -128, 127, torch.int8)
+    assert torch.equal(scales, expected_scales) and torch.equal(zero_points, expected_zero_points)
+    assert q.dtype == torch.int8 and torch.equal(q, expected)
+
+
 def _static_reference_float64(x, x_scale, x_zero_point, w, w_scales, bias):
     """The fake-quant graph with the same int8 activations, dequantized and multiplied in float64."""
     qx = torch.ops.quantized_decomposed.quantize_per_tensor(x, x_scale, x_zero_point, -128, 127, torch.int8)
