@@ -66,6 +66,8 @@ PIPELINES = {
     "passforge w4 g128 + bf16": "cleanup,cast(dtype=bf16),quantize(scheme=w4),fold-quant,lower-quant",
     "passforge w8a8 (decode w4) + bf16":
         "cleanup,cast(dtype=bf16),quantize(scheme=w8a8,decode_scheme=w4),fold-quant,lower-quant",
+    "passforge smooth + w8a8-static (decode w4) + bf16":
+        "cleanup,cast(dtype=bf16),smooth-quant,quantize(scheme=w8a8-static,decode_scheme=w4),fold-quant,lower-quant",
 }
 BASELINE = "eager fp32"
 BANDWIDTH_MIB = 256  # well above the last-level cache (32 MiB here), so the copy/sum stream from DRAM
@@ -290,9 +292,17 @@ def ort_int8(setup: Setup) -> Variant:
     return ort_variant(*quantized, setup, f"quantize_dynamic(weight_type=QInt8) of the {exporter} export")
 
 
+def bundled_calib_path() -> str:
+    from importlib.resources import files
+
+    return str(files("passforge.models") / "data" / "calib.txt")
+
+
 def passforge_pipeline(spec: str) -> Callable[[Setup], Variant]:
     def build_row(setup: Setup) -> Variant:
-        opt = optimize(setup.model, (setup.tokens,), pipeline=spec, profile=False)
+        # random weights, but calibration-driven passes need text: the bundled calibration text (byte ids,
+        # valid in any vocabulary of 256 or more)
+        opt = optimize(setup.model, (setup.tokens,), pipeline=spec, profile=False, calib_data=bundled_calib_path())
         weights = dict(tensor_attrs(opt.graph))
         return Variant(
             prefill=opt.graph, decode=opt.decode, cache=tuple(example_inputs_of(opt.decode)[2:]),

@@ -69,6 +69,24 @@ def test_lossless_pipeline_generates_the_eager_greedy_tokens(small_llama, tokens
     assert stats.new_tokens == 12 and stats.decode_tokens_per_s > 0
 
 
+def test_calibrated_pipeline_gives_prefill_the_forward_graphs_calibration(small_llama, tokens, tmp_path):
+    """smooth-quant, static ranges and GPTQ are computed once, on the forward graph, and reused by the prefill
+    and decode graphs (Context.memo): prefill then computes the forward graph's logits (same ops, same
+    tensors: 1e-5), and the decode graph calibrated nothing of its own."""
+    calib = tmp_path / "calib.json"
+    calib.write_text(json.dumps(torch.randint(0, 256, (16 * 16,), generator=torch.Generator().manual_seed(4))
+                                .tolist()), encoding="utf-8")
+    spec = "cleanup,smooth-quant,quantize(scheme=w8a8-static,calib_windows=8),gptq(calib_windows=8),fold-quant"
+    opt = passforge.optimize(small_llama, (tokens,), pipeline=spec, profile=False, calib_data=calib)
+    assert all(r["status"] == "ok" for graph in opt.report["generation"].values() for r in graph)
+    prompt = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(5))
+    forward_logits = opt.graph(prompt[:, :16])
+    prefill_logits = opt.prefill(prompt)[0][:, :16]
+    torch.testing.assert_close(prefill_logits, forward_logits, rtol=1e-5, atol=1e-5)
+    _, stats = opt.generate(tokens[:, :5], 4)
+    assert stats.new_tokens == 4
+
+
 def test_save_refuses_to_write_over_its_input(small_llama, tokens, tmp_path):
     opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False, generation=False)
     folder = opt.save(tmp_path / "first")

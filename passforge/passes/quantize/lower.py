@@ -94,10 +94,14 @@ class LowerQuant(Pass):
         the worst of 30 inputs, on the tests' bf16 llama through PyTorch's CPU ``_scaled_mm``: the same
         row-wise arithmetic up to summation order; not yet measured on a GPU). w4 in bf16: the
         CPU int4 kernel also takes its scales and zero offsets rounded to bf16 (measured 0.7% on the tests'
-        two-layer llama, inside the 2 ulp). fp32 weight-only: float reassociation only."""
+        two-layer llama, inside the 2 ulp). Per-tensor (static) int8 steps are coarser than per-token ones — one
+        range for all tokens — so a flip moves an activation further relative to its token: allow 4% instead of
+        2% (measured 5.8% in total with bf16 on llama-100m's 512-token prefill, 11 of 16M logits above 5%).
+        fp32 weight-only: float reassociation only."""
         nodes, qd = before.graph.nodes, torch.ops.quantized_decomposed
         int8_activations = any(n.target in (qd.quantize_per_token.default, qd.quantize_per_tensor.default)
                                for n in nodes)
+        per_tensor = any(n.target is qd.quantize_per_tensor.default for n in nodes)
         fp8_activations = any(n.target is torch.ops.passforge.quantize_fp8.default and n.all_input_nodes[0].op
                               != "get_attr" for n in nodes)
         low = any(getattr(n.meta.get("val"), "dtype", None) in (torch.bfloat16, torch.float16) for n in nodes)
@@ -105,7 +109,8 @@ class LowerQuant(Pass):
             return self.rtol, self.atol
         scale = max((float(t.abs().max()) for t in expected if t.is_floating_point() and t.numel()), default=1.0)
         activations = int8_activations or fp8_activations
-        fraction = (0.06 if fp8_activations else 0.02 if int8_activations else 0.0) + (
+        flips = 0.06 if fp8_activations else (0.04 if per_tensor else 0.02) if int8_activations else 0.0
+        fraction = flips + (
             (4 if activations else 2) * 2**-7 if low else 0.0)
         return 0.0, fraction * scale
 
