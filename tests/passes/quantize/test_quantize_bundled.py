@@ -29,8 +29,10 @@ def test_weight_only_quantization_bounds(bundled_lm_and_text):
     range; measured +0.51% on this small, easily-quantized model. Smaller groups must help."""
     model, ids = bundled_lm_and_text
     fp32 = held_out_ppl(model, ids)
-    w8 = _ppl_after(model, ids, "cleanup,quantize(scheme=w8),fold-quant,lower-quant(guard=false)")
-    w8a8 = _ppl_after(model, ids, "cleanup,quantize(scheme=w8a8),fold-quant,lower-quant(guard=false)")
+    # the fake-quant graphs: lower-quant is verified against them (tests/passes/quantize/test_lower*.py), and
+    # fp32 activations through the CPU int8 kernels would make this test minutes long for nothing
+    w8 = _ppl_after(model, ids, "cleanup,quantize(scheme=w8),fold-quant")
+    w8a8 = _ppl_after(model, ids, "cleanup,quantize(scheme=w8a8),fold-quant")
     w4_g128 = _ppl_after(model, ids, "cleanup,quantize(scheme=w4,group_size=128),fold-quant")
     w4_g32 = _ppl_after(model, ids, "cleanup,quantize(scheme=w4,group_size=32),fold-quant")
     assert w8 / fp32 - 1 < 0.005, (fp32, w8)
