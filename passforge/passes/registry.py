@@ -17,6 +17,7 @@ ENTRY_POINT_GROUP = "passforge.passes"
 _BUILTIN_MODULES = (
     "passforge.passes.cleanup",
     "passforge.passes.precision",
+    "passforge.passes.fuse_linears",
     "passforge.passes.quantize.insert",
     "passforge.passes.quantize.smooth",
     "passforge.passes.quantize.gptq",
