@@ -84,8 +84,8 @@ def sensitivity_search(
     def with_quantize(**changes: object) -> list[Pass]:
         return [dataclasses.replace(passes[0], **changes), *passes[1:]]
 
-    def run(pipeline: list[Pass]) -> fx.GraphModule:
-        return PassManager(pipeline).run(gm, ctx).graph
+    def run(pipeline: list[Pass]) -> fx.GraphModule:  # a fresh memo: no calibration leaks between candidates
+        return PassManager(pipeline).run(gm, dataclasses.replace(ctx, memo={})).graph
 
     result = SensitivityResult(recipe=recipe, float_ppl=ppl_of(gm), max_increase=max_increase)
     layers = passes[0].targets(gm, passes[0].scheme)[0]
@@ -124,6 +124,8 @@ def sensitivity_search(
             high = k
         else:
             low = k + 1
+    if not result.stopped_early and order and (result.best is None or result.best.increase > max_increase):
+        evaluate(len(order))  # every tried k missed the budget: the answer is to keep all of them in float
     _save(result, out)
     return result
 

@@ -3,12 +3,13 @@ stored fp8 weights (one byte each).
 
 torch's ``quantized_decomposed`` ops accept fp8 dtypes but round to integers first (an fp8 "integer" grid), which
 is not fp8 quantization; these keep fp8's floating-point grid: ``x / scale`` rounded to the nearest e4m3 value
-(3 mantissa bits, so the relative step is 1/16 at every magnitude) and saturated at ±448.
+(3 mantissa bits: a relative step of 1/8, so at most 1/16 rounding error, at every normal magnitude) and
+saturated at ±448.
 
 - ``passforge::quantize_fp8(x, scale) -> float8_e4m3fn``: ``clamp(x / scale, ±448)`` cast to e4m3 (scale
   broadcasts: ``(N, 1)`` per output channel for weights, ``(..., 1)`` per token for activations).
 - ``passforge::dequantize_fp8(q, scale, dtype) -> dtype``: ``q * scale``.
-- :func:`fp8_scale`: a weight's per-output-channel scale, ``amax / 448`` along the last dim, at least 1e-12 (an
+- :func:`fp8_scale`: a weight's per-output-channel scale, ``amax / 448`` along the last dim, at least 2^-24 (an
   all-zero row gets a tiny positive scale; zero stays exactly zero). Activations get the same per token, at
   run time, from aten ops in the graph.
 """
@@ -19,7 +20,8 @@ import torch
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)  # 448
-MIN_SCALE = 1e-12  # an all-zero row: any positive scale represents it exactly
+MIN_SCALE = 2.0**-24  # an all-zero row: any positive scale represents it; the smallest fp16 > 0, so the
+# floor survives in fp16 graphs (1e-12 underflowed to 0 there and 0 / 0 gave NaN)
 
 
 @torch.library.custom_op("passforge::quantize_fp8", mutates_args=())

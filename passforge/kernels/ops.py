@@ -283,7 +283,7 @@ def _(
 
 
 def fp8_token_scale(x: torch.Tensor) -> torch.Tensor:
-    """(..., K) -> (..., 1) in x's dtype: ``max(amax(|x|) / 448, 1e-12)`` per token, the aten ops
+    """(..., K) -> (..., 1) in x's dtype: ``max(amax(|x|) / 448, 2^-24)`` per token, the aten ops
     ``quantize(scheme=fp8)`` puts in front of each linear."""
     return torch.clamp_min(x.abs().amax(-1, keepdim=True) / FP8_MAX, MIN_SCALE)
 

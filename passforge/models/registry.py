@@ -171,7 +171,7 @@ def _read_token_ids(path: Path) -> torch.Tensor:
             ids = json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as exc:
             raise ModelError(f"{path}: not a JSON list of token ids ({exc})") from None
-        if not (isinstance(ids, list) and ids and all(isinstance(i, int) and i >= 0 for i in ids)):
+        if not (isinstance(ids, list) and ids and all(type(i) is int and i >= 0 for i in ids)):
             raise ModelError(f"{path}: expected a JSON list of non-negative integers (token ids)")
         return torch.tensor(ids, dtype=torch.long)
     from safetensors import SafetensorError
@@ -181,6 +181,9 @@ def _read_token_ids(path: Path) -> torch.Tensor:
         tensors = load_file(path)
     except (SafetensorError, OSError) as exc:
         raise ModelError(f"{path}: not a readable safetensors file ({exc})") from None
-    if len(tensors) != 1 or next(iter(tensors.values())).is_floating_point():
+    ids = next(iter(tensors.values())) if len(tensors) == 1 else None
+    if ids is None or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
         raise ModelError(f"{path}: expected exactly one integer tensor of token ids, found {sorted(tensors)}")
-    return next(iter(tensors.values())).reshape(-1).long()
+    if ids.numel() == 0 or bool((ids < 0).any()):
+        raise ModelError(f"{path}: token ids must be non-negative integers (and at least one)")
+    return ids.reshape(-1).long()

@@ -117,10 +117,13 @@ class PassManager:
             record = PassRecord(name=pass_.name, spec=pass_.spec, lossy=pass_.lossy)
             result.records.append(record)
             snapshot = copy_graph_module(work)
+            memo = dict(ctx.memo)  # what a pass remembers for the model's other graphs is rolled back with it
             try:
                 work = self._run_one(pass_, work, snapshot, ctx, record)
             except Exception as exc:
                 work = snapshot
+                ctx.memo.clear()
+                ctx.memo.update(memo)
                 record.status = "rolled_back" if self.on_error == "stop" else "skipped"
                 record.error = f"{type(exc).__name__}: {exc}"
                 before = [r.spec for r in result.records[:-1] if r.status == "ok"]

@@ -25,6 +25,7 @@ def test_text_json_and_safetensors(tmp_path):
 @pytest.mark.parametrize(("name", "content", "message"), [
     ("bad.json", "{\"ids\": 3}", "JSON list of non-negative integers"),
     ("neg.json", "[1, -2]", "non-negative"),
+    ("bool.json", "[1, true]", "non-negative integers"),
     ("broken.json", "[1, 2", "not a JSON list"),
     ("junk.safetensors", "not safetensors", "not a readable safetensors"),
 ])
@@ -34,7 +35,12 @@ def test_bad_token_files_are_clear_errors(tmp_path, name, content, message):
         read_tokens(tmp_path / name, SOURCE)
 
 
-def test_float_tensors_are_not_token_ids(tmp_path):
-    save_file({"x": torch.randn(4)}, tmp_path / "f.safetensors")
-    with pytest.raises(ModelError, match="integer tensor"):
+@pytest.mark.parametrize(("tensor", "message"), [
+    (torch.randn(4), "integer tensor"),
+    (torch.ones(4, dtype=torch.bool), "integer tensor"),
+    (torch.tensor([3, -1]), "non-negative"),
+])
+def test_float_bool_or_negative_tensors_are_not_token_ids(tmp_path, tensor, message):
+    save_file({"x": tensor}, tmp_path / "f.safetensors")
+    with pytest.raises(ModelError, match=message):
         read_tokens(tmp_path / "f.safetensors", SOURCE)

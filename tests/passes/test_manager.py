@@ -55,6 +55,18 @@ class Explode(Pass):
         raise ValueError("boom")
 
 
+@register
+@dataclass(frozen=True)
+class RememberThenExplode(Pass):
+    """Test pass that leaves something in ctx.memo for the model's other graphs, then fails."""
+
+    name: ClassVar[str] = "test-memo-raise"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        ctx.memo["test:factors"] = 42
+        raise ValueError("boom")
+
+
 def _ctx(tokens: torch.Tensor, **kw: object) -> Context:
     return Context(example_inputs=(tokens,), **kw)
 
@@ -80,6 +92,15 @@ def test_corrupting_pass_is_rolled_back_with_a_reproducer(llama_graph, tokens, t
     assert (repro / "spec.txt").read_text().strip() == "test-corrupt"
     with pytest.raises(PassFailure, match="output 0 changed"):  # the failure replays in one call
         replay(repro)
+
+
+def test_a_rolled_back_pass_leaves_nothing_in_the_memo(llama_graph, tokens):
+    """What a pass remembers for the prefill/decode graphs goes with its rollback: otherwise those graphs
+    would apply a transformation the forward graph no longer has."""
+    ctx = _ctx(tokens, memo={"kept": 1})
+    result = PassManager.parse("test-memo-raise,cleanup", on_error="skip").run(llama_graph, ctx)
+    assert [r.status for r in result.records] == ["skipped", "ok"]
+    assert ctx.memo == {"kept": 1}
 
 
 def test_skip_policy_carries_on_without_the_failing_pass(llama_graph, tokens):

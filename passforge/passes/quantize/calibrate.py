@@ -86,11 +86,12 @@ def memo_put(memo: dict[str, object], kind: str, name: str, value: object) -> No
 
 
 def memo_get(memo: dict[str, object], kind: str, names: list[str]) -> object | None:
-    """What was remembered for any of ``names`` or a trailing part of one: the prefill graph's
-    ``model.layers.0.wq.weight`` is the forward graph's ``layers.0.wq.weight`` seen through a wrapper."""
+    """What was remembered for any of ``names``, or for one with its first component dropped: the prefill
+    graph's ``model.layers.0.wq.weight`` is the forward graph's ``layers.0.wq.weight`` seen through one
+    wrapper. (Never shorter: ``model.layers.0.norm.weight`` must not find the final ``norm.weight``.)"""
     for name in names:
         parts = name.split(".")
-        for i in range(len(parts)):
+        for i in range(min(2, len(parts))):
             found = memo.get(f"{kind}:{'.'.join(parts[i:])}")
             if found is not None:
                 return found

@@ -17,9 +17,11 @@ ones. ``fold-quant`` and ``lower-quant`` work unchanged. Before → after::
     %q = quantize_per_channel_group(%w, %s, %z)   %q = quantize_per_channel_group(%w, %s, %z)   # s, z: GPTQ's
     %d = dequantize_per_channel_group(%q, ...)    (unchanged)
 
-The Hessians come from the float-weight graph in one calibration pass (not layer by layer on already
-quantized outputs). A weight whose quantize node shows GPTQ's mark (``node.meta["passforge.gptq"]``) is not
-quantized again (idempotent); the prefill and decode graphs reuse the forward graph's result (``ctx.memo``).
+The Hessians come from one calibration pass over the graph as ``quantize`` left it: every linear's input as it
+arrives through the round-to-nearest fake-quantized layers before it (and, for w8a8 schemes, the fake-quantized
+activation itself) — not layer by layer through GPTQ's own earlier results. A weight whose quantize node shows
+GPTQ's mark (``node.meta["passforge.gptq"]``) is not quantized again (idempotent); the prefill and decode graphs
+reuse the forward graph's result (``ctx.memo``).
 """
 
 from __future__ import annotations
@@ -74,14 +76,16 @@ class GPTQ(Pass):
         targets = _targets(gm)
         if not targets:
             return PassResult(gm, modified=False, stats={"gptq": 0})
-        results = {t.weight_name: memo_get(ctx.memo, f"{self.spec}:w", [t.weight_name]) for t in targets}
+        results = {t.weight_name: memo_get(ctx.memo, _memo_kind(self, t), [t.weight_name]) for t in targets}
         todo = [t for t in targets if results[t.weight_name] is None]
         if todo:
             hessians = self._hessians(gm, ctx, todo)
             for t in todo:
                 x = linear_operands(t.linear)[0]
-                results[t.weight_name] = self._quantize(gm, t, hessians[x])
-                memo_put(ctx.memo, f"{self.spec}:w", t.weight_name, results[t.weight_name])
+                dtype = get_attr(gm, t.weight_name).dtype
+                weight, scales, zero_points = self._quantize(gm, t, hessians[x])
+                results[t.weight_name] = (weight.to(dtype), scales, zero_points)  # memo: the weight's own dtype
+                memo_put(ctx.memo, _memo_kind(self, t), t.weight_name, results[t.weight_name])
         for t in targets:
             weight, scales, zero_points = results[t.weight_name]
             w_node, s_node, z_node = t.quantize.args[:3]
@@ -123,6 +127,13 @@ class GPTQ(Pass):
         return gptq_per_group(w, hessian, target.group_size, quant_min, quant_max, self.damp, target.weight_name)
 
 
+def _memo_kind(gptq: GPTQ, target: _Target) -> str:
+    """What a remembered result depends on besides the weight: the pass's options and the quantization it
+    rounds to (a decode graph with another ``decode_scheme`` must not take the forward graph's grid)."""
+    q = target.quantize
+    return f"{gptq.spec}:w:{q.target}:{q.args[3:]}"  # axis or group size, range, dtype
+
+
 def _targets(gm: fx.GraphModule) -> list[_Target]:
     qd = torch.ops.quantized_decomposed
     found = []
@@ -161,7 +172,7 @@ def _inverse_hessian_factor(hessian: torch.Tensor, w: torch.Tensor, damp: float,
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype)
+    h += damp * torch.mean(torch.diag(h)) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     try:
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as exc:
@@ -226,8 +237,8 @@ def gptq_per_group(
     w = w.clone()
     hinv = _inverse_hessian_factor(hessian, w, damp, where)
     rows, cols = w.shape
-    scales = torch.ones(rows, cols // group_size)
-    zero_points = torch.zeros(rows, cols // group_size, dtype=torch.int32)
+    scales = torch.ones(rows, cols // group_size, device=w.device)
+    zero_points = torch.zeros(rows, cols // group_size, dtype=torch.int32, device=w.device)
 
     def on_group_start(col: int, group: torch.Tensor) -> None:
         low = group.amin(dim=1).clamp(max=0)

@@ -18,7 +18,7 @@ Before → after (when the kernel wins)::
     %y = aten.linear(%dx, dequantize_per_channel(%q, %s, ...), %b)
 
     fp8 (per-token scale computed in the graph; e4m3 weight and its (N, 1) scale stored by fold-quant):
-    %a = amax(abs(%x), [-1], True); %sx = clamp_min(div(%a, 448.0), 1e-12)
+    %a = amax(abs(%x), [-1], True); %sx = clamp_min(div(%a, 448.0), 2^-24)
     %dx = dequantize_fp8(quantize_fp8(%x, %sx), %sx, dtype)        →  %y = passforge.fp8_linear(%x, %w, %sw, %b)
     %y = aten.linear(%dx, dequantize_fp8(%w, %sw, dtype), %b)
 
@@ -324,7 +324,7 @@ def _fp8_operands(gm: fx.GraphModule, dq: fx.Node, x: fx.Node) -> tuple[fx.Node,
 
 def _fp8_activation_source(x: fx.Node) -> fx.Node | None:
     """``source`` when ``x`` is dequantize_fp8(quantize_fp8(source, s), s, source's dtype) with s =
-    clamp_min(amax(abs(source), [-1], True) / 448, 1e-12) computed in the graph; None otherwise."""
+    clamp_min(amax(abs(source), [-1], True) / 448, 2^-24) computed in the graph; None otherwise."""
     from passforge.kernels.fp8 import FP8_MAX, MIN_SCALE
 
     passforge = torch.ops.passforge

@@ -8,8 +8,9 @@
   values to refine the step for the rest.
 - ``mse``: the clipping range (each end shrunk toward 0 in 1% steps) that minimises the expected squared
   error — clipping error of the values outside plus step²/12 rounding noise for those inside.
-- ``entropy``: TensorRT's calibration: the symmetric threshold whose 128-level quantized histogram of |x| has
-  the least KL divergence from the observed one (outliers folded into the last kept bin).
+- ``entropy``: TensorRT's calibration: the threshold whose 128-level quantized histogram of |x| has the least
+  KL divergence from the observed one (outliers folded into the last kept bin), applied to both ends and
+  cut to the range seen (our activations are asymmetric int8: no levels are spent where no value goes).
 
 The histogram methods take two passes over the data: the first finds the extremes, the second fills a
 2048-bin histogram over them. NaN/Inf seen in calibration is an error naming the node (a range computed from
@@ -54,7 +55,7 @@ class RangeObserver:
         x = x.detach().float()
         if self.histogram is not None:
             values = x.abs() if self.method == "entropy" else x
-            self.histogram += torch.histc(values, BINS, *self._histogram_range())
+            self.histogram += torch.histc(values, BINS, *self._histogram_range()).to(self.histogram.device)
             return
         if not bool(torch.isfinite(x).all()):
             raise PassError(
@@ -159,7 +160,7 @@ def _entropy_range(obs: RangeObserver) -> tuple[float, float]:
         if kl < best_kl:
             best_kl, best_bins = kl, kept
     threshold = best_bins * width
-    return -threshold, threshold
+    return max(-threshold, obs.lo), min(threshold, obs.hi)  # the quantizer is asymmetric: no unused levels
 
 
 _HISTOGRAM_RANGES = {"percentile": _percentile_range, "mse": _mse_range, "entropy": _entropy_range}

@@ -171,8 +171,11 @@ def _norm_groups(gm: fx.GraphModule) -> list[_Group]:
 
 def _is_private_linear(gm: fx.GraphModule, arg: object, mul: fx.Node) -> bool:
     """A linear read only by ``mul`` (and not by its own other operand), with a parameter weight of its own."""
-    return (isinstance(arg, fx.Node) and arg.target is aten.linear.default and set(arg.users) == {mul}
-            and mul.args.count(arg) == 1 and _has_private_weight(gm, arg))
+    if not (isinstance(arg, fx.Node) and arg.target is aten.linear.default and set(arg.users) == {mul}
+            and mul.args.count(arg) == 1 and _has_private_weight(gm, arg)):
+        return False
+    out, product = arg.meta.get("val"), mul.meta.get("val")  # a width-1 output would broadcast, not scale
+    return out is not None and product is not None and out.shape[-1] == product.shape[-1] and out.shape[-1] > 1
 
 
 def _has_private_weight(gm: fx.GraphModule, linear: fx.Node) -> bool:

@@ -14,7 +14,7 @@ of Bengio et al.; values clipped at the range edges get the gradient too). Befor
 
 The inference graph is not changed (a copy is returned, tensors shared): train the copy, then quantize the
 trained weights again. Covers every dequantize op passforge's ``quantize`` inserts (per channel, per group,
-per token, per tensor).
+per token, per tensor, fp8).
 """
 
 from __future__ import annotations
@@ -29,10 +29,11 @@ aten = torch.ops.aten
 
 def _pairs() -> dict[object, object]:
     """dequantize op -> the quantize op whose output it reads."""
-    import passforge.kernels.ops  # noqa: F401 - registers the Q/DQ ops
+    import passforge.kernels.ops  # noqa: F401 - registers the Q/DQ ops (and passforge's fp8 pair)
 
     qd = torch.ops.quantized_decomposed
     return {
+        torch.ops.passforge.dequantize_fp8.default: torch.ops.passforge.quantize_fp8.default,
         qd.dequantize_per_channel.default: qd.quantize_per_channel.default,
         qd.dequantize_per_channel_group.default: qd.quantize_per_channel_group.default,
         qd.dequantize_per_token.default: qd.quantize_per_token.default,

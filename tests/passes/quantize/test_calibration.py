@@ -55,8 +55,24 @@ def test_clipping_observers_clip_a_lone_outlier(method):
     lo, hi = _calibrated(method, _heavy_tailed())
     assert 3 < hi < 30, (lo, hi)
     assert -30 < lo < -3, (lo, hi)
-    if method == "entropy":
-        assert lo == -hi  # symmetric threshold
+
+
+def test_entropy_threshold_is_cut_to_the_range_seen():
+    """ReLU-like data (nothing below 0): TensorRT's threshold is symmetric, but our int8 activations are
+    asymmetric, so the low end stays at 0 and no levels go unused."""
+    batches = [b.clamp(min=0) for b in _heavy_tailed()]
+    lo, hi = _calibrated("entropy", batches)
+    assert lo == 0.0 and 2 < hi < 30, (lo, hi)
+
+
+def test_memo_finds_a_name_through_one_wrapper_only():
+    from passforge.passes.quantize.calibrate import memo_get, memo_put
+
+    memo: dict[str, object] = {}
+    memo_put(memo, "k", "layers.0.wq.weight", 1)
+    memo_put(memo, "k", "norm.weight", 2)
+    assert memo_get(memo, "k", ["model.layers.0.wq.weight"]) == 1
+    assert memo_get(memo, "k", ["model.layers.0.norm.weight"]) is None  # not the final norm's entry
 
 
 def _quantization_mse(values: torch.Tensor, lo: float, hi: float) -> float:

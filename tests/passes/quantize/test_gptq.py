@@ -65,6 +65,7 @@ def test_dead_inputs_get_zero_weight_and_no_nan():
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
     q, _, _ = gptq_per_group(w, x.T @ x / x.shape[0], 32, 0, 15, 0.01)
     assert torch.isfinite(q).all()
+    assert not q[:, 3].any()  # the dead input's weights are 0: they never meet a non-zero input
 
 
 def _run(gm, spec, tokens):
@@ -83,6 +84,8 @@ def test_gptq_in_the_graph_folds_to_its_own_integers(small_llama, llama_graph, t
     result = _run(llama_graph, spec, tokens)
     gm = result.graph
     assert result.records[1].stats == {"gptq": LINEARS - 1}
+    assert count_calls(gm, qd.quantize_per_channel.default) + count_calls(
+        gm, qd.quantize_per_channel_group.default) == LINEARS - 1
     quantizers = [n for n in gm.graph.nodes
                   if n.target in (qd.quantize_per_channel.default, qd.quantize_per_channel_group.default)]
     assert len(quantizers) == LINEARS - 1
@@ -108,3 +111,26 @@ def _fake_quantized(gm: torch.fx.GraphModule, q: torch.fx.Node) -> torch.Tensor:
 def test_gptq_without_quantized_weights_does_nothing(llama_graph, tokens):
     result = _run(llama_graph, "gptq", tokens)
     assert result.records[0].modified is False
+
+
+def test_a_decode_graph_with_its_own_scheme_gets_its_own_gptq(small_llama, tokens):
+    """The forward graph's GPTQ results are remembered per quantization: a decode graph quantized to w4 while
+    the forward graph is w8 must run GPTQ for its own grid (and agree with it exactly), not take the w8 one."""
+    from passforge.ir.capture import capture
+    from passforge.models.llama import DecodeStep, example_decode_inputs
+
+    spec = "quantize(scheme=w8,decode_scheme=w4,group_size=32),gptq(calib_windows=4)"
+    calib = torch.randint(0, 256, (8 * 16,), generator=torch.Generator().manual_seed(2))
+    memo: dict[str, object] = {}
+    forward = PassManager.parse(spec).run(
+        capture(small_llama, (tokens,)), Context(example_inputs=(tokens,), calib_tokens=calib, memo=memo))
+    decode_in = example_decode_inputs(small_llama)
+    decode = PassManager.parse(spec).run(
+        capture(DecodeStep(small_llama), decode_in),
+        Context(example_inputs=decode_in, calib_tokens=calib, memo=memo, role="decode"),
+    ).graph
+    assert forward.records[1].stats == {"gptq": LINEARS - 1}
+    groups = [n for n in decode.graph.nodes if n.target is qd.quantize_per_channel_group.default]
+    assert len(groups) == LINEARS - 1
+    for q in groups:
+        torch.testing.assert_close(_fake_quantized(decode, q), get_attr(decode, q.args[0].target), rtol=0, atol=1e-6)
