@@ -66,7 +66,9 @@ def save_graph(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.export.export(gm, tuple(example_inputs), dynamic_shapes=dynamic_shapes, strict=False)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        # torch notes each weight that shares storage with a bigger tensor (a view); harmless for CPU weights
+        warnings.filterwarnings("ignore", message="No complete tensor found in the group")
         torch.export.save(program, tmp)
 
 
