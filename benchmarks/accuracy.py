@@ -42,6 +42,7 @@ RECIPES = {
     "fp8 (e4m3, per-token activations)": "cleanup,quantize(scheme=fp8),fold-quant",
     "w4 g128 round-to-nearest": "cleanup,quantize(scheme=w4,group_size=128),fold-quant",
     "w4 g128 + gptq": "cleanup,quantize(scheme=w4,group_size=128),gptq,fold-quant",
+    "w4 g128 + gptq, lm_head too": "cleanup,quantize(scheme=w4,group_size=128,skip=''),gptq,fold-quant",
     "w4 g32 round-to-nearest": "cleanup,quantize(scheme=w4,group_size=32),fold-quant",
     "w4 g32 + gptq": "cleanup,quantize(scheme=w4,group_size=32),gptq,fold-quant",
 }

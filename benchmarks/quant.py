@@ -70,6 +70,8 @@ PIPELINES = {
         "cleanup,cast(dtype=bf16),smooth-quant,quantize(scheme=w8a8-static,decode_scheme=w4),fold-quant,lower-quant",
     "passforge smooth + fused + w8a8-static (decode w4) + bf16": "cleanup,cast(dtype=bf16),smooth-quant,fuse-linears,"
         "quantize(scheme=w8a8-static,decode_scheme=w4),fold-quant,lower-quant",
+    "passforge w4 g128 + gptq + bf16, lm_head too":
+        "cleanup,cast(dtype=bf16),quantize(scheme=w4,skip=''),gptq,fold-quant,lower-quant",
     "passforge fused + w4 g128 + bf16":
         "cleanup,cast(dtype=bf16),fuse-linears,quantize(scheme=w4),fold-quant,lower-quant",
 }
