@@ -70,6 +70,8 @@ class GPTQ(Pass):
     def __post_init__(self) -> None:
         if not 0 < self.damp < 1:
             raise ValueError(f"damp must be in (0, 1), got {self.damp}")
+        if self.calib_windows < 1:
+            raise ValueError(f"calib_windows must be >= 1, got {self.calib_windows}")
 
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:

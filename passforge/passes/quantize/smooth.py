@@ -79,6 +79,8 @@ class SmoothQuant(Pass):
     def __post_init__(self) -> None:
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if self.calib_windows < 1:
+            raise ValueError(f"calib_windows must be >= 1, got {self.calib_windows}")
 
     def tolerance(self, before: fx.GraphModule, expected: list[torch.Tensor]) -> tuple[float, float]:
         """fp32: reassociation only (relative 1e-4). A bf16 graph rounds the rescaled weights and norm scales

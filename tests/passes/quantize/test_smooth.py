@@ -110,6 +110,12 @@ def test_a_norm_output_with_other_readers_is_not_smoothed():
     assert result.records[0].modified is False
 
 
-def test_bad_alpha_is_refused():
+def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="alpha"):
         PassManager.parse("smooth-quant(alpha=1.5)")
+    with pytest.raises(ValueError, match="calib_windows"):
+        PassManager.parse("smooth-quant(calib_windows=0)")
+    with pytest.raises(ValueError, match="calib_windows"):
+        PassManager.parse("gptq(calib_windows=0)")
+    with pytest.raises(ValueError, match="damp"):
+        PassManager.parse("gptq(damp=0)")
