@@ -72,7 +72,7 @@ def sensitivity_search(
 ) -> SensitivityResult:
     """Rank ``gm``'s linear weights by what ``recipe`` (a pipeline whose first pass is ``quantize``) costs
     each alone, then propose the recipe with a skip list meeting ``max_increase``; see the module docstring."""
-    passes = _recipe_passes(recipe)
+    passes = recipe_passes(recipe)
     if ctx.eval_tokens is None:
         raise ValueError("the sensitivity search measures perplexity: it needs evaluation text (--eval-data)")
     deadline = time.monotonic() + time_budget_s
@@ -141,7 +141,8 @@ def _better(candidate: Candidate, best: Candidate | None, max_increase: float) -
     return candidate.ppl < best.ppl
 
 
-def _recipe_passes(recipe: str) -> list[Pass]:
+def recipe_passes(recipe: str) -> list[Pass]:
+    """``recipe`` parsed; a :class:`SpecError` unless it starts with ``quantize(...)``."""
     passes = parse_pipeline(recipe)
     if not passes or not isinstance(passes[0], Quantize):
         raise SpecError(recipe, 0, "a sensitivity recipe starts with quantize(...), e.g. 'quantize(scheme=w4),gptq'")

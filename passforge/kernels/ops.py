@@ -134,9 +134,12 @@ def int8_weight_linear(
     return int8_weight_linear_reference(x, w, scales, bias)
 
 
-@int8_weight_linear.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear_shaped(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Fake impl of the ops shaped like ``linear(x (..., K), w (N, K)) -> (..., N)``."""
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+int8_weight_linear.register_fake(_linear_shaped)
 
 
 @int8_weight_linear.register_kernel("cuda")
@@ -193,9 +196,7 @@ def int8_dynamic_linear(
     return _int8_dynamic_linear_torch(x, w, scales, bias)
 
 
-@int8_dynamic_linear.register_fake
-def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return x.new_empty((*x.shape[:-1], w.shape[0]))
+int8_dynamic_linear.register_fake(_linear_shaped)
 
 
 @int8_dynamic_linear.register_kernel("cuda")

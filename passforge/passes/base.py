@@ -110,6 +110,19 @@ class Pass(ABC):
         return inspect.cleandoc(cls.__doc__ or "")
 
 
+BF16_ULP = 2**-7  # bf16's relative step (8 significant bits): the unit low-precision tolerances are given in
+
+
+def computes_in_low_precision(gm: fx.GraphModule) -> bool:
+    """True when some value in ``gm`` is bf16 or fp16: its results carry low-precision rounding."""
+    return any(getattr(n.meta.get("val"), "dtype", None) in (torch.bfloat16, torch.float16) for n in gm.graph.nodes)
+
+
+def output_scale(expected: Sequence[torch.Tensor]) -> float:
+    """The largest magnitude among the floating outputs: what absolute tolerances are a fraction of."""
+    return max((float(t.abs().max()) for t in expected if t.is_floating_point() and t.numel()), default=1.0)
+
+
 def _default_of(f: dataclasses.Field) -> object:
     if f.default is not dataclasses.MISSING:
         return f.default

@@ -26,7 +26,7 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import drop_unused_attrs, get_attr, set_tensor_attr
-from passforge.passes.base import Context, Pass, PassResult
+from passforge.passes.base import BF16_ULP, Context, Pass, PassResult, computes_in_low_precision, output_scale
 from passforge.passes.quantize.insert import linear_operands
 from passforge.passes.registry import register
 
@@ -46,12 +46,9 @@ class FuseLinears(Pass):
         """fp32: reassociation (1e-4). bf16/fp16 GEMMs round their blocked sums to the low dtype: a different
         blocking moves an output by up to an ulp, compounding through the layers: allow 2 ulp of bf16 of the
         output scale."""
-        low = any(getattr(n.meta.get("val"), "dtype", None) in (torch.bfloat16, torch.float16)
-                  for n in before.graph.nodes)
-        if not low:
+        if not computes_in_low_precision(before):
             return self.rtol, self.atol
-        scale = max((float(t.abs().max()) for t in expected if t.is_floating_point() and t.numel()), default=1.0)
-        return 0.0, 2 * 2**-7 * scale
+        return 0.0, 2 * BF16_ULP * output_scale(expected)
 
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
@@ -94,7 +91,7 @@ def _compatible(gm: fx.GraphModule, linears: list[fx.Node]) -> bool:
 def _fuse(gm: fx.GraphModule, linears: list[fx.Node]) -> None:
     """One linear over the concatenated weights (and biases), placed before the first of ``linears``; each
     old linear's users read their slice of its output."""
-    first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
+    first = linears[0]  # collected in graph order
     x = linear_operands(first)[0]
     names = [linear_operands(n)[1].target for n in linears]
     weights = [get_attr(gm, name) for name in names]

@@ -235,13 +235,13 @@ def _profile(args: argparse.Namespace) -> int:
 
 def _sensitivity(args: argparse.Namespace) -> int:
     from passforge.api import data_tokens
-    from passforge.eval.sensitivity import _recipe_passes, sensitivity_search
+    from passforge.eval.sensitivity import recipe_passes, sensitivity_search
     from passforge.ir.capture import capture
     from passforge.models.registry import ModelError, resolve
     from passforge.passes.base import Context
     from passforge.passes.manager import PassManager
 
-    _recipe_passes(args.recipe)  # a bad recipe is a usage error before any slow work
+    recipe_passes(args.recipe)  # a bad recipe is a usage error before any slow work
     source = resolve(args.model, seq_len=args.seq_len)
     if source.module is None:
         raise ModelError(f"{args.model}: the sensitivity search needs a model to capture, not a saved graph")

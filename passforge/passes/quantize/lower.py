@@ -57,7 +57,7 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import add_buffer, get_attr
-from passforge.passes.base import Context, Pass, PassResult
+from passforge.passes.base import BF16_ULP, Context, Pass, PassResult, computes_in_low_precision, output_scale
 from passforge.passes.cleanup import eliminate_dead_code
 from passforge.passes.quantize.insert import linear_operands
 from passforge.passes.registry import register
@@ -104,15 +104,13 @@ class LowerQuant(Pass):
         per_tensor = any(n.target is qd.quantize_per_tensor.default for n in nodes)
         fp8_activations = any(n.target is torch.ops.passforge.quantize_fp8.default and n.all_input_nodes[0].op
                               != "get_attr" for n in nodes)
-        low = any(getattr(n.meta.get("val"), "dtype", None) in (torch.bfloat16, torch.float16) for n in nodes)
+        low = computes_in_low_precision(before)
         if not (int8_activations or fp8_activations or low):
             return self.rtol, self.atol
-        scale = max((float(t.abs().max()) for t in expected if t.is_floating_point() and t.numel()), default=1.0)
         activations = int8_activations or fp8_activations
         flips = 0.06 if fp8_activations else (0.04 if per_tensor else 0.02) if int8_activations else 0.0
-        fraction = flips + (
-            (4 if activations else 2) * 2**-7 if low else 0.0)
-        return 0.0, fraction * scale
+        fraction = flips + ((4 if activations else 2) * BF16_ULP if low else 0.0)
+        return 0.0, fraction * output_scale(expected)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         from passforge.kernels.ops import backend, scaled_mm_unsupported  # importing it registers the ops

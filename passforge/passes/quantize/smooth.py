@@ -35,9 +35,10 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import get_attr, set_tensor_attr
-from passforge.passes.base import Context, Pass, PassResult
+from passforge.passes.base import BF16_ULP, Context, Pass, PassResult, computes_in_low_precision, output_scale
 from passforge.passes.quantize.calibrate import calibration_inputs, memo_get, memo_put, observe
 from passforge.passes.quantize.insert import int8_per_channel, linear_operands
+from passforge.passes.quantize.observers import int8_affine_qparams
 from passforge.passes.registry import register
 
 aten = torch.ops.aten
@@ -85,12 +86,9 @@ class SmoothQuant(Pass):
     def tolerance(self, before: fx.GraphModule, expected: list[torch.Tensor]) -> tuple[float, float]:
         """fp32: reassociation only (relative 1e-4). A bf16 graph rounds the rescaled weights and norm scales
         to bf16 again (2^-8 each, compounding through the layers): allow 4 ulp of bf16 of the output scale."""
-        low = any(getattr(n.meta.get("val"), "dtype", None) in (torch.bfloat16, torch.float16)
-                  for n in before.graph.nodes)
-        if not low:
+        if not computes_in_low_precision(before):
             return self.rtol, self.atol
-        scale = max((float(t.abs().max()) for t in expected if t.is_floating_point() and t.numel()), default=1.0)
-        return 0.0, 4 * 2**-7 * scale
+        return 0.0, 4 * BF16_ULP * output_scale(expected)
 
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
@@ -135,6 +133,8 @@ class SmoothQuant(Pass):
         return amax, samples
 
     def _best_alpha(self, gm: fx.GraphModule, group: _Group, amax: torch.Tensor, rows: list[torch.Tensor]) -> float:
+        import passforge.kernels.ops  # noqa: F401 - registers torch's Q/DQ ops the search fake-quantizes with
+
         x = torch.cat(rows)[:SEARCH_TOKENS]  # (T, C)
         weights = [get_attr(gm, linear_operands(n)[1].target).float() for n in group.linears]
         w = torch.cat(weights)  # (N_total, C)
@@ -238,13 +238,18 @@ def _apply(gm: fx.GraphModule, group: _Group, s: torch.Tensor) -> None:
 
 
 def _fake_quant_x(x: torch.Tensor) -> torch.Tensor:
-    """Per-tensor asymmetric int8 with the min/max range (what w8a8-static does with minmax)."""
+    """What w8a8-static with the minmax observer makes of ``x``: per-tensor asymmetric int8, torch's Q/DQ."""
     lo, hi = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
-    scale = max(hi - lo, 1e-12) / 255
-    zero_point = round(-128 - lo / scale)
-    return (torch.clamp(torch.round(x / scale) + zero_point, -128, 127) - zero_point) * scale
+    if hi == lo:
+        return x  # all zero: exact
+    qd = torch.ops.quantized_decomposed
+    common = (*int8_affine_qparams(lo, hi), -128, 127, torch.int8)
+    return qd.dequantize_per_tensor(qd.quantize_per_tensor(x, *common), *common)
 
 
 def _fake_quant_w(w: torch.Tensor) -> torch.Tensor:
-    scales = int8_per_channel(w).scales[:, None]
-    return torch.clamp(torch.round(w / scales), -128, 127) * scales
+    """What ``quantize`` makes of a weight: symmetric int8 per output channel, torch's Q/DQ."""
+    qd = torch.ops.quantized_decomposed
+    params = int8_per_channel(w)
+    q = qd.quantize_per_channel(w, params.scales, params.zero_points, 0, -128, 127, torch.int8)
+    return qd.dequantize_per_channel(q, params.scales, None, 0, -128, 127, torch.int8)
