@@ -1,0 +1,174 @@
+"""What ``passforge::attention`` computes, its float64 reference, and its CPU implementation.
+
+``attention(q (B, Hq, Tq, D), k (B, Hkv, Tk, D), v (B, Hkv, Tk, Dv), mask?, *, causal, scale, window, sinks)``
+returns ``(B, Hq, Tq, Dv)`` in q's dtype. Query head ``h`` reads kv head ``h // (Hq // Hkv)`` (grouped-query
+attention; k and v are never repeated). Query ``i`` sits at position ``p = i + Tk - Tq`` (queries are the *last*
+Tq positions of the keys: bottom-right alignment, as a decode step or a chunked prefill against a cache needs;
+for Tq == Tk it is the usual causal mask). Key ``j`` is attended when all of these hold:
+
+- ``mask`` allows it: a bool mask (True = attend) or a float mask added to the scores, broadcastable to
+  (B, Hq, Tq, Tk);
+- ``causal``: ``j <= p``;
+- ``window > 0``: ``p - window < j`` (and ``j < p + window`` when not causal) — sliding-window attention;
+- ``sinks > 0``: keys ``j < sinks`` are exempt from the window (StreamingLLM's attention sinks), not from the
+  causal rule or the mask.
+
+``scale`` defaults to ``1 / sqrt(D)``. A query row with no attendable key returns zeros (SDPA's flash kernels do
+the same; its math kernel returns NaN).
+
+The CPU implementation never builds a (Tq, Tk) score matrix for a whole sequence: plain causal or unmasked calls
+go to SDPA's flash CPU kernel (O(T) memory, native GQA); window/sinks calls walk query blocks, each attending only
+the keys it can see (sinks + the window), so memory and time grow linearly in T. Triton kernels for CUDA live in
+``flash_attention`` (imported only for CUDA tensors).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+QUERY_BLOCK = 256  # queries per step of the windowed CPU loop: big enough for SDPA, small enough for cache
+
+
+def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int) -> None:
+    """Raise ValueError (what, which shapes) for operands the op does not define."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"attention wants 4-d (B, H, T, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    (b, hq, _, d), (bk, hkv, tk, dk) = q.shape, k.shape
+    if bk != b or v.shape[0] != b or dk != d or v.shape[1] != hkv or v.shape[2] != tk:
+        raise ValueError(f"attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"attention: {hq} query heads are not a multiple of {hkv} kv heads")
+    if window < 0 or sinks < 0:
+        raise ValueError(f"attention: window={window} and sinks={sinks} must be >= 0")
+
+
+def allowed(
+    tq: int, tk: int, *, causal: bool, window: int, sinks: int, device: torch.device | None = None,
+    query_start: int = 0,
+) -> torch.Tensor | None:
+    """The (tq, tk) bool matrix of the causal/window/sinks rules for queries ``query_start .. query_start + tq``
+    of a call with ``Tq - Tk == tk_total - tq_total`` folded into ``query_start`` (None when nothing is ruled
+    out). Positions follow the module docstring."""
+    if not causal and window == 0:
+        return None
+    p = torch.arange(query_start, query_start + tq, device=device).view(-1, 1)
+    j = torch.arange(tk, device=device).view(1, -1)
+    keep = j <= p if causal else torch.ones(tq, tk, dtype=torch.bool, device=device)
+    if window:
+        near = j > p - window
+        if not causal:
+            near &= j < p + window
+        if sinks:
+            near |= j < sinks
+        keep &= near
+    return keep
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int = 0,
+    sinks: int = 0,
+    compute_dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
+    """The definition, materialised: scores (B, Hq, Tq, Tk) in ``compute_dtype``, masked softmax, @ v.
+    Differentiable (the op's backward recomputes through it). Returns q's dtype."""
+    check_shapes(q, k, v, window, sinks)
+    tq, tk, n_rep = q.shape[2], k.shape[2], q.shape[1] // k.shape[1]
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qc, kc, vc = (t.to(compute_dtype) for t in (q, k, v))
+    kc, vc = kc.repeat_interleave(n_rep, dim=1), vc.repeat_interleave(n_rep, dim=1)
+    scores = (qc @ kc.transpose(-2, -1)) * scale  # (B, Hq, Tq, Tk)
+    keep = allowed(tq, tk, causal=causal, window=window, sinks=sinks, device=q.device, query_start=tk - tq)
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = mask if keep is None else keep & mask
+        else:
+            scores = scores + mask.to(compute_dtype)
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # rows with no key: 0/0 -> 0
+    return (probs @ vc).to(q.dtype)
+
+
+def attention_cpu(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int = 0,
+    sinks: int = 0,
+) -> torch.Tensor:
+    """The op on any device without a Triton kernel: SDPA (flash CPU kernel, native GQA) in O(T) memory."""
+    check_shapes(q, k, v, window, sinks)
+    tq, tk = q.shape[2], k.shape[2]
+    if mask is not None and mask.dim() < 4:
+        mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if window == 0 or window >= tk:  # every key is inside the window: sinks change nothing
+        if causal and (mask is not None or tq != tk):
+            keep = allowed(tq, tk, causal=True, window=0, sinks=0, device=q.device, query_start=tk - tq)
+            mask = _merge(mask, keep, q.dtype)
+            causal = False
+        return _sdpa(q, k, v, mask, causal=causal, scale=scale)
+    out = q.new_empty(*q.shape[:3], v.shape[-1])
+    for start in range(0, tq, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, tq)
+        p0, p1 = start + tk - tq, stop + tk - tq  # key positions of this block's first and one-past-last query
+        lo = max(0, p0 - window + 1)
+        hi = min(tk, p1 if causal else p1 + window - 1)
+        keys = torch.arange(lo, max(lo, hi), device=q.device)
+        if sinks and lo > 0:
+            keys = torch.cat([torch.arange(min(sinks, lo), device=q.device), keys])
+        if keys.numel() == 0:  # queries before the first key (Tq > Tk): nothing to attend
+            out[:, :, start:stop] = 0
+            continue
+        keep = allowed(stop - start, tk, causal=causal, window=window, sinks=sinks, device=q.device,
+                       query_start=p0)[:, keys]
+        block_mask = None if mask is None else _rows(mask, start, stop)[..., keys]
+        block = _sdpa(q[:, :, start:stop], k[:, :, keys], v[:, :, keys], _merge(block_mask, keep, q.dtype),
+                      causal=False, scale=scale)
+        out[:, :, start:stop] = block
+    return out
+
+
+def _rows(mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    """Rows start..stop of a 4-d mask broadcastable to (B, H, Tq, Tk) (a broadcast row dim stays as it is)."""
+    return mask if mask.shape[-2] == 1 else mask[..., start:stop, :]
+
+
+def _merge(mask: torch.Tensor | None, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One SDPA mask from the user's (bool or additive) mask and the rules' bool matrix."""
+    if mask is None:
+        return keep
+    if mask.dtype == torch.bool:
+        return mask & keep
+    return mask.to(dtype).masked_fill(~keep, float("-inf"))
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, causal: bool,
+    scale: float | None,
+) -> torch.Tensor:
+    """SDPA with k/v in their own head count; a single-query call folds each query group onto its kv head
+    ((B, Hkv, n_rep, D) queries against one kv head), which is what the decode shape needs to read each kv
+    head once."""
+    b, hq, tq, d = q.shape
+    hkv = k.shape[1]
+    n_rep = hq // hkv
+    if tq == 1 and n_rep > 1 and not causal and (mask is None or mask.shape[1] == 1):
+        out = F.scaled_dot_product_attention(q.view(b, hkv, n_rep, d), k, v, attn_mask=mask, scale=scale)
+        return out.view(b, hq, 1, v.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                          enable_gqa=n_rep > 1)
