@@ -35,8 +35,9 @@ QUERY_BLOCK = 256  # queries per step of the windowed CPU loop: big enough for S
 def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, sinks: int) -> None:
     """Raise ValueError (what, which shapes) for operands the op does not define."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"attention wants 4-d (B, H, T, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
+        raise ValueError(
+            f"attention wants 4-d (B, H, T, D) q, k, v; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
     (b, hq, _, d), (bk, hkv, tk, dk) = q.shape, k.shape
     if bk != b or v.shape[0] != b or dk != d or v.shape[1] != hkv or v.shape[2] != tk:
         raise ValueError(f"attention: k {tuple(k.shape)} / v {tuple(v.shape)} do not fit q {tuple(q.shape)}")
@@ -47,7 +48,13 @@ def check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int,
 
 
 def allowed(
-    tq: int, tk: int, *, causal: bool, window: int, sinks: int, device: torch.device | None = None,
+    tq: int,
+    tk: int,
+    *,
+    causal: bool,
+    window: int,
+    sinks: int,
+    device: torch.device | None = None,
     query_start: int = 0,
 ) -> torch.Tensor | None:
     """The (tq, tk) bool matrix of the causal/window/sinks rules for queries ``query_start .. query_start + tq``
@@ -134,11 +141,18 @@ def attention_cpu(
         if keys.numel() == 0:  # queries before the first key (Tq > Tk): nothing to attend
             out[:, :, start:stop] = 0
             continue
-        keep = allowed(stop - start, tk, causal=causal, window=window, sinks=sinks, device=q.device,
-                       query_start=p0)[:, keys]
+        keep = allowed(stop - start, tk, causal=causal, window=window, sinks=sinks, device=q.device, query_start=p0)[
+            :, keys
+        ]
         block_mask = None if mask is None else _rows(mask, start, stop)[..., keys]
-        block = _sdpa(q[:, :, start:stop], k[:, :, keys], v[:, :, keys], _merge(block_mask, keep, q.dtype),
-                      causal=False, scale=scale)
+        block = _sdpa(
+            q[:, :, start:stop],
+            k[:, :, keys],
+            v[:, :, keys],
+            _merge(block_mask, keep, q.dtype),
+            causal=False,
+            scale=scale,
+        )
         out[:, :, start:stop] = block
     return out
 
@@ -158,7 +172,12 @@ def _merge(mask: torch.Tensor | None, keep: torch.Tensor, dtype: torch.dtype) ->
 
 
 def _sdpa(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, causal: bool,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    *,
+    causal: bool,
     scale: float | None,
 ) -> torch.Tensor:
     """SDPA with k/v in their own head count; a single-query call folds each query group onto its kv head
@@ -170,5 +189,4 @@ def _sdpa(
     if tq == 1 and n_rep > 1 and not causal and (mask is None or mask.shape[1] == 1):
         out = F.scaled_dot_product_attention(q.view(b, hkv, n_rep, d), k, v, attn_mask=mask, scale=scale)
         return out.view(b, hq, 1, v.shape[-1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=n_rep > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=n_rep > 1)
