@@ -14,7 +14,9 @@ for Tq == Tk it is the usual causal mask). Key ``j`` is attended when all of the
   causal rule or the mask.
 
 ``scale`` defaults to ``1 / sqrt(D)``. A query row with no attendable key returns zeros (SDPA's flash kernels do
-the same; its math kernel returns NaN).
+the same; its math kernel returns NaN). The output is laid out (B, Tq, Hq, Dv) in memory and returned as its
+(B, Hq, Tq, Dv) transpose, as SDPA's flash kernels and flash-attn do: the usual next step,
+``y.transpose(1, 2).reshape(B, T, H * D)``, is then a free view.
 
 The CPU implementation never builds a (Tq, Tk) score matrix for a whole sequence: plain causal or unmasked calls
 go to SDPA's flash CPU kernel (O(T) memory, native GQA); window/sinks calls walk query blocks, each attending only
@@ -128,8 +130,8 @@ def attention_cpu(
             keep = allowed(tq, tk, causal=True, window=0, sinks=0, device=q.device, query_start=tk - tq)
             mask = _merge(mask, keep, q.dtype)
             causal = False
-        return _sdpa(q, k, v, mask, causal=causal, scale=scale)
-    out = q.new_empty(*q.shape[:3], v.shape[-1])
+        return heads_last(_sdpa(q, k, v, mask, causal=causal, scale=scale))
+    out = empty_output(q, v)
     for start in range(0, tq, QUERY_BLOCK):
         stop = min(start + QUERY_BLOCK, tq)
         p0, p1 = start + tk - tq, stop + tk - tq  # key positions of this block's first and one-past-last query
@@ -155,6 +157,19 @@ def attention_cpu(
         )
         out[:, :, start:stop] = block
     return out
+
+
+def empty_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """An uninitialised (B, Hq, Tq, Dv) output in the op's layout: (B, Tq, Hq, Dv) in memory."""
+    b, h, t, _ = q.shape
+    return q.new_empty((b, t, h, v.shape[-1])).transpose(1, 2)
+
+
+def heads_last(out: torch.Tensor) -> torch.Tensor:
+    """``out`` (B, H, T, D) in the op's layout, copied only when it is not already."""
+    if out.transpose(1, 2).is_contiguous():
+        return out
+    return empty_output(out, out).copy_(out)
 
 
 def _rows(mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:

@@ -44,6 +44,7 @@ import importlib.util
 import torch
 import torch.ao.quantization.fx._decomposed
 
+from passforge.kernels.attention import attention_cpu, attention_reference, check_shapes, empty_output, heads_last
 from passforge.kernels.fp8 import FP8_MAX, MIN_SCALE, dequantize_fp8, quantize_fp8
 from passforge.kernels.prepack import cpu_int4_layout, int8_row_sums
 
@@ -369,3 +370,84 @@ def _(
 
     out = int4_weight_only_gemm(x.reshape(-1, k), packed, scales, zero_points, group_size, bias)  # (M, N)
     return out.reshape(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("passforge::attention", mutates_args=())
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int = 0,
+    sinks: int = 0,
+) -> torch.Tensor:
+    return attention_cpu(q, k, v, mask, causal=causal, scale=scale, window=window, sinks=sinks)
+
+
+@attention.register_fake
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int = 0,
+    sinks: int = 0,
+) -> torch.Tensor:
+    check_shapes(q, k, v, window, sinks)
+    return empty_output(q, v)
+
+
+@attention.register_kernel("cuda")
+def _(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    window: int = 0,
+    sinks: int = 0,
+) -> torch.Tensor:
+    if attention_backend(q, k, v, mask) != "triton":
+        return attention_cpu(q, k, v, mask, causal=causal, scale=scale, window=window, sinks=sinks)
+    from passforge.kernels.flash_attention import flash_attention
+
+    return heads_last(flash_attention(q, k, v, mask, causal=causal, scale=scale, window=window, sinks=sinks))
+
+
+def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str:
+    """Which implementation ``passforge::attention`` runs for these operands: ``"triton"`` (CUDA, kernels of
+    ``flash_attention``) or ``"sdpa"`` (``attention_cpu``: SDPA's flash kernels, blocked for windows)."""
+    if q.device.type != "cuda" or not triton_available():
+        return "sdpa"
+    from passforge.kernels.flash_attention import unsupported
+
+    return "sdpa" if unsupported(q, k, v, mask) else "triton"
+
+
+def _attention_setup(ctx: object, inputs: tuple[object, ...], keyword_only_inputs: dict[str, object],
+                     output: torch.Tensor) -> None:
+    q, k, v, mask = inputs
+    ctx.save_for_backward(q, k, v, mask)
+    ctx.options = keyword_only_inputs
+
+
+def _attention_backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+    """Recompute through the float32 reference and differentiate it: O(T²) memory, but exact gradients for
+    distillation and QAT through a substituted attention (the forward keeps its O(T) kernels)."""
+    q, k, v, mask = ctx.saved_tensors
+    with torch.enable_grad():
+        leaves = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in (q, k, v)]
+        out = attention_reference(*leaves, mask, compute_dtype=torch.float32, **ctx.options)
+        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
+    return (*grads, None)
+
+
+attention.register_autograd(_attention_backward, setup_context=_attention_setup)

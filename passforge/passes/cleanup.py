@@ -229,3 +229,23 @@ def _input_bytes(node: fx.Node, values: dict[fx.Node, object]) -> int:
             total += value.nbytes if isinstance(value, torch.Tensor) else 0
         stack.extend(current.all_input_nodes)
     return total or CREATION_FOLD_LIMIT
+
+
+def constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """``node``'s value when it depends on parameters and constants only (no input, no impure op), evaluated
+    now; None otherwise. For passes that need to know what a mask or a scale *is* (fuse-attention)."""
+    values: dict[fx.Node, object] = {}
+    stack, seen = [node], set()
+    while stack:
+        current = stack.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if current.op == "get_attr":
+            values[current] = get_attr(gm, current.target)
+        elif current.op == "call_function" and _foldable_op(current) and _static_tensor(current.meta.get("val")):
+            stack.extend(current.all_input_nodes)
+        else:
+            return None
+    value = _evaluate(node, values)
+    return value if isinstance(value, torch.Tensor) else None

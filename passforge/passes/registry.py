@@ -18,6 +18,7 @@ _BUILTIN_MODULES = (
     "passforge.passes.cleanup",
     "passforge.passes.precision",
     "passforge.passes.fuse_linears",
+    "passforge.passes.attention",
     "passforge.passes.quantize.insert",
     "passforge.passes.quantize.smooth",
     "passforge.passes.quantize.gptq",

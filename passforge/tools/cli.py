@@ -198,8 +198,8 @@ def _explain(args: argparse.Namespace) -> int:
     cls = lookup(args.pass_name)
     if cls is None:
         raise SpecError(args.pass_name, 0, f"unknown pass '{args.pass_name}'{suggest(args.pass_name, available())}")
-    rules = getattr(cls, "rules", None)
-    if rules is None:
+    rules, own_explain = getattr(cls, "rules", None), getattr(cls, "explain", None)
+    if rules is None and own_explain is None:
         print(f"{args.pass_name} is not a pattern pass (it has no rules to explain)")
         return EXIT_OK
     source = resolve(args.model)
@@ -207,6 +207,9 @@ def _explain(args: argparse.Namespace) -> int:
         gm = load_graph(source.pt2_path)
     else:
         gm = capture(source.module, source.example_inputs, name=source.name)
+    if own_explain is not None:  # a matcher pass (fuse-attention) explains itself
+        print("\n".join(own_explain(gm)))
+        return EXIT_OK
     for report in explain(gm, rules()):
         print("\n".join(report.lines()))
     return EXIT_OK

@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from passforge.ir.capture import CaptureError
+from passforge.ir.graph import count_calls
 from passforge.models.hf import capture_hf
 from passforge.passes.base import Context
 from passforge.passes.hooks import VerifyHook
@@ -103,6 +104,21 @@ def test_cleanup_keeps_outputs(captured):
     assert [record.status for record in result.records] == ["ok"]
     with torch.inference_mode():
         actual = result.graph(*example)
+    torch.testing.assert_close(actual, _eager_logits(eager, example), **TOL)
+
+
+def test_fuse_attention_matches_every_layer(captured):
+    """HF's eager (explicit matmul/softmax with an arange-built additive mask) and SDPA attention, GQA through
+    repeat_kv: every layer becomes one passforge::attention call with the constant mask read as causal."""
+    arch, _, gm, eager, example = captured
+    result = PassManager.parse("fuse-attention", hooks=[VerifyHook()]).run(gm, Context(example_inputs=example))
+    graph, record = result.graph, result.records[-1]
+    layers = ARCHS[arch][2].get("num_hidden_layers", ARCHS[arch][2].get("n_layer"))
+    assert record.stats["fused"] == layers and record.stats["tag:mask→causal"] == layers
+    assert count_calls(graph, torch.ops.passforge.attention.default) == layers
+    assert count_calls(graph, SDPA) == count_calls(graph, torch.ops.aten.softmax.int) == 0
+    with torch.inference_mode():
+        actual = graph(*example)
     torch.testing.assert_close(actual, _eager_logits(eager, example), **TOL)
 
 
