@@ -74,6 +74,11 @@ PIPELINES = {
         "cleanup,cast(dtype=bf16),quantize(scheme=w4,skip=''),gptq,fold-quant,lower-quant",
     "passforge fused + w4 g128 + bf16":
         "cleanup,cast(dtype=bf16),fuse-linears,quantize(scheme=w4),fold-quant,lower-quant",
+    "passforge bf16 + fuse-attention": "cleanup,fuse-attention,cast(dtype=bf16)",
+    "passforge w4 g128 + bf16 + fuse-attention":
+        "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w4),fold-quant,lower-quant",
+    "passforge smooth + w8a8-static (decode w4) + bf16 + fuse-attention": "cleanup,fuse-attention,cast(dtype=bf16),"
+        "smooth-quant,quantize(scheme=w8a8-static,decode_scheme=w4),fold-quant,lower-quant",
 }
 BASELINE = "eager fp32"
 BANDWIDTH_MIB = 256  # well above the last-level cache (32 MiB here), so the copy/sum stream from DRAM

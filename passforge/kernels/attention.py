@@ -64,9 +64,15 @@ def allowed(
     out). Positions follow the module docstring."""
     if not causal and window == 0:
         return None
-    p = torch.arange(query_start, query_start + tq, device=device).view(-1, 1)
-    j = torch.arange(tk, device=device).view(1, -1)
-    keep = j <= p if causal else torch.ones(tq, tk, dtype=torch.bool, device=device)
+    p = torch.arange(query_start, query_start + tq, device=device)
+    return visible(p, torch.arange(tk, device=device), causal=causal, window=window, sinks=sinks)
+
+
+def visible(p: torch.Tensor, j: torch.Tensor, *, causal: bool, window: int, sinks: int) -> torch.Tensor:
+    """(len(p), len(j)) bool: may a query at position ``p[a]`` see the key at position ``j[b]``? (the rules
+    only; the user's mask comes on top)."""
+    p, j = p.view(-1, 1), j.view(1, -1)
+    keep = j <= p if causal else torch.ones(p.shape[0], j.shape[1], dtype=torch.bool, device=p.device)
     if window:
         near = j > p - window
         if not causal:
@@ -136,27 +142,33 @@ def attention_cpu(
         stop = min(start + QUERY_BLOCK, tq)
         p0, p1 = start + tk - tq, stop + tk - tq  # key positions of this block's first and one-past-last query
         lo = max(0, p0 - window + 1)
-        hi = min(tk, p1 if causal else p1 + window - 1)
-        keys = torch.arange(lo, max(lo, hi), device=q.device)
-        if sinks and lo > 0:
-            keys = torch.cat([torch.arange(min(sinks, lo), device=q.device), keys])
-        if keys.numel() == 0:  # queries before the first key (Tq > Tk): nothing to attend
+        hi = max(lo, min(tk, p1 if causal else p1 + window - 1))
+        n_sinks = min(sinks, lo)  # sinks at or after lo are inside the window's range already
+        if n_sinks + hi - lo == 0:  # queries before the first key (Tq > Tk): nothing to attend
             out[:, :, start:stop] = 0
             continue
-        keep = allowed(stop - start, tk, causal=causal, window=window, sinks=sinks, device=q.device, query_start=p0)[
-            :, keys
-        ]
-        block_mask = None if mask is None else _rows(mask, start, stop)[..., keys]
+        positions = torch.cat([torch.arange(n_sinks), torch.arange(lo, hi)]).to(q.device)
+        keep = visible(torch.arange(p0, p1, device=q.device), positions, causal=causal, window=window, sinks=sinks)
+        block_mask = None if mask is None else _keys(_rows(mask, start, stop), -1, n_sinks, lo, hi)
         block = _sdpa(
             q[:, :, start:stop],
-            k[:, :, keys],
-            v[:, :, keys],
+            _keys(k, 2, n_sinks, lo, hi),
+            _keys(v, 2, n_sinks, lo, hi),
             _merge(block_mask, keep, q.dtype),
             causal=False,
             scale=scale,
         )
         out[:, :, start:stop] = block
     return out
+
+
+def _keys(t: torch.Tensor, dim: int, n_sinks: int, lo: int, hi: int) -> torch.Tensor:
+    """Keys ``0 .. n_sinks`` then ``lo .. hi`` of ``t`` along ``dim`` (a view when there are no sinks; a mask
+    broadcast along the keys stays as it is)."""
+    if t.shape[dim] == 1:
+        return t
+    window = t.narrow(dim, lo, hi - lo)
+    return torch.cat([t.narrow(dim, 0, n_sinks), window], dim) if n_sinks else window
 
 
 def empty_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -178,12 +190,12 @@ def _rows(mask: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 def _merge(mask: torch.Tensor | None, keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """One SDPA mask from the user's (bool or additive) mask and the rules' bool matrix."""
-    if mask is None:
-        return keep
-    if mask.dtype == torch.bool:
-        return mask & keep
-    return mask.to(dtype).masked_fill(~keep, float("-inf"))
+    """One additive SDPA mask from the user's (bool or additive) mask and the rules' bool matrix (SDPA's CPU
+    flash kernel turns a bool mask into an additive one on every call anyway)."""
+    if mask is not None and mask.dtype == torch.bool:
+        keep, mask = mask & keep, None
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device) if mask is None else mask.to(dtype)
+    return bias.masked_fill(~keep, float("-inf"))
 
 
 def _sdpa(

@@ -86,6 +86,12 @@ class AttentionMatch:
     window: int = 0
     scale: float = 1.0
     tags: list[str] = field(default_factory=list)
+    casts: tuple[torch.dtype | None, torch.dtype | None] = (None, None)  # k, v dtypes to cast to (None: as is)
+
+    def dtypes(self) -> tuple[torch.dtype | None, ...]:
+        """q, k, v dtypes as the op will see them."""
+        k_cast, v_cast = self.casts
+        return _dtype(self.q), k_cast or _dtype(self.k), v_cast or _dtype(self.v)
 
     def where(self) -> str:
         return module_path(self.anchor)
@@ -209,9 +215,9 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
         raise NoMatch(f"dropout_p={args['dropout_p']} (attention dropout in training mode)")
     q = args["query"]
     _require_4d(q, "query")
-    k, k_rep, k_tag = _unrepeat(args["key"])
-    v, v_rep, v_tag = _unrepeat(args["value"])
-    match = AttentionMatch(node, q, k, v, causal=bool(args["is_causal"]), tags=["sdpa"])
+    k, k_rep, k_tag, k_cast = _unrepeat_cast(args["key"])
+    v, v_rep, v_tag, v_cast = _unrepeat_cast(args["value"])
+    match = AttentionMatch(node, q, k, v, causal=bool(args["is_causal"]), tags=["sdpa"], casts=(k_cast, v_cast))
     d = _shape(q)[-1]
     match.scale = 1.0 / math.sqrt(d) if args["scale"] is None else float(args["scale"])
     mask = args["attn_mask"]
@@ -243,9 +249,9 @@ def _match_explicit(softmax: fx.Node) -> AttentionMatch:
         match.tags.append("scale-on-q/k")
     match.scale = scale * q_scale * k_scale
     match.q = q
-    k, k_rep, k_tag = _unrepeat(_untranspose(kt))
-    v, v_rep, v_tag = _unrepeat(pv.args[1])
-    match.k, match.v = k, v
+    k, k_rep, k_tag, k_cast = _unrepeat_cast(_untranspose(kt))
+    v, v_rep, v_tag, v_cast = _unrepeat_cast(pv.args[1])
+    match.k, match.v, match.casts = k, v, (k_cast, v_cast)
     _require_4d(q, "q")
     _check_heads(match, k_rep, v_rep, k_tag or v_tag)
     if _dtype(softmax) == torch.float32 != _dtype(q) and "softmax-fp32" not in match.tags:
@@ -391,6 +397,16 @@ def _untranspose(kt: fx.Node) -> fx.Node:
     raise NoMatch(f"the scores matmul's right operand ({kt.name}, {_op(kt)}) is not a transposed k")
 
 
+def _unrepeat_cast(node: fx.Node) -> tuple[fx.Node, int, str, torch.dtype | None]:
+    """``_unrepeat``, also through a dtype cast after the repetition (``cast`` ran before this pass): then the
+    dtype to cast the un-repeated tensor to comes back too (repeat and cast commute)."""
+    if node.op == "call_function" and node.target is aten._to_copy.default and set(node.kwargs) == {"dtype"}:
+        base, rep, tag = _unrepeat(node.args[0])
+        if rep > 1:
+            return base, rep, tag, node.kwargs["dtype"]
+    return (*_unrepeat(node), None)
+
+
 def _unrepeat(node: fx.Node) -> tuple[fx.Node, int, str]:
     """k or v with its heads repeated for GQA/MQA → (the un-repeated tensor, repeats, tag)."""
     if node.op != "call_function":
@@ -426,8 +442,8 @@ def _check_heads(match: AttentionMatch, k_rep: int, v_rep: int, tag: str) -> Non
         raise NoMatch(f"head counts do not line up: q {q[1]}, k {k[1]}×{k_rep}, v {v[1]}×{v_rep}")
     if q[0] != k[0] or q[-1] != k[-1] or k[2] != v[2]:
         raise NoMatch(f"shapes do not line up: q {tuple(q)}, k {tuple(k)}, v {tuple(v)}")
-    if _dtype(match.q) != _dtype(match.k) or _dtype(match.k) != _dtype(match.v):
-        raise NoMatch(f"q, k, v dtypes differ: {_dtype(match.q)}, {_dtype(match.k)}, {_dtype(match.v)}")
+    if len(set(match.dtypes())) != 1:
+        raise NoMatch("q, k, v dtypes differ: {}, {}, {}".format(*match.dtypes()))
     if tag:
         match.tags.append(f"{tag}×{q[1] // k[1]}")
 
@@ -494,8 +510,12 @@ def replace(gm: fx.GraphModule, match: AttentionMatch) -> fx.Node:
             mask = graph.call_function(aten.logical_not.default, (mask,))
         elif mask is not None and match.mask_kind == "add" and match.mask_factor != 1.0:
             mask = graph.call_function(aten.mul.Tensor, (mask, match.mask_factor))
+        k, v = (
+            node if dtype is None else graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+            for node, dtype in zip((match.k, match.v), match.casts)
+        )
         kwargs = {"causal": match.causal, "scale": match.scale, "window": match.window, "sinks": 0}
-        fused = graph.call_function(ATTENTION, (match.q, match.k, match.v, mask), kwargs)
+        fused = graph.call_function(ATTENTION, (match.q, k, v, mask), kwargs)
     fused.meta["nn_module_stack"] = match.anchor.meta.get("nn_module_stack", {})
     out = fused
     if any(user.target in VIEWS for user in match.anchor.users) and _contiguous(match.anchor):

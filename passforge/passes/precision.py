@@ -27,6 +27,7 @@ import torch
 from torch import fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+import passforge.kernels.ops  # noqa: F401 - registers passforge::attention (a low-precision op below)
 from passforge.ir.graph import fake_mode_of, get_attr, set_tensor_attr
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.registry import register
@@ -35,7 +36,7 @@ aten = torch.ops.aten
 
 LOW_PRECISION_OPS = frozenset(
     {aten.linear, aten.mm, aten.bmm, aten.matmul, aten.addmm, aten.baddbmm, aten.conv1d, aten.conv2d,
-     aten.convolution, aten.scaled_dot_product_attention, aten.einsum}
+     aten.convolution, aten.scaled_dot_product_attention, aten.einsum, torch.ops.passforge.attention}
 )
 FP32_OPS = frozenset(
     {aten.softmax, aten._softmax, aten.log_softmax, aten._log_softmax, aten.layer_norm, aten.native_layer_norm,

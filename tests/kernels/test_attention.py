@@ -96,3 +96,17 @@ def test_bad_operands_say_what_is_wrong() -> None:
         attention_cpu(q[0], k, v)
     with pytest.raises(ValueError, match="window=-1"):
         attention_cpu(q, k, v, window=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the op's CUDA path (Triton kernels) needs a GPU")
+@pytest.mark.parametrize("tq", [1, 70], ids=["decode", "prefill"])
+def test_cuda_op_runs_the_triton_kernels(tq: int) -> None:
+    from passforge.kernels.ops import attention_backend
+
+    q, k, v = (t.cuda() for t in operands(1, 8, 2, tq, 70, d=64))
+    mask = (torch.arange(70, device="cuda") <= 50).view(1, 70)
+    assert attention_backend(q, k, v, mask) == "triton"
+    for options in ({"causal": True}, {"causal": True, "window": 16, "sinks": 2}):
+        got = OP(q, k, v, mask, **options)
+        torch.testing.assert_close(got, attention_reference(q, k, v, mask, **options), **TOL)
+        assert got.transpose(1, 2).is_contiguous()

@@ -279,3 +279,18 @@ def test_local_attention_needs_fused_attention_and_sane_options() -> None:
         run(gm, inputs, "local-attention(window=4)")
     with pytest.raises(Exception, match="window must be >= 1"):
         PassManager.parse("local-attention(window=0)")
+
+
+@pytest.mark.parametrize("spec", ["fuse-attention,cast(dtype=bf16)", "cast(dtype=bf16),fuse-attention"])
+def test_fuse_attention_and_cast_in_either_order(spec: str) -> None:
+    """cast treats passforge::attention as a low-precision op (like SDPA); after cast, the k/v repetition is
+    followed by a dtype cast, which the matcher moves onto the un-repeated k/v."""
+    model = llama.build("tiny").eval()
+    tokens = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    gm = capture(model, (tokens,))
+    after, _ = run(gm, (tokens,), spec)
+    assert count_calls(after, ATTENTION) == model.config.n_layers
+    cast_only, _ = run(gm, (tokens,), "cast(dtype=bf16)")
+    want = cast_only(tokens)
+    # both graphs run attention in bf16 with fp32 accumulation; they differ in bf16 rounding of the scores
+    torch.testing.assert_close(after(tokens), want, rtol=0, atol=4 * 2**-8 * want.abs().max().item())
