@@ -49,6 +49,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from passforge.api import optimize
 from passforge.ir.graph import example_inputs_of, param_stats, tensor_attrs
 from passforge.models.llama import PRESETS, DecodeStep, Llama, LlamaConfig, build
+from passforge.runtime.kv_cache import donate_kv_cache
 from passforge.runtime.profile import interleaved_latency_ms
 
 PIPELINES = {
@@ -315,8 +316,9 @@ def passforge_pipeline(spec: str) -> Callable[[Setup], Variant]:
         # valid in any vocabulary of 256 or more)
         opt = optimize(setup.model, (setup.tokens,), pipeline=spec, profile=False, calib_data=bundled_calib_path())
         weights = dict(tensor_attrs(opt.graph))
+        decode, _ = donate_kv_cache(opt.decode)  # as generate() runs it: the cache updated in place
         return Variant(
-            prefill=opt.graph, decode=opt.decode, cache=tuple(example_inputs_of(opt.decode)[2:]),
+            prefill=opt.graph, decode=decode, cache=tuple(example_inputs_of(opt.decode)[2:]),
             weight_bytes=param_stats(opt.graph)[1], disk_bytes=saved_bytes(weights),
             read_bytes_per_token=graph_read_bytes(opt.decode),
         )

@@ -31,6 +31,7 @@ from passforge.passes.base import Context
 from passforge.passes.hooks import DumpHook, VerifyHook
 from passforge.passes.manager import Hook, OnError, PassManager, PipelineResult
 from passforge.runtime.executor import Executor, GenerationStats, KVGenerator, resolve_device
+from passforge.runtime.kv_cache import donate_kv_cache
 from passforge.runtime.profile import ProfileHook
 from passforge.tools.report import build_report
 
@@ -70,11 +71,13 @@ class Optimized:
 
     @functools.cached_property
     def _generator(self) -> KVGenerator:
-        """Built once: the graphs are placed on the device once, not per generate() call."""
+        """Built once: the graphs are placed on the device once, not per generate() call. The generator owns
+        its caches, so decode updates them in place where the graph allows (``runtime.kv_cache``)."""
         if self.prefill is None or self.decode is None:
             raise RuntimeError("this model has no prefill/decode graphs; generate() needs a passforge LLaMA model")
+        decode, _ = donate_kv_cache(self.decode)
         return KVGenerator(
-            Executor(self.prefill, self.device), Executor(self.decode, self.device),
+            Executor(self.prefill, self.device), Executor(decode, self.device),
             max_seq_len=self.max_seq_len, prefill_len=int(example_inputs_of(self.prefill)[0].shape[1]),
         )
 
