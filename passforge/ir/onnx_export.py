@@ -144,10 +144,16 @@ _BEFORE_LOWERING = (
     "runtimes choose their own from the Q/DQ form"
 )
 _HINTS = {
-    f"passforge.{kernel}.default": _BEFORE_LOWERING
-    for kernel in (
-        "int8_weight_linear", "int8_dynamic_linear", "int4_weight_linear", "int8_static_linear", "fp8_linear"
-    )
+    **{
+        f"passforge.{kernel}.default": _BEFORE_LOWERING
+        for kernel in (
+            "int8_weight_linear", "int8_dynamic_linear", "int4_weight_linear", "int8_static_linear", "fp8_linear"
+        )
+    },
+    "passforge.attention.default": (
+        "export the pipeline's graph from before fuse-attention (ONNX runtimes fuse attention themselves: ORT's "
+        "transformer optimizer, TensorRT); an ONNX translation of passforge::attention is not written yet"
+    ),
 }
 """What to do about an untranslated op, where we know better than "write a translation"."""
 _NO_TRANSLATION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>")

@@ -365,3 +365,15 @@ def test_bad_opset_and_missing_dependency_are_explained(llama_graph, tmp_path, m
     with pytest.raises(OnnxExportError, match=r"pip install 'passforge\[onnx\]'"):
         export_onnx(llama_graph, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_fused_attention_says_to_export_before_fuse_attention(tmp_path):
+    from passforge.models import llama
+    from passforge.passes.base import Context
+    from passforge.passes.manager import PassManager
+
+    model = llama.build("tiny").eval()
+    tokens = llama.example_prefill_inputs(model.config, seq=8)
+    gm = PassManager.parse("fuse-attention").run(capture(model, tokens), Context(example_inputs=tokens)).graph
+    with pytest.raises(OnnxExportError, match="before fuse-attention"):
+        export_onnx(gm, tmp_path / "model.onnx", tokens)
