@@ -31,7 +31,7 @@ from passforge.passes.base import Context
 from passforge.passes.hooks import DumpHook, VerifyHook
 from passforge.passes.manager import Hook, OnError, PassManager, PipelineResult
 from passforge.runtime.executor import Executor, GenerationStats, KVGenerator, resolve_device
-from passforge.runtime.kv_cache import donate_kv_cache
+from passforge.runtime.kv_cache import donate_kv_cache, ring_kv_cache
 from passforge.runtime.profile import ProfileHook
 from passforge.tools.report import build_report
 
@@ -72,12 +72,14 @@ class Optimized:
     @functools.cached_property
     def _generator(self) -> KVGenerator:
         """Built once: the graphs are placed on the device once, not per generate() call. The generator owns
-        its caches, so decode updates them in place where the graph allows (``runtime.kv_cache``)."""
+        its caches, so decode updates them in place where the graph allows, and keeps only sinks + window slots
+        when all attention is sliding-window (``runtime.kv_cache``)."""
         if self.prefill is None or self.decode is None:
             raise RuntimeError("this model has no prefill/decode graphs; generate() needs a passforge LLaMA model")
-        decode, _ = donate_kv_cache(self.decode)
+        decode, ring, _ = ring_kv_cache(self.decode)  # local-attention: a cache of sinks + window slots
+        decode, _ = donate_kv_cache(decode)
         return KVGenerator(
-            Executor(self.prefill, self.device), Executor(decode, self.device),
+            Executor(self.prefill, self.device), Executor(decode, self.device), ring=ring,
             max_seq_len=self.max_seq_len, prefill_len=int(example_inputs_of(self.prefill)[0].shape[1]),
         )
 

@@ -190,6 +190,12 @@ class LocalAttention(Pass):
             )
         changed, notes = 0, []
         for node in calls:
+            if node.meta.get(LOCAL_WINDOW) == (self.window, self.sinks):
+                continue
+            if not node.kwargs.get("causal") and (step := decode_step_mask(node)) is not None:
+                _window_decode_mask(gm, node, *step, self.window, self.sinks)
+                changed += 1
+                continue
             if not node.kwargs.get("causal"):
                 notes.append(f"{node.name} ({module_path(node)}): not causal, left alone")
                 continue
@@ -200,6 +206,45 @@ class LocalAttention(Pass):
         if changed:
             gm.recompile()
         return PassResult(gm, modified=changed > 0, stats={"windowed": changed}, notes=notes)
+
+
+LOCAL_WINDOW = "passforge.local_window"
+"""``node.meta`` key: ``(window, sinks)`` of a decode step's attention windowed through its mask; the runtime
+reads it to give that step a ring cache of ``sinks + window`` slots (``runtime.kv_cache.ring_kv_cache``)."""
+
+
+def decode_step_mask(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
+    """``(mask, key positions, pos)`` when ``node``'s mask is a decode step's ``le(arange(S), pos)`` (keys up to
+    the input position ``pos``), else None."""
+    mask = node.args[3] if len(node.args) > 3 else None
+    if isinstance(mask, fx.Node) and mask.target is aten.logical_and.default:  # windowed already
+        mask = mask.args[0]
+    if not (isinstance(mask, fx.Node) and mask.target is aten.le.Tensor):
+        return None
+    positions, pos = mask.args
+    if not (isinstance(pos, fx.Node) and pos.op == "placeholder" and isinstance(positions, fx.Node)):
+        return None
+    return mask, positions, pos
+
+
+def _window_decode_mask(
+    gm: fx.GraphModule, node: fx.Node, mask: fx.Node, positions: fx.Node, pos: fx.Node, window: int, sinks: int
+) -> None:
+    """A decode step over a static cache attends slot j when ``j <= pos``; windowed, also ``j > pos − window`` or
+    ``j < sinks``. (Its query is not at the cache's last position, so the op's own window rule cannot say it.)"""
+    graph = gm.graph
+    with graph.inserting_before(node):
+        near = graph.call_function(aten.gt.Tensor, (positions, graph.call_function(aten.sub.Tensor, (pos, window))))
+        if sinks:
+            near = graph.call_function(
+                aten.logical_or.default, (near, graph.call_function(aten.lt.Scalar, (positions, sinks)))
+            )
+        windowed = graph.call_function(aten.logical_and.default, (mask, near))
+    old = node.args[3]
+    node.args = (*node.args[:3], windowed, *node.args[4:])
+    node.meta[LOCAL_WINDOW] = (window, sinks)
+    if old is not mask and not old.users:  # a previous window's mask
+        _erase_dead(graph, old)
 
 
 # ------------------------------------------------------------------------------------------------ matching

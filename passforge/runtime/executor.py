@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import describe_val, to_device
+from passforge.runtime.kv_cache import RingCache
 
 
 class InputError(ValueError):
@@ -83,11 +84,14 @@ class KVGenerator:
     graph's position input makes the cache positions after the prompt irrelevant.
     """
 
-    def __init__(self, prefill: Executor, decode: Executor, *, max_seq_len: int, prefill_len: int) -> None:
+    def __init__(
+        self, prefill: Executor, decode: Executor, *, max_seq_len: int, prefill_len: int, ring: RingCache | None = None
+    ) -> None:
         self.prefill = prefill
         self.decode = decode
         self.max_seq_len = max_seq_len
         self.prefill_len = prefill_len
+        self.ring = ring  # the decode graph's cache is a ring of ring.slots (see runtime.kv_cache)
 
     def generate(
         self, prompt: torch.Tensor, max_new_tokens: int, *, temperature: float = 0.0, seed: int = 0
@@ -108,6 +112,8 @@ class KVGenerator:
         padded[:, :n_prompt] = prompt
         start = time.perf_counter()
         logits, k_cache, v_cache = self.prefill(padded)
+        if self.ring is not None:
+            k_cache, v_cache = self.ring.from_full(k_cache, n_prompt), self.ring.from_full(v_cache, n_prompt)
         next_token = _pick(logits[:, n_prompt - 1], temperature, generator)
         prefill_s = time.perf_counter() - start
         out = [prompt[0].tolist(), [int(next_token)]]

@@ -18,12 +18,17 @@ values, and the caller's cache tensors hold them.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import fx
 
-from passforge.ir.graph import copy_graph_module
+import passforge.kernels.ops  # noqa: F401 - registers passforge::attention
+from passforge.ir.graph import add_buffer, copy_graph_module, fake_mode_of
+from passforge.passes.attention import LOCAL_WINDOW, decode_step_mask
 
 aten = torch.ops.aten
+ATTENTION = torch.ops.passforge.attention.default
 
 
 def donate_kv_cache(gm: fx.GraphModule) -> tuple[fx.GraphModule, str | None]:
@@ -54,6 +59,96 @@ def donate_kv_cache(gm: fx.GraphModule) -> tuple[fx.GraphModule, str | None]:
     donated.graph.eliminate_dead_code()
     donated.recompile()
     return donated, None
+
+
+@dataclass(frozen=True)
+class RingCache:
+    """A bounded decode cache of ``sinks + window`` slots: position p lives in slot p below ``sinks``, else in
+    slot ``sinks + (p − sinks) mod window``, so the slots always hold the sinks and the last ``window``
+    positions — exactly what sliding-window attention with sinks can see. Keys are cached after RoPE, so
+    attention over the slots (in any order) equals attention over those positions."""
+
+    sinks: int
+    window: int
+
+    @property
+    def slots(self) -> int:
+        return self.sinks + self.window
+
+    def slot(self, pos: torch.Tensor) -> torch.Tensor:
+        return torch.where(pos < self.sinks, pos, self.sinks + (pos - self.sinks) % self.window)
+
+    def from_full(self, cache: torch.Tensor, length: int) -> torch.Tensor:
+        """A prefill cache (L, B, nkv, S, hs) holding positions 0..length-1 → the ring (L, B, nkv, slots, hs)."""
+        ring = cache.new_zeros((*cache.shape[:3], self.slots, cache.shape[4]))
+        positions = torch.arange(length, device=cache.device)
+        kept = positions[(positions < self.sinks) | (positions > length - 1 - self.window)]
+        return ring.index_copy_(3, self.slot(kept), cache.index_select(3, kept))
+
+
+def ring_kv_cache(gm: fx.GraphModule) -> tuple[fx.GraphModule, RingCache | None, str | None]:
+    """A decode graph whose attention is all sliding-window (``local-attention``) → ``(graph over a ring cache,
+    its RingCache, None)``; else ``(gm, None, why not)``. The derived graph takes and returns caches of
+    ``sinks + window`` slots instead of the static ``max_seq_len``, writes the new token at its slot, and
+    attends every filled slot (the ring holds exactly what the window and sinks let it see)::
+
+        %u = aten.index_copy(%k_i, 2, %pos, %k_new)         %u = aten.index_copy(%k_i, 2, %slot, %k_new)
+        %m = aten.le(%arange_S, %pos)                 →     %m = aten.le(%arange_slots, %pos)
+        %w = aten.logical_and(%m, <window, sinks>)
+        passforge.attention(%q, %u, %v, %w)                 passforge.attention(%q, %u, %v, %m)
+
+    Which (window, sinks) comes from ``local-attention``'s mark on the decode step's attention nodes (in memory
+    only: a graph loaded from disk keeps its windowed mask over the full cache — correct, not bounded).
+    """
+    calls = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is ATTENTION]
+    options = {n.meta.get(LOCAL_WINDOW) for n in calls}
+    if len(options) != 1 or None in options:
+        return gm, None, "the decode graph's attention is not all sliding-window (run local-attention)"
+    window, sinks = next(iter(options))
+    ring = RingCache(sinks=sinks, window=window)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 4:
+        return gm, None, "not a decode step (token, pos, k_cache, v_cache)"
+    pos, caches = placeholders[1], placeholders[2:]
+    max_len = caches[0].meta["val"].shape[3]
+    if ring.slots >= max_len:
+        return gm, None, f"the window and sinks ({ring.slots} slots) cover the whole {max_len}-slot cache"
+    steps = [decode_step_mask(n) for n in calls]
+    if any(step is None or step[2] is not pos for step in steps):
+        return gm, None, "the attention mask is not the decode step's arange(S) <= pos"
+    masks = {step[0] for step in steps}
+    ring_gm = copy_graph_module(gm)
+    nodes = dict(zip(gm.graph.nodes, ring_gm.graph.nodes))
+    graph = ring_gm.graph
+    pos = nodes[pos]
+    updates = [n for n in graph.nodes if n.target is aten.index_copy.default and n.args[2] is pos]
+    if not updates:
+        return gm, None, "no cache update writes at pos"
+    with graph.inserting_before(updates[0]):
+        below_sinks = graph.call_function(aten.lt.Scalar, (pos, sinks))
+        offset = graph.call_function(aten.sub.Tensor, (pos, sinks))
+        wrapped = graph.call_function(
+            aten.add.Tensor, (graph.call_function(aten.remainder.Scalar, (offset, window)), sinks)
+        )
+        slot = graph.call_function(aten.where.self, (below_sinks, pos, wrapped))
+    for update in updates:
+        update.args = (update.args[0], update.args[1], slot, update.args[3])
+    for call, (mask, _, _) in zip(calls, steps):  # the ring holds exactly the window: the plain mask again
+        call = nodes[call]
+        call.args = (*call.args[:3], nodes[mask], *call.args[4:])
+    for mask in (nodes[m] for m in masks):
+        with graph.inserting_before(mask):
+            positions = add_buffer(ring_gm, "_ring_positions", torch.arange(ring.slots).view(1, -1))
+        mask.args = (positions, mask.args[1])
+    graph.eliminate_dead_code()
+    with fake_mode_of(gm):
+        for cache in caches:
+            val = cache.meta["val"]
+            nodes[cache].meta["val"] = torch.empty(
+                (*val.shape[:3], ring.slots, val.shape[4]), dtype=val.dtype, device=val.device
+            )
+    ring_gm.recompile()
+    return ring_gm, ring, None
 
 
 def _check_stack(stack: fx.Node) -> str | None:

@@ -63,3 +63,41 @@ def test_graphs_that_cannot_donate_say_why() -> None:
     gm = capture(NotAStack(), (torch.ones(2),))
     same, reason = donate_kv_cache(gm)
     assert same is gm and "no returned cache" in reason
+
+
+def test_windowed_decode_on_a_ring_cache_matches_the_windowed_forward() -> None:
+    """local-attention windows the decode step through its mask (its query is not at the cache's end); the ring
+    cache of sinks + window slots then gives the same logits as the static cache, and both match the windowed
+    forward graph run over the whole sequence — past the point where the ring wraps."""
+    from passforge.api import optimize
+    from passforge.runtime.kv_cache import ring_kv_cache
+
+    opt = optimize("tiny-lm", pipeline="cleanup,fuse-attention,local-attention(window=16,sinks=2)", profile=False)
+    ring_decode, ring, reason = ring_kv_cache(opt.decode)
+    assert reason is None and ring.slots == 18
+    assert ring_decode.graph.find_nodes(op="placeholder")[2].meta["val"].shape[3] == 18
+    prefill_len = opt.prefill.graph.find_nodes(op="placeholder")[0].meta["val"].shape[1]
+    seq_len = opt.graph.graph.find_nodes(op="placeholder")[0].meta["val"].shape[1]
+    n, steps = 20, 30
+    tokens = torch.randint(0, 256, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    padded = torch.zeros(1, prefill_len, dtype=torch.long)
+    padded[:, :n] = tokens[:, :n]
+    with torch.inference_mode():
+        _, k, v = opt.prefill(padded)
+        k_ring, v_ring = ring.from_full(k, n), ring.from_full(v, n)
+        forward = opt.graph(tokens)  # windowed forward over the whole (teacher-forced) sequence
+        for pos in range(n, n + steps):
+            token = tokens[:, pos : pos + 1]
+            static, k, v = opt.decode(token, torch.tensor([pos]), k, v)
+            ringed, k_ring, v_ring = ring_decode(token, torch.tensor([pos]), k_ring, v_ring)
+            torch.testing.assert_close(ringed, static, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(static[:, -1], forward[:, pos], rtol=1e-4, atol=1e-4)
+
+
+def test_ring_needs_a_windowed_decode_step() -> None:
+    from passforge.api import optimize
+    from passforge.runtime.kv_cache import ring_kv_cache
+
+    opt = optimize("tiny-lm", pipeline="cleanup,fuse-attention", profile=False)
+    same, ring, reason = ring_kv_cache(opt.decode)
+    assert same is opt.decode and ring is None and "run local-attention" in reason
