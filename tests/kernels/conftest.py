@@ -1,8 +1,8 @@
 """Kernel tests run the Triton kernels on CUDA when there is a GPU, else in Triton's interpreter on the CPU.
 
 ``TRITON_INTERPRET`` is read when a ``@triton.jit`` function is *created* (``triton.jit`` then returns an
-interpreted function), not when it is launched, so it must be set before ``passforge.kernels.int8_gemm`` and
-``weight_only_gemm`` are first imported. pytest imports this conftest before any test module of this folder,
+interpreted function), not when it is launched, so it must be set before the ``KERNEL_MODULES`` below are
+first imported. pytest imports this conftest before any test module of this folder,
 and nothing in passforge imports those modules on a CPU-only machine (the ops import them for CUDA tensors
 only), so setting it here, at import, is early enough — in a whole-suite run too. Should something have
 imported them before (a plugin, a test elsewhere), the run stops with a message instead of failing on CPU
@@ -17,7 +17,11 @@ import sys
 import pytest
 import torch
 
-KERNEL_MODULES = ("passforge.kernels.int8_gemm", "passforge.kernels.weight_only_gemm")
+KERNEL_MODULES = (
+    "passforge.kernels.int8_gemm",
+    "passforge.kernels.weight_only_gemm",
+    "passforge.kernels.flash_attention",
+)
 INTERPRETED = not torch.cuda.is_available()
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
