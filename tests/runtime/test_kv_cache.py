@@ -95,9 +95,10 @@ def test_windowed_decode_on_a_ring_cache_matches_the_windowed_forward() -> None:
 
 
 def test_ring_needs_a_windowed_decode_step() -> None:
-    from passforge.api import optimize
     from passforge.runtime.kv_cache import ring_kv_cache
 
-    opt = optimize("tiny-lm", pipeline="cleanup,fuse-attention", profile=False)
-    same, ring, reason = ring_kv_cache(opt.decode)
-    assert same is opt.decode and ring is None and "run local-attention" in reason
+    model = llama.build("tiny").eval()
+    step = llama.example_decode_inputs(model)
+    decode = PassManager.parse("fuse-attention").run(capture(llama.DecodeStep(model), step), Context(step)).graph
+    same, ring, reason = ring_kv_cache(decode)
+    assert same is decode and ring is None and "run local-attention" in reason
