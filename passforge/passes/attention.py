@@ -263,6 +263,9 @@ def _match_sdpa(node: fx.Node) -> AttentionMatch:
     k, k_rep, k_tag, k_cast = _unrepeat_cast(args["key"])
     v, v_rep, v_tag, v_cast = _unrepeat_cast(args["value"])
     match = AttentionMatch(node, q, k, v, causal=bool(args["is_causal"]), tags=["sdpa"], casts=(k_cast, v_cast))
+    if args["enable_gqa"] and k_rep == v_rep == 1:  # SDPA's own GQA: k/v already in their head count
+        k_rep = v_rep = _shape(q)[1] // max(1, _shape(k)[1])
+        k_tag = "gqa:enable_gqa"
     d = _shape(q)[-1]
     match.scale = 1.0 / math.sqrt(d) if args["scale"] is None else float(args["scale"])
     mask = args["attn_mask"]

@@ -46,6 +46,8 @@ class Attn(nn.Module):
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         variant, scale = self.variant, 1.0 / math.sqrt(D)
+        if variant == "sdpa-enable_gqa":  # SDPA's own GQA: k/v stay in their head count
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         if "mqa" in variant:
             k, v = k[:, :1].expand(B, H, T, D), v[:, :1].expand(B, H, T, D)
         elif "repeat_interleave" in variant:
@@ -92,6 +94,7 @@ VARIANTS = {  # variant -> tags the match must carry
     "repeat_interleave-where": {"gqa:repeat_interleave×2"},
     "sdpa-causal": {"sdpa", "gqa:expand×2"},
     "sdpa": {"sdpa"},
+    "sdpa-enable_gqa": {"sdpa", "gqa:enable_gqa×2"},
 }
 
 

@@ -88,6 +88,13 @@ def test_explain_reports_rules(capsys):
     assert "rejected at clone: input is not contiguous" in out
 
 
+def test_explain_fuse_attention_names_each_match(capsys):
+    assert main(["explain", "fuse-attention", "nanogpt-tiny"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "fuse-attention: 2 match(es)" in out
+    assert "explicit, scale, mask:masked_fill" in out and "mask→causal" in out
+
+
 def test_profile_prints_by_op_and_by_pass(capsys):
     assert main(["profile", "tiny", "--seq-len", "16", "--top", "3"]) == EXIT_OK
     out = capsys.readouterr().out
