@@ -131,7 +131,9 @@ def attention_cpu(
     tq, tk = q.shape[2], k.shape[2]
     if mask is not None and mask.dim() < 4:
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    if window == 0 or window >= tk:  # every key is inside the window: sinks change nothing
+    if mask is not None and mask.is_floating_point():
+        mask = mask.to(q.dtype)  # SDPA wants an additive mask in q's dtype
+    if window == 0 or (window >= tk and (causal or tq <= tk)):  # every key is inside the window: sinks change nothing
         if causal and (mask is not None or tq != tk):
             keep = allowed(tq, tk, causal=True, window=0, sinks=0, device=q.device, query_start=tk - tq)
             mask = _merge(mask, keep, q.dtype)

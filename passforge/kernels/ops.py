@@ -210,7 +210,11 @@ def _(x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor
 
 
 def int8_static_linear_reference(
-    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """What the w8a8-static graph computes, op for op: linear(dequantize_per_tensor(quantize_per_tensor(x)),
@@ -244,7 +248,11 @@ def quantize_per_tensor_int8(x: torch.Tensor, scale: float, zero_point: int) -> 
 
 
 def _int8_static_linear_torch(
-    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     if backend("int8_static_linear", x, tuple(w.shape)) == "reference":  # cuBLASLt int8 needs K, N multiples of 8
@@ -258,7 +266,11 @@ def _int8_static_linear_torch(
 
 @torch.library.custom_op("passforge::int8_static_linear", mutates_args=())
 def int8_static_linear(
-    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     return _int8_static_linear_torch(x, x_scale, x_zero_point, w, w_scales, bias)
@@ -266,7 +278,11 @@ def int8_static_linear(
 
 @int8_static_linear.register_fake
 def _(
-    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], w.shape[0]))
@@ -274,7 +290,11 @@ def _(
 
 @int8_static_linear.register_kernel("cuda")
 def _(
-    x: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor,
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     if backend("int8_static_linear", x, tuple(w.shape)) != "triton":
@@ -307,8 +327,9 @@ def fp8_scaled_mm(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias:
     flat = x.reshape(-1, x.shape[-1])  # (M, K)
     scale = fp8_token_scale(flat)  # (M, 1) in x's dtype
     q = quantize_fp8(flat, scale).contiguous()  # (M, K) e4m3
-    out = torch._scaled_mm(q, w.contiguous().t(), scale.float(), w_scale.float().reshape(1, -1), bias=bias,
-                           out_dtype=x.dtype)  # (M, N)
+    out = torch._scaled_mm(
+        q, w.contiguous().t(), scale.float(), w_scale.float().reshape(1, -1), bias=bias, out_dtype=x.dtype
+    )  # (M, N)
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
@@ -325,7 +346,11 @@ def _(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tenso
 
 
 def int4_weight_linear_reference(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group_size: int,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """What the folded w4 graph computes, op for op: linear(x, dequantize_per_channel_group(unpack_int4(packed)))."""
@@ -337,7 +362,11 @@ def int4_weight_linear_reference(
 
 @torch.library.custom_op("passforge::int4_weight_linear", mutates_args=())
 def int4_weight_linear(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group_size: int,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -352,7 +381,11 @@ def int4_weight_linear(
 
 @int4_weight_linear.register_fake
 def _(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group_size: int,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
@@ -360,7 +393,11 @@ def _(
 
 @int4_weight_linear.register_kernel("cuda")
 def _(
-    x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, group_size: int,
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    group_size: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
@@ -432,8 +469,9 @@ def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return "sdpa" if unsupported(q, k, v, mask) else "triton"
 
 
-def _attention_setup(ctx: object, inputs: tuple[object, ...], keyword_only_inputs: dict[str, object],
-                     output: torch.Tensor) -> None:
+def _attention_setup(
+    ctx: object, inputs: tuple[object, ...], keyword_only_inputs: dict[str, object], output: torch.Tensor
+) -> None:
     q, k, v, mask = inputs
     ctx.save_for_backward(q, k, v, mask)
     ctx.options = keyword_only_inputs
@@ -441,13 +479,17 @@ def _attention_setup(ctx: object, inputs: tuple[object, ...], keyword_only_input
 
 def _attention_backward(ctx: object, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
     """Recompute through the float32 reference and differentiate it: O(T²) memory, but exact gradients for
-    distillation and QAT through a substituted attention (the forward keeps its O(T) kernels)."""
+    distillation and QAT through a substituted attention (the forward keeps its O(T) kernels). A float
+    (additive) mask gets its gradient too: it may be a learned bias."""
     q, k, v, mask = ctx.saved_tensors
     with torch.enable_grad():
-        leaves = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None for t in (q, k, v)]
-        out = attention_reference(*leaves, mask, compute_dtype=torch.float32, **ctx.options)
-        grads = torch.autograd.grad(out, leaves, grad, allow_unused=True)
-    return (*grads, None)
+        leaves = [
+            t.detach().requires_grad_() if t is not None and t.is_floating_point() else t for t in (q, k, v, mask)
+        ]
+        out = attention_reference(*leaves, compute_dtype=torch.float32, **ctx.options)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        found = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True))
+    return tuple(next(found) if t is not None and t.requires_grad else None for t in leaves)
 
 
 attention.register_autograd(_attention_backward, setup_context=_attention_setup)

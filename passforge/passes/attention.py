@@ -42,6 +42,7 @@ import torch
 from torch import fx
 
 import passforge.kernels.ops  # noqa: F401 - registers passforge::attention
+from passforge.ir.graph import fake_mode_of
 from passforge.kernels.attention import allowed
 from passforge.passes.base import (
     BF16_ULP,
@@ -63,7 +64,8 @@ MATMUL = (aten.matmul.default,)
 CASTS = (aten._to_copy.default, aten.to.dtype, aten.type_as.default)
 PASSTHROUGH = (aten.clone.default, aten.alias.default, *CASTS)  # between softmax and @ v (dropout in eval: clone)
 VIEWS = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-NEG_INF_LIMIT = -1e4  # a fill value at or below this (and at most fp16's min) counts as -inf
+NEG_INF_LIMIT = -1e30  # a fill value at or below this counts as -inf (fp32/bf16 lowest values are -3.4e38)
+FP16_LOWEST = float(torch.finfo(torch.float16).min)  # what fp16 models fill with: -inf in effect there
 MAX_CHAIN = 12  # ops between the scores matmul and softmax
 
 
@@ -115,11 +117,20 @@ class FuseAttention(Pass):
         return 0.0, 4 * BF16_ULP * output_scale(expected)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        matches, misses = find_attention(gm)
+        matches, misses = [], []
         tags: Counter[str] = Counter()
-        for match in matches:
-            replace(gm, match)
-            tags.update(match.tags)
+        # one at a time, in graph order: a replacement reroutes its users, so a later (chained) attention is
+        # matched against the graph as it is then
+        for node in [n for n in gm.graph.nodes if _is_anchor(n)]:
+            if getattr(node, "_erased", False):
+                continue
+            outcome = match_attention(gm, node)
+            if isinstance(outcome, str):
+                misses.append((node, outcome))
+                continue
+            replace(gm, outcome)
+            matches.append(outcome)
+            tags.update(outcome.tags)
         if matches:
             gm.graph.lint()
             gm.recompile()
@@ -142,16 +153,28 @@ def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[tuple
     """Every attention the op can take, and (node, reason) for softmax/SDPA nodes that are not one."""
     matches, misses = [], []
     for node in gm.graph.nodes:
-        if node.op != "call_function" or node.target not in (*SOFTMAX, SDPA):
-            continue
-        try:
-            match = _match_sdpa(node) if node.target is SDPA else _match_explicit(node)
-            _simplify_mask(gm, match)
-        except NoMatch as exc:
-            misses.append((node, str(exc)))
-            continue
-        matches.append(match)
+        if _is_anchor(node):
+            outcome = match_attention(gm, node)
+            if isinstance(outcome, str):
+                misses.append((node, outcome))
+            else:
+                matches.append(outcome)
     return matches, misses
+
+
+def _is_anchor(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (*SOFTMAX, SDPA)
+
+
+def match_attention(gm: fx.GraphModule, node: fx.Node) -> AttentionMatch | str:
+    """The attention anchored at ``node`` (a softmax or an SDPA call), or the reason it is not one."""
+    try:
+        match = _match_sdpa(node) if node.target is SDPA else _match_explicit(node)
+        _check_mask_shape(match)
+        _simplify_mask(gm, match)
+    except NoMatch as exc:
+        return str(exc)
+    return match
 
 
 @register
@@ -199,6 +222,14 @@ class LocalAttention(Pass):
             if not node.kwargs.get("causal"):
                 notes.append(f"{node.name} ({module_path(node)}): not causal, left alone")
                 continue
+            existing = (node.kwargs.get("window", 0), node.kwargs.get("sinks", 0))
+            if existing[0] and existing != (self.window, self.sinks) and LOCAL_WINDOW not in node.meta:
+                notes.append(
+                    f"{node.name} ({module_path(node)}): the model's own window={existing[0]}, "
+                    f"sinks={existing[1]} kept (local-attention does not widen or combine windows)"
+                )
+                continue
+            node.meta[LOCAL_WINDOW] = (self.window, self.sinks)
             options = {**node.kwargs, "window": self.window, "sinks": self.sinks}
             if options != node.kwargs:
                 node.kwargs = options
@@ -217,7 +248,7 @@ def decode_step_mask(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node] | None:
     """``(mask, key positions, pos)`` when ``node``'s mask is a decode step's ``le(arange(S), pos)`` (keys up to
     the input position ``pos``), else None."""
     mask = node.args[3] if len(node.args) > 3 else None
-    if isinstance(mask, fx.Node) and mask.target is aten.logical_and.default:  # windowed already
+    if isinstance(mask, fx.Node) and LOCAL_WINDOW in mask.meta:  # windowed by local-attention already
         mask = mask.args[0]
     if not (isinstance(mask, fx.Node) and mask.target is aten.le.Tensor):
         return None
@@ -240,6 +271,7 @@ def _window_decode_mask(
                 aten.logical_or.default, (near, graph.call_function(aten.lt.Scalar, (positions, sinks)))
             )
         windowed = graph.call_function(aten.logical_and.default, (mask, near))
+    windowed.meta[LOCAL_WINDOW] = (window, sinks)
     old = node.args[3]
     node.args = (*node.args[:3], windowed, *node.args[4:])
     node.meta[LOCAL_WINDOW] = (window, sinks)
@@ -393,6 +425,10 @@ def _read_score_op(op: fx.Node, chain: fx.Node, match: AttentionMatch, scale: fl
         bias = op.args[1] if op.args[0] is chain else op.args[0]
         if not isinstance(bias, fx.Node):
             raise NoMatch(f"{op.name} adds a constant to the scores")
+        if op.kwargs.get("alpha", 1) != 1:
+            raise NoMatch(f"{op.name} adds with alpha={op.kwargs['alpha']}")
+        if not (_dtype(bias) is not None and _dtype(bias).is_floating_point):
+            raise NoMatch(f"{op.name} adds a {_dtype(bias)} tensor to the scores (a float bias is a mask; this is not)")
         match.mask, match.mask_kind = bias, "add"
         match.tags.append("mask:additive")
     elif op.target in (aten.masked_fill.Scalar, aten.masked_fill.Tensor):
@@ -412,7 +448,7 @@ def _read_score_op(op: fx.Node, chain: fx.Node, match: AttentionMatch, scale: fl
 
 def _require_neg_inf(value: object, op: fx.Node) -> None:
     fill = _scalar(value)
-    if fill is None or not fill <= NEG_INF_LIMIT:
+    if fill is None or not (fill <= NEG_INF_LIMIT or (fill == FP16_LOWEST and _dtype(op) == torch.float16)):
         raise NoMatch(f"{op.name} fills masked scores with {value!r}, not -inf (or a dtype's lowest value)")
 
 
@@ -488,12 +524,23 @@ def _check_heads(match: AttentionMatch, k_rep: int, v_rep: int, tag: str) -> Non
             raise NoMatch(f"{name} is {len(shape)}-d, not (B, H, T, D)")
     if q[1] != k[1] * k_rep or q[1] != v[1] * v_rep or k[1] != v[1]:
         raise NoMatch(f"head counts do not line up: q {q[1]}, k {k[1]}×{k_rep}, v {v[1]}×{v_rep}")
-    if q[0] != k[0] or q[-1] != k[-1] or k[2] != v[2]:
+    if q[0] != k[0] or q[0] != v[0] or q[-1] != k[-1] or k[2] != v[2]:
         raise NoMatch(f"shapes do not line up: q {tuple(q)}, k {tuple(k)}, v {tuple(v)}")
     if len(set(match.dtypes())) != 1:
         raise NoMatch("q, k, v dtypes differ: {}, {}, {}".format(*match.dtypes()))
     if tag:
         match.tags.append(f"{tag}×{q[1] // k[1]}")
+
+
+def _check_mask_shape(match: AttentionMatch) -> None:
+    """The mask must broadcast *into* (B, Hq, Tq, Tk): a mask that would enlarge the output is not one."""
+    if match.mask is None:
+        return
+    b, hq, tq, _ = _shape(match.q)
+    target = (b, hq, tq, _shape(match.k)[2])
+    shape = _shape(match.mask)
+    if len(shape) > 4 or any(m not in (1, t) for m, t in zip(reversed(shape), reversed(target))):
+        raise NoMatch(f"the mask {tuple(shape)} does not broadcast into the scores {target}")
 
 
 def _simplify_mask(gm: fx.GraphModule, match: AttentionMatch) -> None:
@@ -552,24 +599,34 @@ def _causal_window(keep: torch.Tensor, tq: int, tk: int, causal: bool) -> tuple[
 def replace(gm: fx.GraphModule, match: AttentionMatch) -> fx.Node:
     """Insert ``passforge::attention`` for ``match``, reroute the output, drop what only fed the old subgraph."""
     graph = gm.graph
+    inserted: list[fx.Node] = []
+
+    def call(target: object, args: tuple, kwargs: dict | None = None) -> fx.Node:
+        inserted.append(graph.call_function(target, args, kwargs or {}))
+        return inserted[-1]
+
     with graph.inserting_before(match.anchor):
         mask = match.mask
         if mask is not None and match.mask_kind == "fill":
-            mask = graph.call_function(aten.logical_not.default, (mask,))
+            mask = call(aten.logical_not.default, (mask,))
         elif mask is not None and match.mask_kind == "add" and match.mask_factor != 1.0:
-            mask = graph.call_function(aten.mul.Tensor, (mask, match.mask_factor))
+            mask = call(aten.mul.Tensor, (mask, match.mask_factor))
         k, v = (
-            node if dtype is None else graph.call_function(aten._to_copy.default, (node,), {"dtype": dtype})
+            node if dtype is None else call(aten._to_copy.default, (node,), {"dtype": dtype})
             for node, dtype in zip((match.k, match.v), match.casts)
         )
         kwargs = {"causal": match.causal, "scale": match.scale, "window": match.window, "sinks": 0}
-        fused = graph.call_function(ATTENTION, (match.q, k, v, mask), kwargs)
+        out = fused = call(ATTENTION, (match.q, k, v, mask), kwargs)
+        if _contiguous(match.anchor) and not all(_swaps_heads_and_time(user) for user in match.anchor.users):
+            # the op's output is (B, T, H, D) in memory; what read a contiguous (B, H, T, D) (a view, directly
+            # or after elementwise ops) gets one — unless it is the usual transpose(1, 2), for which ours is
+            # better
+            out = call(aten.clone.default, (fused,), {"memory_format": torch.contiguous_format})
     fused.meta["nn_module_stack"] = match.anchor.meta.get("nn_module_stack", {})
-    out = fused
-    if any(user.target in VIEWS for user in match.anchor.users) and _contiguous(match.anchor):
-        # the op's output is (B, T, H, D) in memory; a view that relied on a contiguous (B, H, T, D) needs it
-        with graph.inserting_after(fused):
-            out = graph.call_function(aten.clone.default, (fused,), {"memory_format": torch.contiguous_format})
+    with fake_mode_of(gm):  # shapes now, so a later (chained) match in the same run can read them
+        for node in inserted:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta["val"])
+            node.meta["val"] = node.target(*args, **kwargs)
     match.anchor.replace_all_uses_with(out)
     _erase_dead(graph, match.anchor)
     return fused
@@ -613,6 +670,13 @@ def _dtype(node: fx.Node) -> torch.dtype:
     return val.dtype if isinstance(val, torch.Tensor) else None
 
 
+def _swaps_heads_and_time(node: fx.Node) -> bool:
+    """``transpose(1, 2)`` / ``permute(0, 2, 1, 3)`` of a 4-d tensor: (B, H, T, D) → (B, T, H, D)."""
+    if node.target is aten.transpose.int:
+        return {_dim(node, node.args[1]), _dim(node, node.args[2])} == {1, 2}
+    return node.target is aten.permute.default and list(node.args[1]) == [0, 2, 1, 3]
+
+
 def _contiguous(node: fx.Node) -> bool:
     val = node.meta.get("val")
     return isinstance(val, torch.Tensor) and val.is_contiguous()
@@ -626,7 +690,8 @@ def _dim(node: fx.Node, dim: object) -> int | None:
 
 
 def _scalar(value: object) -> float | None:
-    """A Python number, or a one-element constant tensor's value; None for anything computed at run time."""
+    """A Python number, or a 0-d constant tensor's value; None for anything computed at run time (or a tensor
+    that could broadcast the operand to another shape)."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if (
@@ -634,6 +699,8 @@ def _scalar(value: object) -> float | None:
         and value.op == "call_function"
         and value.target in (aten.scalar_tensor.default, aten.full.default)
         and not value.all_input_nodes
+        and isinstance(value.meta.get("val"), torch.Tensor)
+        and value.meta["val"].dim() == 0
     ):
         return float(value.args[0] if value.target is aten.scalar_tensor.default else value.args[1])
     return None

@@ -110,3 +110,18 @@ def test_cuda_op_runs_the_triton_kernels(tq: int) -> None:
         got = OP(q, k, v, mask, **options)
         torch.testing.assert_close(got, attention_reference(q, k, v, mask, **options), **TOL)
         assert got.transpose(1, 2).is_contiguous()
+
+
+def test_a_learned_additive_mask_gets_its_gradient() -> None:
+    q, k, v = (t.double() for t in operands(1, 2, 2, 6, 6))
+    bias = torch.randn(1, 2, 6, 6, dtype=torch.float64, requires_grad=True)
+    OP(q, k, v, bias, causal=True).sum().backward()
+    reference = bias.detach().clone().requires_grad_()
+    attention_reference(q, k, v, reference, causal=True).sum().backward()
+    torch.testing.assert_close(bias.grad, reference.grad, **TOL)  # the backward recomputes in fp32
+
+
+def test_a_float_mask_in_another_dtype_is_cast() -> None:
+    q, k, v = operands(1, 2, 2, 9, 9)
+    mask = torch.randn(9, 9).half()
+    torch.testing.assert_close(OP(q, k, v, mask), attention_reference(q, k, v, mask), **TOL)

@@ -297,3 +297,54 @@ def test_fuse_attention_and_cast_in_either_order(spec: str) -> None:
     want = cast_only(tokens)
     # both graphs run attention in bf16 with fp32 accumulation; they differ in bf16 rounding of the scores
     torch.testing.assert_close(after(tokens), want, rtol=0, atol=4 * 2**-8 * want.abs().max().item())
+
+
+class Tricky(nn.Module):
+    """Spellings that look like attention but must not fuse as is (``kind`` picks one), and ones that must."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.register_buffer("batch_mask", torch.zeros(B, 1, T, T), persistent=False)  # enlarges a batch of 1
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        s = q @ k.transpose(-2, -1)
+        causal = torch.ones(T, T, dtype=torch.bool).tril()
+        if self.kind == "add-alpha":
+            return torch.add(s, torch.zeros(T, T).masked_fill(~causal, float("-inf")), alpha=0.5).softmax(-1) @ v
+        if self.kind == "bool-added":  # adds 1.0 where True: a bias, not a mask
+            return (s + causal).softmax(-1) @ v
+        if self.kind == "mask-enlarges-batch":
+            return (s + self.batch_mask).softmax(-1) @ v
+        if self.kind == "chained":
+            inner = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(inner, k, v, is_causal=True)
+        if self.kind == "view-after-elementwise":  # reads the contiguous (B, H, T, D) layout through a view
+            return (F.scaled_dot_product_attention(q, k, v) * 2.0).view(B, -1)
+        raise AssertionError(self.kind)
+
+
+@pytest.mark.parametrize(
+    ("kind", "fused"),
+    [("add-alpha", 0), ("bool-added", 0), ("mask-enlarges-batch", 0), ("chained", 2), ("view-after-elementwise", 1)],
+)
+def test_tricky_spellings_are_refused_or_fused_exactly(kind: str, fused: int) -> None:
+    q, k, v = qkv()
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    if kind == "mask-enlarges-batch":
+        q, k, v = q[:1], k[:1], v[:1]
+    gm = capture(Tricky(kind), (q, k, v))
+    after, record = run(gm, (q, k, v))
+    assert record.stats["fused"] == fused
+    torch.testing.assert_close(after(q, k, v), gm(q, k, v), **TOL)
+
+
+def test_local_attention_keeps_a_models_own_window() -> None:
+    q, k, v = qkv()
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    gm = capture(BandAttn(), (q, k, v))  # a window of 4 from the model's own band mask
+    after, record = run(gm, (q, k, v), "fuse-attention,local-attention(window=8,sinks=0)")
+    node = next(n for n in after.graph.nodes if n.target is ATTENTION)
+    assert node.kwargs["window"] == 4 and not record.modified
+    assert any("own window=4" in note for note in record.notes)
+    torch.testing.assert_close(after(q, k, v), gm(q, k, v), **TOL)
