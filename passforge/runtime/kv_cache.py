@@ -122,8 +122,9 @@ def ring_kv_cache(gm: fx.GraphModule) -> tuple[fx.GraphModule, RingCache | None,
     graph = ring_gm.graph
     pos = nodes[pos]
     updates = [n for n in graph.nodes if n.target is aten.index_copy.default and n.args[2] is pos]
-    if not updates:
-        return gm, None, "no cache update writes at pos"
+    layers = caches[0].meta["val"].shape[0]
+    if len(updates) != 2 * layers:  # every layer's k and v must move to the ring, or none
+        return gm, None, f"{len(updates)} cache updates write at pos; a ring needs all {2 * layers} (k and v per layer)"
     with graph.inserting_before(updates[0]):
         below_sinks = graph.call_function(aten.lt.Scalar, (pos, sinks))
         offset = graph.call_function(aten.sub.Tensor, (pos, sinks))
