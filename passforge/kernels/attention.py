@@ -133,6 +133,8 @@ def attention_cpu(
         mask = mask.view((1,) * (4 - mask.dim()) + tuple(mask.shape))
     if mask is not None and mask.is_floating_point():
         mask = mask.to(q.dtype)  # SDPA wants an additive mask in q's dtype
+    if mask is not None and mask.dtype == torch.bool and not causal and window == 0 and q.device.type == "cpu":
+        k, v, mask = _trim_unseen_keys(k, v, mask)
     if window == 0 or (window >= tk and (causal or tq <= tk)):  # every key is inside the window: sinks change nothing
         if causal and (mask is not None or tq != tk):
             keep = allowed(tq, tk, causal=True, window=0, sinks=0, device=q.device, query_start=tk - tq)
@@ -171,6 +173,21 @@ def _keys(t: torch.Tensor, dim: int, n_sinks: int, lo: int, hi: int) -> torch.Te
         return t
     window = t.narrow(dim, lo, hi - lo)
     return torch.cat([t.narrow(dim, 0, n_sinks), window], dim) if n_sinks else window
+
+
+def _trim_unseen_keys(
+    k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Drop the keys after the last one any query may see (views, no copy). A decode step over a static cache
+    masks everything past ``pos``: this reads ``pos + 1`` cache slots instead of all of them. Exact: masked
+    keys add nothing. (CPU only: finding the last key syncs, which is free here and not on a GPU.)"""
+    if mask.shape[-1] != k.shape[2]:
+        return k, v, mask
+    seen = mask.reshape(-1, mask.shape[-1]).any(0)  # (Tk,)
+    last = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1  # keep one key: every row is empty anyway
+    if last == k.shape[2]:
+        return k, v, mask
+    return k[:, :, :last], v[:, :, :last], mask[..., :last]
 
 
 def empty_output(q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -125,3 +125,15 @@ def test_a_float_mask_in_another_dtype_is_cast() -> None:
     q, k, v = operands(1, 2, 2, 9, 9)
     mask = torch.randn(9, 9).half()
     torch.testing.assert_close(OP(q, k, v, mask), attention_reference(q, k, v, mask), **TOL)
+
+
+def test_a_decode_step_reads_only_the_slots_up_to_pos() -> None:
+    from passforge.kernels.attention import _trim_unseen_keys
+
+    q, k, v = operands(1, 6, 2, 1, 300)
+    mask = (torch.arange(300) <= 170).view(1, 1, 1, 300)
+    k_seen, v_seen, mask_seen = _trim_unseen_keys(k, v, mask)
+    assert k_seen.shape[2] == v_seen.shape[2] == mask_seen.shape[-1] == 171
+    assert k_seen.data_ptr() == k.data_ptr()  # a view, no copy
+    nothing = torch.zeros(1, 300, dtype=torch.bool)
+    assert OP(q, k, v, nothing).abs().max() == 0  # no key at all: zeros, as before trimming
