@@ -5,7 +5,8 @@
 The field's exporter does the work: the graph is re-exported with ``torch.export`` (as ``save_graph`` does,
 keeping its dynamic input dims) and translated by ``torch.onnx.export(dynamo=True)``, whose torchlib covers
 the ATen op set; passforge adds translations for the quantization ops its passes insert
-(:mod:`passforge.ir.onnx_qdq`, which lists the mapping). Then onnxscript's optimizer (constant folding,
+(:mod:`passforge.ir.onnx_qdq`, which lists the mapping) and for ``passforge::attention``
+(:mod:`passforge.ir.onnx_attention`). Then onnxscript's optimizer (constant folding,
 CSE; it never folds Q/DQ) and three QDQ clean-ups (:mod:`passforge.ir.onnx_cleanup`): packed int4 weights
 become uint4 initializers, the
 uint4 ↔ uint8 casts torch's storage type leaves between Q and DQ go, and quantized weights are stored
@@ -90,13 +91,15 @@ def export_onnx(
             f"{str(exc).splitlines()[0][:300]}). Pass example_inputs that the graph accepts "
             "(the shapes and dtypes of its placeholders)."
         ) from exc
-    table = {**onnx_qdq.TRANSLATIONS, **(translations or {})}
+    from passforge.ir import onnx_attention
+
+    table = {**onnx_qdq.TRANSLATIONS, **onnx_attention.TRANSLATIONS, **(translations or {})}
     try:
         with _quiet_torch_onnx():
             exported = torch_onnx.export(
                 program, inputs, dynamo=True, opset_version=opset, custom_translation_table=table,
                 optimize=False, verbose=False,
-            )
+            )  # fmt: skip
     except torch_onnx.OnnxExporterError as exc:
         raise OnnxExportError(_explain_failure(gm, exc)) from exc
     onnx_cleanup.fold_packed_int4(exported.model)
@@ -144,17 +147,11 @@ _BEFORE_LOWERING = (
     "runtimes choose their own from the Q/DQ form"
 )
 _HINTS = {
-    **{
-        f"passforge.{kernel}.default": _BEFORE_LOWERING
-        for kernel in (
-            "int8_weight_linear", "int8_dynamic_linear", "int4_weight_linear", "int8_static_linear", "fp8_linear"
-        )
-    },
-    "passforge.attention.default": (
-        "export the pipeline's graph from before fuse-attention (ONNX runtimes fuse attention themselves: ORT's "
-        "transformer optimizer, TensorRT); an ONNX translation of passforge::attention is not written yet"
-    ),
-}
+    f"passforge.{kernel}.default": _BEFORE_LOWERING
+    for kernel in (
+        "int8_weight_linear", "int8_dynamic_linear", "int4_weight_linear", "int8_static_linear", "fp8_linear"
+    )
+}  # fmt: skip
 """What to do about an untranslated op, where we know better than "write a translation"."""
 _NO_TRANSLATION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>")
 

@@ -367,13 +367,33 @@ def test_bad_opset_and_missing_dependency_are_explained(llama_graph, tmp_path, m
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_fused_attention_says_to_export_before_fuse_attention(tmp_path):
+@pytest.mark.parametrize("spec", ["fuse-attention", "fuse-attention,local-attention(window=3,sinks=1)"])
+def test_fused_attention_exports_and_matches_onnxruntime(spec, tmp_path):
+    """passforge::attention (GQA, causal, window, sinks) as standard ONNX ops; ORT agrees to fp32 rounding."""
     from passforge.models import llama
     from passforge.passes.base import Context
     from passforge.passes.manager import PassManager
 
     model = llama.build("tiny").eval()
     tokens = llama.example_prefill_inputs(model.config, seq=8)
-    gm = PassManager.parse("fuse-attention").run(capture(model, tokens), Context(example_inputs=tokens)).graph
-    with pytest.raises(OnnxExportError, match="before fuse-attention"):
-        export_onnx(gm, tmp_path / "model.onnx", tokens)
+    gm = PassManager.parse(spec).run(capture(model, tokens), Context(example_inputs=tokens)).graph
+    path = export_onnx(gm, tmp_path / "model.onnx", tokens)
+    assert _ops(onnx.load(str(path)))["Softmax"] == model.config.n_layers
+    with torch.inference_mode():
+        torch.testing.assert_close(_run_ort(path, *tokens), gm(*tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_step_with_its_runtime_mask_exports(tmp_path):
+    from passforge.models import llama
+    from passforge.passes.base import Context
+    from passforge.passes.manager import PassManager
+
+    model = llama.build("tiny").eval()
+    tokens = llama.example_prefill_inputs(model.config, seq=8)[0]
+    with torch.inference_mode():
+        _, k_cache, v_cache = model.prefill(tokens)
+    step = (tokens[:, -1:], torch.tensor([8]), k_cache.clone(), v_cache.clone())
+    gm = PassManager.parse("fuse-attention").run(capture(llama.DecodeStep(model), step), Context(step)).graph
+    path = export_onnx(gm, tmp_path / "decode.onnx", step)
+    with torch.inference_mode():
+        torch.testing.assert_close(_run_ort(path, *step), gm(*step)[0], rtol=1e-5, atol=1e-5)
