@@ -74,7 +74,7 @@ def export_onnx(
     for ops passforge and torch.onnx do not translate. The write is atomic: a failure leaves any previous
     file at ``path`` as it was.
     """
-    onnx, torch_onnx, onnx_qdq, onnx_cleanup = _import_exporters()
+    onnx, torch_onnx, passforge_translations, onnx_cleanup = _import_exporters()
     if opset < MIN_OPSET:
         raise OnnxExportError(
             f"export_onnx: opset {opset} is too old; the QDQ forms need opset >= {MIN_OPSET} (blocked "
@@ -91,9 +91,7 @@ def export_onnx(
             f"{str(exc).splitlines()[0][:300]}). Pass example_inputs that the graph accepts "
             "(the shapes and dtypes of its placeholders)."
         ) from exc
-    from passforge.ir import onnx_attention
-
-    table = {**onnx_qdq.TRANSLATIONS, **onnx_attention.TRANSLATIONS, **(translations or {})}
+    table = {**passforge_translations, **(translations or {})}
     try:
         with _quiet_torch_onnx():
             exported = torch_onnx.export(
@@ -113,18 +111,19 @@ def export_onnx(
     return target
 
 
-def _import_exporters() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType]:
-    """onnx, torch.onnx, our translations and clean-ups, imported on first use: onnx is an optional dependency."""
+def _import_exporters() -> tuple[ModuleType, ModuleType, dict[object, object], ModuleType]:
+    """onnx, torch.onnx, our translation table and clean-ups, imported on first use: onnx is an optional
+    dependency."""
     try:
         import onnx
         import onnxscript  # noqa: F401 - torch.onnx's dynamo exporter needs it
 
-        from passforge.ir import onnx_cleanup, onnx_qdq
+        from passforge.ir import onnx_attention, onnx_cleanup, onnx_qdq
     except ImportError as exc:
         raise OnnxExportError(
             f"export_onnx needs onnx and onnxscript ({exc}); install them with: pip install 'passforge[onnx]'"
         ) from exc
-    return onnx, torch.onnx, onnx_qdq, onnx_cleanup
+    return onnx, torch.onnx, {**onnx_qdq.TRANSLATIONS, **onnx_attention.TRANSLATIONS}, onnx_cleanup
 
 
 @contextlib.contextmanager

@@ -183,8 +183,8 @@ def _trim_unseen_keys(
     keys add nothing. (CPU only: finding the last key syncs, which is free here and not on a GPU.)"""
     if mask.shape[-1] != k.shape[2]:
         return k, v, mask
-    seen = mask.reshape(-1, mask.shape[-1]).any(0)  # (Tk,)
-    last = int(seen.nonzero().max()) + 1 if bool(seen.any()) else 1  # keep one key: every row is empty anyway
+    seen = mask.reshape(-1, mask.shape[-1]).any(0).nonzero()  # (n, 1): the keys some query sees, ascending
+    last = int(seen[-1]) + 1 if len(seen) else 1  # keep one key when none is seen: every row is empty anyway
     if last == k.shape[2]:
         return k, v, mask
     return k[:, :, :last], v[:, :, :last], mask[..., :last]
@@ -213,7 +213,7 @@ def _merge(mask: torch.Tensor | None, keep: torch.Tensor, dtype: torch.dtype) ->
     flash kernel turns a bool mask into an additive one on every call anyway)."""
     if mask is not None and mask.dtype == torch.bool:
         keep, mask = mask & keep, None
-    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device) if mask is None else mask.to(dtype)
+    bias = torch.zeros(keep.shape, dtype=dtype, device=keep.device) if mask is None else mask  # in q's dtype
     return bias.masked_fill(~keep, float("-inf"))
 
 

@@ -44,7 +44,7 @@ import importlib.util
 import torch
 import torch.ao.quantization.fx._decomposed
 
-from passforge.kernels.attention import attention_cpu, attention_reference, check_shapes, empty_output, heads_last
+from passforge.kernels.attention import attention_cpu, attention_reference, check_shapes, empty_output
 from passforge.kernels.fp8 import FP8_MAX, MIN_SCALE, dequantize_fp8, quantize_fp8
 from passforge.kernels.prepack import cpu_int4_layout, int8_row_sums
 
@@ -424,39 +424,22 @@ def attention(
     return attention_cpu(q, k, v, mask, causal=causal, scale=scale, window=window, sinks=sinks)
 
 
+# The registrations below take the op's keyword options as they come (the schema above is the one signature).
+
+
 @attention.register_fake
-def _(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    window: int = 0,
-    sinks: int = 0,
-) -> torch.Tensor:
-    check_shapes(q, k, v, window, sinks)
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, **options: object):
+    check_shapes(q, k, v, options.get("window", 0), options.get("sinks", 0))
     return empty_output(q, v)
 
 
 @attention.register_kernel("cuda")
-def _(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    mask: torch.Tensor | None = None,
-    *,
-    causal: bool = False,
-    scale: float | None = None,
-    window: int = 0,
-    sinks: int = 0,
-) -> torch.Tensor:
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, **options: object):
     if attention_backend(q, k, v, mask) != "triton":
-        return attention_cpu(q, k, v, mask, causal=causal, scale=scale, window=window, sinks=sinks)
+        return attention_cpu(q, k, v, mask, **options)
     from passforge.kernels.flash_attention import flash_attention
 
-    return heads_last(flash_attention(q, k, v, mask, causal=causal, scale=scale, window=window, sinks=sinks))
+    return flash_attention(q, k, v, mask, **options)  # writes into empty_output: already the op's layout
 
 
 def attention_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> str:

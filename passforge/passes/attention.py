@@ -118,7 +118,6 @@ class FuseAttention(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         matches, misses = [], []
-        tags: Counter[str] = Counter()
         # one at a time, in graph order: a replacement reroutes its users, so a later (chained) attention is
         # matched against the graph as it is then
         for node in [n for n in gm.graph.nodes if _is_anchor(n)]:
@@ -130,23 +129,24 @@ class FuseAttention(Pass):
                 continue
             replace(gm, outcome)
             matches.append(outcome)
-            tags.update(outcome.tags)
         if matches:
             gm.graph.lint()
             gm.recompile()
-        notes = [f"{m.where()}: {', '.join(m.tags)}" for m in matches]
-        notes += [f"near miss at {node.name} ({module_path(node)}): {reason}" for node, reason in misses]
+        tags = Counter(tag for m in matches for tag in m.tags)
         stats = {"fused": len(matches), "near_misses": len(misses), **{f"tag:{t}": n for t, n in sorted(tags.items())}}
-        return PassResult(gm, modified=bool(matches), stats=stats, notes=notes)
+        return PassResult(gm, modified=bool(matches), stats=stats, notes=_report_lines(matches, misses))
 
     @classmethod
     def explain(cls, gm: fx.GraphModule) -> list[str]:
         """What the pass would fuse in ``gm`` and why the rest does not match (graph unchanged)."""
         matches, misses = find_attention(gm)
-        lines = [f"fuse-attention: {len(matches)} match(es)"]
-        lines += [f"  {m.anchor.name} ({m.where()}): {', '.join(m.tags)}" for m in matches]
-        lines += [f"  near miss at {node.name} ({module_path(node)}): {reason}" for node, reason in misses]
-        return lines
+        return [f"fuse-attention: {len(matches)} match(es)", *(f"  {line}" for line in _report_lines(matches, misses))]
+
+
+def _report_lines(matches: list[AttentionMatch], misses: list[tuple[fx.Node, str]]) -> list[str]:
+    """One line per match (where, tags) and per near miss (where, why): the pass's notes and ``explain``."""
+    lines = [f"{m.anchor.name} ({m.where()}): {', '.join(m.tags)}" for m in matches]
+    return lines + [f"near miss at {node.name} ({module_path(node)}): {reason}" for node, reason in misses]
 
 
 def find_attention(gm: fx.GraphModule) -> tuple[list[AttentionMatch], list[tuple[fx.Node, str]]]:

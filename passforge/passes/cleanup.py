@@ -16,7 +16,7 @@ Lossless and idempotent: a second run finds nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -218,34 +218,40 @@ CREATION_FOLD_LIMIT = 64 * 1024
 def _input_bytes(node: fx.Node, values: dict[fx.Node, object]) -> int:
     """What a fold may store: the bytes of the parameters the subgraph reads (so folding never grows the
     model), or :data:`CREATION_FOLD_LIMIT` for subgraphs that read none."""
-    total, stack, seen = 0, [node], set()
-    while stack:
-        current = stack.pop()
-        if current in seen:
-            continue
-        seen.add(current)
+    total = 0
+    for current in _ancestors(node):
         if current.op == "get_attr":
             value = values[current]
             total += value.nbytes if isinstance(value, torch.Tensor) else 0
-        stack.extend(current.all_input_nodes)
     return total or CREATION_FOLD_LIMIT
 
 
-def constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
-    """``node``'s value when it depends on parameters and constants only (no input, no impure op), evaluated
-    now; None otherwise. For passes that need to know what a mask or a scale *is* (fuse-attention)."""
-    values: dict[fx.Node, object] = {}
+def _ancestors(node: fx.Node, *, through: Callable[[fx.Node], bool] = lambda _: True) -> Iterator[fx.Node]:
+    """``node`` and the nodes it reads, each once, depth first; the walk continues past a node only where
+    ``through(node)``."""
     stack, seen = [node], set()
     while stack:
         current = stack.pop()
         if current in seen:
             continue
         seen.add(current)
+        yield current
+        if through(current):
+            stack.extend(current.all_input_nodes)
+
+
+def constant_value(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor | None:
+    """``node``'s value when it depends on parameters and constants only (no input, no impure op), evaluated
+    now; None otherwise. For passes that need to know what a mask or a scale *is* (fuse-attention)."""
+    values: dict[fx.Node, object] = {}
+
+    def computed_from_constants(current: fx.Node) -> bool:
+        return current.op == "call_function" and _foldable_op(current) and _static_tensor(current.meta.get("val"))
+
+    for current in _ancestors(node, through=computed_from_constants):
         if current.op == "get_attr":
             values[current] = get_attr(gm, current.target)
-        elif current.op == "call_function" and _foldable_op(current) and _static_tensor(current.meta.get("val")):
-            stack.extend(current.all_input_nodes)
-        else:
+        elif not computed_from_constants(current):
             return None
     value = _evaluate(node, values)
     return value if isinstance(value, torch.Tensor) else None
