@@ -51,12 +51,15 @@ class Context:
     decode step differently from a compute-bound prefill. ``memo`` holds what a calibration-driven pass
     computed on one graph of a model (smoothing factors, activation ranges, GPTQ weights), keyed by weight
     name, so the same model's other graphs (prefill, decode) reuse it: all of them then compute the same
-    function, and calibration runs once.
+    function, and calibration runs once. ``calib_inputs``, when set, are whole input tuples to calibrate on
+    instead of token windows (the ``torch.compile`` backend records a graph's first real calls there, which
+    also calibrates graphs that take no tokens).
     """
 
     example_inputs: tuple[object, ...] = ()
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     calib_tokens: torch.Tensor | None = None
+    calib_inputs: list[tuple[object, ...]] | None = None
     eval_tokens: torch.Tensor | None = None
     repro_dir: Path | None = None
     role: Literal["forward", "prefill", "decode"] = "forward"
@@ -85,6 +88,12 @@ class Pass(ABC):
     atol: ClassVar[float] = 1e-5
     # Lossy passes: the verifier's collapse guard, max |after - before| / max |before| per output (None: off).
     max_rel_err: ClassVar[float | None] = None
+
+    @property
+    def needs_calibration(self) -> bool:
+        """True when this pass, as configured, reads calibration data (``Context.calib_tokens`` or
+        ``calib_inputs``); callers that have none can then collect it first."""
+        return False
 
     @abstractmethod
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:

@@ -36,8 +36,10 @@ class _Observing(fx.Interpreter):
 
 
 def calibration_inputs(ctx: Context, pass_spec: str, windows: int) -> list[tuple[object, ...]]:
-    """Up to ``windows`` input tuples: the example inputs with the token input replaced by consecutive,
-    non-overlapping windows of ``ctx.calib_tokens``."""
+    """Up to ``windows`` input tuples: ``ctx.calib_inputs`` when set, else the example inputs with the token
+    input replaced by consecutive, non-overlapping windows of ``ctx.calib_tokens``."""
+    if ctx.calib_inputs:
+        return list(ctx.calib_inputs[:windows])
     example = tuple(ctx.example_inputs)
     slot = next(
         (i for i, x in enumerate(example) if isinstance(x, torch.Tensor) and x.dtype == torch.long and x.dim() == 2),

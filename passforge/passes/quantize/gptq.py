@@ -73,6 +73,10 @@ class GPTQ(Pass):
         if self.calib_windows < 1:
             raise ValueError(f"calib_windows must be >= 1, got {self.calib_windows}")
 
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         targets = _targets(gm)

@@ -108,6 +108,10 @@ class Quantize(Pass):
         if self.calib_windows < 1:
             raise ValueError(f"calib_windows must be >= 1, got {self.calib_windows}")
 
+    @property
+    def needs_calibration(self) -> bool:
+        return "w8a8-static" in (self.scheme, self.decode_scheme)
+
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         import passforge.kernels.ops  # noqa: F401 - registers the Q/DQ ops

@@ -90,6 +90,10 @@ class SmoothQuant(Pass):
             return self.rtol, self.atol
         return 0.0, 4 * BF16_ULP * output_scale(expected)
 
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         groups = _norm_groups(gm)

@@ -1,0 +1,533 @@
+"""passforge as a ``torch.compile`` backend: dynamo's graphs, through a pipeline, back to the caller.
+
+    model = torch.compile(model, backend="passforge",
+                          options={"pipeline": "quantize(scheme=w8),fuse-attention", "inductor": True})
+
+The backend is registered through the ``torch_dynamo_backends`` entry point, so ``backend="passforge"``
+works after ``pip install`` with no import.
+
+Inference graphs (grad disabled, or no input requiring grad) become the IR every other door produces:
+
+1. dynamo hands over a torch-level graph whose parameters and buffers are inputs (dynamo inlines modules);
+   they are bound back as named attributes (``layers.0.attention.wq.weight``, from dynamo's source for each
+   input), so passes see constant weights under their module names — the backend *freezes* the weights, as
+   inductor's ``freezing=True`` does: weights changed after compiling need ``torch._dynamo.reset()``;
+2. ``torch.export`` (non-strict, itself AOT autograd's functionalising tracer) lowers it to ATen with
+   ``meta["val"]``; size arguments dynamo made symbolic are recomputed from the tensors they came from, and
+   those dims are exported as dynamic, so ``dynamic=True`` keeps one graph for all lengths;
+3. inputs the graph writes into (an HF static KV cache) are cloned inside the exported function and returned,
+   so the captured graph is functional; the backend copies the results back into the caller's tensors;
+4. the pipeline runs with the verifier (a pass that breaks the graph is rolled back and named; with
+   ``on_error="skip"``, the default here, compilation carries on without it);
+5. the result runs on passforge's runtime or, with ``inductor=True``, is handed to inductor: passforge's
+   passes plus inductor's code generation (passforge's custom ops run as extern kernels).
+
+Graph breaks give several graphs, each compiled on its own; a new shape dynamo recompiles for is one more
+call to the backend. Training graphs (grad enabled and an input requiring grad) go through AOT autograd's
+forward/backward split instead; no passforge pass handles a backward graph yet, so the pipeline is skipped
+for them with a warning naming its passes, and the graphs run as AOT autograd (or inductor) compiles them.
+
+Calibration-driven passes (``smooth-quant``, ``gptq``, ``quantize(scheme=w8a8-static)``) take
+``options["calib_data"]`` (a token file or an int64 tensor), or else calibrate on the first
+``calibration_calls`` real calls: those run unoptimized while their inputs are recorded, then the pipeline
+runs once on them and later calls run the optimized graph.
+
+``options["cache_dir"]`` keeps optimized graphs on disk under :func:`cache_key`: a hash of the captured
+graph, its weights, the pipeline and the source code of every pass in it (and the passforge and torch
+versions), so editing a pass or the pipeline, or changing the model, misses the cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import inspect
+import os
+import re
+import sys
+import warnings
+import weakref
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import fx
+
+from passforge.ir.capture import capture
+from passforge.ir.graph import add_buffer, copy_graph_module, dynamic_shapes_of, get_attr, tensor_attrs
+from passforge.ir.serialize import load_graph, save_graph
+from passforge.passes.base import Context, Pass
+from passforge.passes.hooks import VerifyHook
+from passforge.passes.manager import OnError, PassManager, PipelineResult
+from passforge.passes.spec import parse_pipeline
+
+
+class BackendError(ValueError):
+    """The backend's options are wrong; the message says which and what is accepted."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """``torch.compile(..., backend="passforge", options={...})``: every key is a field here."""
+
+    pipeline: str = "cleanup"
+    inductor: bool = False  # hand the optimized graph to inductor for code generation
+    on_error: OnError = "skip"  # a failing pass is rolled back; "stop" raises instead
+    verify: bool = True  # run the verifier after every pass
+    calib_data: str | os.PathLike[str] | torch.Tensor | None = None  # token-id file / text file / int64 tensor
+    calibration_calls: int = 8  # without calib_data: calibrate on this many real calls first
+    cache_dir: str | os.PathLike[str] | None = None  # keep optimized graphs on disk (see cache_key)
+
+    @classmethod
+    def from_mapping(cls, options: Mapping[str, object] | None) -> BackendOptions:
+        options = dict(options or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise BackendError(
+                f"torch.compile(backend='passforge'): unknown option(s) {', '.join(unknown)}; "
+                f"the options are {', '.join(sorted(known))}"
+            )
+        made = cls(**options)
+        if made.on_error not in ("stop", "skip"):
+            raise BackendError(f"options['on_error'] must be 'stop' or 'skip', got {made.on_error!r}")
+        if made.calibration_calls < 1:
+            raise BackendError(f"options['calibration_calls'] must be at least 1, got {made.calibration_calls}")
+        try:
+            parse_pipeline(made.pipeline)
+        except Exception as exc:
+            raise BackendError(f"options['pipeline']: {exc}") from exc
+        return made
+
+
+def passforge_backend(
+    gm: fx.GraphModule, example_inputs: Sequence[object], *, options: Mapping[str, object] | None = None,
+    mode: str | None = None,
+) -> Callable[..., object]:
+    """The ``torch_dynamo_backends`` entry point: compile one dynamo graph (see the module docstring).
+
+    ``mode`` (inductor's ``reduce-overhead`` etc., which HF's ``CompileConfig`` passes by default) is not used.
+    """
+    opts = BackendOptions.from_mapping(options)
+    if _is_training(example_inputs):
+        return _compile_training(gm, example_inputs, opts)
+    return CompiledGraph(gm, example_inputs, opts)
+
+
+def _is_training(example_inputs: Sequence[object]) -> bool:
+    return torch.is_grad_enabled() and any(
+        isinstance(x, torch.Tensor) and x.requires_grad for x in example_inputs
+    )
+
+
+def _compile_training(gm: fx.GraphModule, example_inputs: Sequence[object], opts: BackendOptions) -> Callable:
+    names = [p.spec for p in parse_pipeline(opts.pipeline)]
+    if names:
+        warnings.warn(
+            f"passforge backend: a training graph (grad enabled, an input requires grad): the pipeline "
+            f"{', '.join(names)} is skipped for it — passforge's passes work on frozen-weight inference graphs; "
+            "compile under torch.no_grad() (or torch.inference_mode()) to optimize it",
+            stacklevel=2,
+        )
+    if opts.inductor:
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, list(example_inputs))
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    def run_as_is(graph: fx.GraphModule, _: Sequence[object]) -> Callable:
+        return make_boxed_func(graph.forward)
+
+    return aot_autograd(fw_compiler=run_as_is, bw_compiler=run_as_is)(gm, example_inputs)
+
+
+# --- binding dynamo's inputs: weights, tensors, sizes -------------------------------------------------------
+
+_KEY = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)")
+
+
+def _source_name(node: fx.Node) -> str:
+    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` → ``layers.0.weight``."""
+    grapharg = node.meta.get("grapharg")
+    text = grapharg.source.name if grapharg is not None else ""
+    text = text() if callable(text) else text
+    root = re.match(r"^[GL]\['[^']*'\]", text)
+    keys = [a or b for a, b in _KEY.findall(text[root.end():])] if root else []
+    return ".".join(keys) if keys else str(node.target)
+
+
+def _is_weight(node: fx.Node) -> bool:
+    """A tensor reached from the compiled module rather than passed in: a parameter, a buffer, or a float
+    attribute dynamo turned into a 0-d tensor (``norm.eps`` under ``dynamic=True``). The caller's own tensors
+    (tokens, a KV cache object's tensors) are rooted at an argument instead."""
+    grapharg = node.meta.get("grapharg")
+    name = grapharg.source.name if grapharg is not None else ""
+    name = name() if callable(name) else name
+    return name.startswith(("L['self']", "G[")) or "._parameters[" in name or "._buffers[" in name
+
+
+def _mutated_inputs(gm: fx.GraphModule) -> set[int]:
+    """Indices of placeholders the graph writes into (``x.add_(1)``, ``cache.index_copy_(...)``, ``x[i] = v``)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    aliases = {node: i for i, node in enumerate(placeholders)}
+    mutated: set[int] = set()
+    for node in gm.graph.nodes:  # views of an input alias it: writing through them writes the input
+        if node.op in ("call_function", "call_method") and node.args and isinstance(node.args[0], fx.Node):
+            base = aliases.get(node.args[0])
+            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+            if base is None:
+                continue
+            if name in _VIEWS:
+                aliases[node] = base
+            elif (name.endswith("_") and not name.endswith("__")) or name in ("setitem", "copy_"):
+                mutated.add(base)
+    return mutated
+
+
+_VIEWS = frozenset(
+    {"view", "reshape", "__getitem__", "getitem", "narrow", "select", "slice", "transpose", "permute", "unsqueeze",
+     "squeeze", "expand", "as_strided", "t", "flatten", "unflatten", "view_as", "diagonal", "unbind", "split", "chunk"}
+)
+
+
+@dataclass
+class _Binding:
+    """How the exported function's tensor inputs map onto dynamo's placeholders."""
+
+    weights: dict[int, str]  # placeholder index → attribute name
+    tensors: list[int]  # placeholder indices passed through as user inputs (in order)
+    sizes: dict[int, tuple[int, int]]  # SymInt placeholder index → (position in `tensors`, dim)
+    mutated: list[int]  # indices into `tensors` the graph writes into
+
+    def user_args(self, args: Sequence[object]) -> list[torch.Tensor]:
+        return [args[i] for i in self.tensors]  # type: ignore[misc]
+
+
+def _bind(gm: fx.GraphModule, example_inputs: Sequence[object], training: bool) -> _Binding:
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    mutated_idx = _mutated_inputs(gm)
+    weights: dict[int, str] = {}
+    tensors: list[int] = []
+    symbolic: dict[int, object] = {}
+    for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
+        if isinstance(value, torch.Tensor):
+            if not training and i not in mutated_idx and _is_weight(node):
+                weights[i] = _source_name(node)
+            else:
+                tensors.append(i)
+        elif isinstance(value, (int, torch.SymInt)):
+            symbolic[i] = node
+        else:
+            raise BackendError(
+                f"passforge backend: dynamo input {node.target} is a {type(value).__name__}; only tensors and "
+                "sizes are supported"
+            )
+    sizes = {i: _size_origin(node, placeholders, tensors) for i, node in symbolic.items()}
+    for i in weights:
+        _inline_scalar(placeholders[i], example_inputs[i])
+    return _Binding(weights, tensors, sizes, [k for k, i in enumerate(tensors) if i in mutated_idx])
+
+
+def _inline_scalar(node: fx.Node, value: torch.Tensor) -> None:
+    """A frozen 0-d tensor dynamo only reads with ``.item()`` (an unspecialised float attribute such as
+    ``norm.eps``) becomes the Python number it holds: exported as a tensor, ``.item()`` would be a
+    data-dependent value torch.export cannot trace."""
+    if value.dim() != 0 or not node.users or any(u.op != "call_method" or u.target != "item" for u in node.users):
+        return
+    number = value.item()
+    for item in list(node.users):
+        for user in list(item.users):
+            user.args = fx.node.map_aggregate(user.args, lambda a, item=item: number if a is item else a)
+            user.kwargs = fx.node.map_aggregate(user.kwargs, lambda a, item=item: number if a is item else a)
+        item.graph.erase_node(item)
+    node.graph.owning_module.recompile()
+
+
+def _size_origin(node: fx.Node, placeholders: list[fx.Node], tensors: list[int]) -> tuple[int, int]:
+    """Which tensor input's dim a dynamo size argument is (its source is ``L['x'].size()[0]``)."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    base, index = getattr(source, "base", None), getattr(source, "idx", None)
+    if base is not None and index is not None:
+        base_name = base.name() if callable(base.name) else base.name
+        for position, i in enumerate(tensors):
+            arg = placeholders[i].meta.get("grapharg")
+            name = arg.source.name if arg is not None else None
+            if (name() if callable(name) else name) == base_name:
+                return position, int(index)
+    raise BackendError(
+        f"passforge backend: the size argument {node.target} does not come from a tensor's shape; mark the "
+        "integer static (torch.compile(dynamic=False)) or pass it as a tensor"
+    )
+
+
+class _Frozen(torch.nn.Module):
+    """dynamo's graph as a module of its user tensors, with the weights as named parameters/buffers."""
+
+    def __init__(self, gm: fx.GraphModule, binding: _Binding, example_inputs: Sequence[object]) -> None:
+        super().__init__()
+        self.graph_fn = gm
+        self.binding = binding
+        self.slots: dict[int, str] = {}
+        for i, name in binding.weights.items():
+            holder, leaf = self._holder(name)
+            value = example_inputs[i]
+            if isinstance(value, torch.nn.Parameter):
+                holder.register_parameter(leaf, value)
+            else:
+                holder.register_buffer(leaf, value)
+            self.slots[i] = name
+        self.count = len(example_inputs)
+
+    def _holder(self, name: str) -> tuple[torch.nn.Module, str]:
+        *path, leaf = ["weights", *name.split(".")]
+        module: torch.nn.Module = self
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        return module, leaf
+
+    def forward(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        b = self.binding
+        tensors = tuple(t.clone() if k in b.mutated else t for k, t in enumerate(tensors))
+        args: list[object] = [None] * self.count
+        for i, name in self.slots.items():
+            args[i] = get_attr(self, f"weights.{name}")
+        for position, i in enumerate(b.tensors):
+            args[i] = tensors[position]
+        for i, (position, dim) in b.sizes.items():
+            args[i] = tensors[position].size(dim)
+        out = self.graph_fn(*args)
+        return (*out, *(tensors[k] for k in b.mutated))
+
+
+def _dynamic_dims(gm: fx.GraphModule, binding: _Binding) -> tuple[dict[int, object] | None, ...] | None:
+    """The dims dynamo made symbolic, as torch.export Dims (AUTO: export names and relates them)."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    spec: list[dict[int, object] | None] = []
+    for i in binding.tensors:
+        value = placeholders[i].meta.get("example_value")
+        shape = getattr(value, "shape", ())
+        dims = {d: torch.export.Dim.AUTO for d, size in enumerate(shape) if not isinstance(size, int)}
+        spec.append(dims or None)
+    return (tuple(spec),) if any(spec) else None  # one entry: forward(*tensors) takes them as varargs
+
+
+# --- compiling and running one graph -------------------------------------------------------------------------
+
+_COMPILED: list[weakref.ReferenceType[CompiledGraph]] = []
+
+
+def compiled_graphs() -> list[CompiledGraph]:
+    """The graphs this process compiled that are still alive, oldest first: each has ``captured``, and once
+    it has run, ``graph`` (the optimized graph) and ``result`` (the pipeline's per-pass records)."""
+    alive = [graph for ref in _COMPILED if (graph := ref()) is not None]
+    _COMPILED[:] = [weakref.ref(graph) for graph in alive]
+    return alive
+
+
+
+class CompiledGraph:
+    """What the backend returns for one inference graph: ``compiled(*dynamo_args) -> outputs``.
+
+    Compilation is lazy: the first call (or the first ``calibration_calls`` calls, for a pipeline that
+    calibrates without ``calib_data``) runs the captured graph while the pipeline waits for real inputs.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[object], opts: BackendOptions) -> None:
+        self.opts = opts
+        self.binding = _bind(gm, example_inputs, training=False)
+        module = _Frozen(gm, self.binding, example_inputs)
+        user = self.binding.user_args(example_inputs)
+        dynamic = _dynamic_dims(gm, self.binding)
+        # export traces afresh: outside dynamo's tracing context, whose guards would leak into the graph
+        with torch.no_grad(), torch._guards.tracing(None), torch._guards.compile_context(None):
+            self.captured = capture(module, user, dynamic_shapes=dynamic, name="torch.compile graph")
+        self.passes: list[Pass] = parse_pipeline(opts.pipeline)
+        self.calibrating = any(p.needs_calibration for p in self.passes) and opts.calib_data is None
+        self.recorded: list[tuple[torch.Tensor, ...]] = []
+        self.result: PipelineResult | None = None
+        self.graph: fx.GraphModule | None = None  # the optimized graph, once compiled
+        self.runnable: Callable[..., Sequence[torch.Tensor]] | None = None  # what runs it (derived, or inductor's)
+        self.cache_hit = False
+        _COMPILED.append(weakref.ref(self))
+
+    def __call__(self, *args: object) -> list[torch.Tensor]:
+        user = self.binding.user_args(args)
+        if self.runnable is None:
+            if self.calibrating and len(self.recorded) + 1 < self.opts.calibration_calls:
+                self.recorded.append(tuple(t.detach().clone() for t in user))
+                return self._finish(user, self.captured(*user))
+            if self.calibrating:
+                self.recorded.append(tuple(t.detach().clone() for t in user))
+            self._compile(user)
+        return self._finish(user, _run_graph(self.runnable, user))
+
+    def _finish(self, user: list[torch.Tensor], outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Write the new values of mutated inputs back into the caller's tensors; return the real outputs."""
+        mutated = self.binding.mutated
+        if not mutated:
+            return list(outputs)
+        real, updates = list(outputs[: len(outputs) - len(mutated)]), outputs[len(outputs) - len(mutated):]
+        for k, new in zip(mutated, updates):
+            if new.data_ptr() != user[k].data_ptr():
+                user[k].copy_(new)
+        return real
+
+    def _compile(self, user: list[torch.Tensor]) -> None:
+        key = cache_key(self.captured, self.passes) if self.opts.cache_dir else None
+        cached = _cache_path(self.opts.cache_dir, key) if key else None
+        self.cache_hit = cached is not None and cached.is_file()
+        if self.cache_hit:
+            graph = load_graph(cached)
+        else:
+            graph = self._optimize(tuple(user))
+            if cached is not None:
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                save_graph(graph, cached, tuple(user), dynamic_shapes=dynamic_shapes_of(self.captured))
+        self.graph = graph
+        if self.opts.inductor:
+            from torch._inductor import compile as inductor_compile
+
+            self.runnable = inductor_compile(_for_inductor(graph), list(user))
+        else:
+            self.runnable = _donate_updates(graph, len(self.binding.mutated))
+        self.recorded.clear()
+
+    def _optimize(self, example: tuple[torch.Tensor, ...]) -> fx.GraphModule:
+        ctx = Context(example_inputs=example, device=example[0].device if example else torch.device("cpu"))
+        if self.opts.calib_data is not None:
+            ctx.calib_tokens = _tokens(self.opts.calib_data)
+        elif self.recorded:
+            ctx.calib_inputs = list(self.recorded)
+        hooks = [VerifyHook()] if self.opts.verify else []
+        manager = PassManager(self.passes, hooks=hooks, on_error=self.opts.on_error)
+        with torch.no_grad():
+            self.result = manager.run(self.captured, ctx)
+        for record in self.result.records:
+            if record.status != "ok":
+                warnings.warn(
+                    f"passforge backend: pass '{record.spec}' was {record.status.replace('_', ' ')}: {record.error}",
+                    stacklevel=2,
+                )
+        return self.result.graph
+
+
+def _for_inductor(graph: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``graph`` inductor can lower: its ``dequantize_per_channel`` lowering reads the zero points'
+    size, so a symmetric (``zero_points=None``) per-channel Q/DQ gets explicit zeros."""
+    decomposed = torch.ops.quantized_decomposed
+    per_channel = {decomposed.quantize_per_channel.default, decomposed.dequantize_per_channel.default}
+    nodes = [n for n in graph.graph.nodes if n.target in per_channel and n.args[2] is None]
+    if not nodes:
+        return graph
+    graph = copy_graph_module(graph)
+    for node in [n for n in graph.graph.nodes if n.target in per_channel and n.args[2] is None]:
+        scales = node.args[1]
+        zeros = torch.zeros(scales.meta["val"].shape, dtype=torch.int64)
+        with graph.graph.inserting_before(node):
+            node.update_arg(2, add_buffer(graph, "zero_points", zeros))
+    graph.recompile()
+    return graph
+
+
+_IN_PLACE = {
+    torch.ops.aten.index_copy.default: torch.ops.aten.index_copy_.default,
+    torch.ops.aten.index_put.default: torch.ops.aten.index_put_.default,
+}
+
+
+def _donate_updates(graph: fx.GraphModule, count: int) -> fx.GraphModule:
+    """For running only: a copy of ``graph`` whose trailing ``count`` outputs (new values of inputs the
+    caller's code writes into, such as an HF static cache) are written into those inputs in place::
+
+        %c = aten.clone(%cache)                     %u = aten.index_copy_(%cache, 2, %pos, %k)
+        %u = aten.index_copy(%c, 2, %pos, %k)   →   ...
+        return (..., %u)                            return (..., %u)        # %u is %cache: no copy back
+
+    Applied per output when the clone is the input's only reader and the update the clone's only reader,
+    so no node sees the old value after the write; the others keep the clone and are copied back."""
+    if not count:
+        return graph
+    donated = copy_graph_module(graph)
+    output = next(n for n in donated.graph.nodes if n.op == "output")
+    changed = False
+    for update in output.args[0][-count:]:
+        in_place = _IN_PLACE.get(getattr(update, "target", None))
+        clone = update.args[0] if in_place is not None else None
+        if (
+            isinstance(clone, fx.Node) and clone.target is torch.ops.aten.clone.default and len(clone.users) == 1
+            and isinstance(clone.args[0], fx.Node) and clone.args[0].op == "placeholder"
+            and len(clone.args[0].users) == 1
+        ):
+            update.target = in_place
+            update.args = (clone.args[0], *update.args[1:])
+            donated.graph.erase_node(clone)
+            changed = True
+    if not changed:
+        return graph
+    donated.recompile()
+    return donated
+
+
+def _run_graph(graph: Callable[..., Sequence[torch.Tensor]], inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
+    with torch.no_grad():
+        return graph(*inputs)
+
+
+def _tokens(data: str | os.PathLike[str] | torch.Tensor) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        if data.dtype != torch.long:
+            raise BackendError(f"options['calib_data']: expected int64 token ids, got a {data.dtype} tensor")
+        return data.reshape(-1)
+    from passforge.models.registry import ModelSource, read_tokens
+
+    return read_tokens(data, ModelSource("torch.compile graph", None, (), is_lm=False))
+
+
+# --- the cache key ------------------------------------------------------------------------------------------
+
+
+def cache_key(graph: fx.GraphModule, passes: Sequence[Pass]) -> str:
+    """A hash of everything an optimized graph depends on: the captured code and input types, the weights'
+    bytes, the pipeline's spec, the source files of every pass in it, and the passforge and torch versions."""
+    from passforge import __version__
+
+    digest = hashlib.sha256()
+    digest.update(f"passforge {__version__} torch {torch.__version__}\n".encode())
+    digest.update(graph.code.encode())
+    for node in graph.graph.find_nodes(op="placeholder"):
+        digest.update(repr(node.meta.get("val")).encode())
+    for name, tensor in tensor_attrs(graph):
+        digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    for pass_ in passes:
+        digest.update(f"{pass_.spec}\n".encode())
+        for path in sorted(_source_files(type(pass_))):
+            digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def _source_files(cls: type) -> set[str]:
+    """The files defining a pass class and its passforge bases (a helper module it imports is not seen: a
+    pass in a package, e.g. quantize/, counts the package's files)."""
+    files: set[str] = set()
+    for klass in cls.__mro__:
+        module = sys.modules.get(klass.__module__)
+        if module is None or not klass.__module__.startswith("passforge"):
+            continue
+        path = inspect.getsourcefile(module)
+        if path is None:
+            continue
+        folder = Path(path).parent
+        if folder.name != "passes":  # a pass family's package: any of its files may change the result
+            files.update(str(p) for p in folder.glob("*.py"))
+        files.add(path)
+    return files
+
+
+def _cache_path(cache_dir: str | os.PathLike[str] | None, key: str | None) -> Path | None:
+    return Path(cache_dir) / f"{key}.pt2" if cache_dir and key else None
