@@ -392,7 +392,9 @@ class CompiledGraph:
         if self.opts.inductor:
             from torch._inductor import compile as inductor_compile
 
-            self.runnable = inductor_compile(_for_inductor(graph), list(user))
+            # freezing: inductor folds the (already frozen) weights into its kernels and prepacks them for
+            # oneDNN / MKL, as torch.compile's own CPU inference setting does
+            self.runnable = inductor_compile(_for_inductor(graph), list(user), options={"freezing": True})
         else:
             self.runnable = _donate_updates(graph, len(self.binding.mutated))
         self.recorded.clear()

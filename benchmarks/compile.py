@@ -1,0 +1,154 @@
+"""Is torch.compile(backend="passforge") faster than plain inductor? The ~100M LLaMA preset, prefill and decode, CPU.
+
+Rows, timed round-robin in one run (medians; ratios to eager fp32), with the table and measurement code of
+``benchmarks/quant.py``:
+
+- eager fp32 and eager bf16;
+- ``torch.compile`` (inductor, ``freezing=True``) of the fp32 and the bf16 model — the issue's best peer;
+- ``torch.compile(backend="passforge", options={"pipeline": ..., "inductor": True})``: passforge's passes on
+  dynamo's graph, then inductor's code generation; and the same pipelines run by passforge's runtime
+  (``inductor: False``).
+
+The prefill (``model(tokens)``) and the decode step (``model.decode(token, pos, k, v)``) are compiled
+separately, each with its own pipeline: the prefill's quantization is int8 for the compute-bound GEMMs, the
+decode step's is int4 weight-only for the bandwidth-bound ones (the forward pipeline's ``decode_scheme`` is
+for ``passforge optimize``'s own decode graphs; under torch.compile each function gets what suits it).
+Calibration-driven passes read the bundled calibration text (``calib_data``).
+
+    python benchmarks/compile.py [--prefill 512] [--new-tokens 32] [--repeats 5] [--only REGEX]
+    python benchmarks/compile.py --model tiny --prefill 64 --new-tokens 4 --repeats 2   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import re
+import sys
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant import (
+    BASELINE,
+    BF16_NOTE,
+    Setup,
+    Variant,
+    build_rows,
+    bundled_calib_path,
+    compiled,
+    decode_loop,
+    eager_bf16,
+    eager_fp32,
+    memory_bandwidth_gbs,
+    module_variant,
+    print_table,
+)
+
+from passforge.models.llama import PRESETS, build
+from passforge.models.registry import read_tokens
+from passforge.runtime.profile import interleaved_latency_ms
+
+W8A8 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8a8),fold-quant,lower-quant"
+STATIC = "cleanup,fuse-attention,cast(dtype=bf16),smooth-quant,quantize(scheme=w8a8-static),fold-quant,lower-quant"
+W4 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w4),fold-quant,lower-quant"
+BF16 = "cleanup,fuse-attention,cast(dtype=bf16)"
+
+# label -> (prefill pipeline, decode pipeline, hand to inductor)
+BACKEND_ROWS: dict[str, tuple[str, str, bool]] = {
+    "passforge backend bf16 + fuse-attention, inductor": (BF16, BF16, True),
+    "passforge backend w8a8 / w4 + bf16 + fuse-attention, inductor": (W8A8, W4, True),
+    "passforge backend smooth + w8a8-static / w4 + bf16 + fuse-attention, inductor": (STATIC, W4, True),
+    "passforge backend w8a8 / w4 + bf16 + fuse-attention, passforge runtime": (W8A8, W4, False),
+}
+
+
+def backend_row(prefill_spec: str, decode_spec: str, inductor: bool) -> Callable[[Setup], Variant]:
+    def build_row(setup: Setup) -> Variant:
+        calib = read_tokens(bundled_calib_path(), _byte_source())
+
+        def options(spec: str) -> dict[str, object]:
+            return {"pipeline": spec, "inductor": inductor, "calib_data": calib}
+
+        model = setup.model
+        return module_variant(
+            model,
+            prefill=torch.compile(model, backend="passforge", options=options(prefill_spec)),
+            decode=torch.compile(model.decode, backend="passforge", options=options(decode_spec)),
+            notes=[f"prefill: {prefill_spec}; decode: {decode_spec}; "
+                   f"{'inductor' if inductor else 'passforge runtime'}; weights MB columns are the fp32 model's"],
+        )
+
+    return build_row
+
+
+def _byte_source() -> object:
+    from passforge.models import tokenizer
+    from passforge.models.registry import ModelSource
+
+    return ModelSource("bytes", None, (), is_lm=True, encode=tokenizer.encode)
+
+
+ROWS: dict[str, Callable[[Setup], Variant]] = {
+    BASELINE: eager_fp32,
+    "eager bf16": eager_bf16,
+    "torch.compile fp32": lambda setup: compiled(setup.model, []),
+    "torch.compile bf16": lambda setup: compiled(setup.bf16, [BF16_NOTE]),
+    **{label: backend_row(*row) for label, row in BACKEND_ROWS.items()},
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama-100m", choices=[p for p in PRESETS if p != "llama-7b"])
+    parser.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill latency")
+    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per decode run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians over them)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
+    parser.add_argument("--only", default="", help="regex on row labels; eager fp32 (the baseline) always runs")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    logging.disable(logging.WARNING)
+    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+
+    import quant
+
+    quant.ROWS.clear()
+    quant.ROWS.update(ROWS)  # build_rows looks rows up there
+    model = build(args.model).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (1, args.prefill))
+    labels = [label for label in ROWS if label == BASELINE or re.search(args.only, label, re.IGNORECASE)]
+    load_before = os.getloadavg()[0]
+    bandwidth = memory_bandwidth_gbs()
+    read_gbs = max(gbs for name, gbs in bandwidth.items() if name != "copy")
+    with tempfile.TemporaryDirectory(prefix="passforge-compile-") as workdir:
+        setup = Setup(model, tokens, Path(workdir), args.threads)
+        variants, logits = build_rows(setup, labels)
+        cpu = torch.device("cpu")
+        with torch.inference_mode():
+            prefill_ms = interleaved_latency_ms(
+                [functools.partial(v.prefill, tokens) for v in variants.values()], device=cpu,
+                repeats=args.repeats, warmup=1, min_total_s=0.0,
+            )
+            decode_ms = interleaved_latency_ms(
+                [decode_loop(v.decode, v.cache, args.new_tokens) for v in variants.values()], device=cpu,
+                repeats=args.repeats, warmup=1, min_total_s=0.0,
+            )
+    tok_s = {label: args.new_tokens / ms * 1e3 for label, ms in zip(variants, decode_ms)}
+    print_table(variants, logits, dict(zip(variants, prefill_ms)), tok_s, read_gbs, args)
+    print(f"\nfastest read {read_gbs:.1f} GB/s. Load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} "
+          f"after. torch {torch.__version__}.")
+    for label, variant in variants.items():
+        for note in variant.notes:
+            print(f"- {label}: {note}")
+
+
+if __name__ == "__main__":
+    main()
