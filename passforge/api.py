@@ -4,7 +4,8 @@
     opt.report["passes"][-1]["ppl"]; opt(tokens); opt.generate("def main(", 32); opt.save("out/")
     again = passforge.load("out/")
 
-``model`` is an ``nn.Module`` (with ``example_inputs``), a preset name, a Hugging Face folder or a ``.pt2``.
+``model`` is an ``nn.Module`` (with ``example_inputs``), a preset name, a Hugging Face folder, a ``.pt2`` or an
+``.onnx`` file (imported by ``passforge.ir.onnx_import``).
 The user's model object is never mutated: capture shares its tensors read-only and passes never write
 tensors in place.
 """
@@ -30,7 +31,7 @@ from passforge.models.registry import ModelError, ModelSource, read_tokens, reso
 from passforge.passes.base import Context
 from passforge.passes.hooks import DumpHook, VerifyHook
 from passforge.passes.manager import Hook, OnError, PassManager, PipelineResult
-from passforge.runtime.executor import Executor, GenerationStats, KVGenerator, resolve_device
+from passforge.runtime.executor import Executor, GenerationStats, InputError, KVGenerator, resolve_device
 from passforge.runtime.kv_cache import donate_kv_cache, ring_kv_cache
 from passforge.runtime.profile import ProfileHook
 from passforge.tools.report import build_report
@@ -38,11 +39,13 @@ from passforge.tools.report import build_report
 DEFAULT_PIPELINE = "cleanup,cast(dtype=bf16)"
 FORMAT = "passforge-optimized/1"
 PREFILL_LEN = 64
+BYTE_TOKENIZER = "bytes"
+HF_TOKENIZER_DIR = "tokenizer"
 
 
 @dataclass
 class Optimized:
-    """An optimized model: the forward graph, its report, and (for our LLaMA models) generation graphs."""
+    """An optimized model: the forward graph, its report, and (for LMs with a KV cache) generation graphs."""
 
     graph: fx.GraphModule
     report: dict[str, object]
@@ -59,15 +62,21 @@ class Optimized:
     def __call__(self, *inputs: torch.Tensor) -> object:
         return self._executor(*inputs)
 
+    @property
+    def has_tokenizer(self) -> bool:
+        """Whether :meth:`generate` takes text (else token ids only)."""
+        return self.source is not None and self.source.encode is not None and self.source.decode is not None
+
     def generate(
         self, prompt: str | torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0
     ) -> tuple[str | torch.Tensor, GenerationStats]:
-        """Continue ``prompt`` (text, or int64 ids (1, T)) with the KV-cache graphs; returns (same kind, stats)."""
-        from passforge.models import tokenizer
-
-        ids = torch.tensor([tokenizer.encode(prompt)]) if isinstance(prompt, str) else prompt
+        """Continue ``prompt`` (text, or int64 ids (1, T)) with the KV-cache graphs; returns (same kind, stats).
+        Text goes through the model's tokenizer: byte-level for passforge's LMs, the folder's for Hugging Face."""
+        if isinstance(prompt, str) and not self.has_tokenizer:
+            raise InputError("this model has no tokenizer; pass the prompt as token ids, int64 (1, T)")
+        ids = torch.tensor([self.source.encode(prompt)]) if isinstance(prompt, str) else prompt
         tokens, stats = self._generator.generate(ids, max_new_tokens, temperature=temperature)
-        return (tokenizer.decode(tokens[0].tolist()) if isinstance(prompt, str) else tokens), stats
+        return (self.source.decode(tokens[0].tolist()) if isinstance(prompt, str) else tokens), stats
 
     @functools.cached_property
     def _generator(self) -> KVGenerator:
@@ -75,7 +84,10 @@ class Optimized:
         its caches, so decode updates them in place where the graph allows, and keeps only sinks + window slots
         when all attention is sliding-window (``runtime.kv_cache``)."""
         if self.prefill is None or self.decode is None:
-            raise RuntimeError("this model has no prefill/decode graphs; generate() needs a passforge LLaMA model")
+            raise RuntimeError(
+                "this model has no prefill/decode graphs; generate() needs a passforge LLaMA model or a Hugging Face "
+                "causal LM, optimized with generation=True"
+            )
         decode, ring, _ = ring_kv_cache(self.decode)  # local-attention: a cache of sinks + window slots
         decode, _ = donate_kv_cache(decode)
         return KVGenerator(
@@ -84,7 +96,8 @@ class Optimized:
         )
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``model.pt2`` (+ ``prefill.pt2``/``decode.pt2``), ``manifest.json`` and ``report.json``.
+        """Write ``model.pt2`` (+ ``prefill.pt2``/``decode.pt2``, a Hugging Face model's ``tokenizer/``),
+        ``manifest.json`` and ``report.json``.
 
         The folder is built beside the target and swapped in by rename: a failure leaves any previous
         contents intact.
@@ -108,6 +121,7 @@ class Optimized:
                 "pipeline": self.report.get("pipeline"),
                 "graphs": graphs,
                 "max_seq_len": self.max_seq_len,
+                "tokenizer": _save_tokenizer(self.source, staging),
             }
             write_text_atomic(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")
             write_text_atomic(staging / "report.json", json.dumps(self.report, indent=2) + "\n")
@@ -118,8 +132,41 @@ class Optimized:
 
 
 OUTPUT_FILES = frozenset(
-    {"manifest.json", "model.pt2", "prefill.pt2", "decode.pt2", "report.json", "report.html", "reproducers"}
+    {"manifest.json", "model.pt2", "prefill.pt2", "decode.pt2", "report.json", "report.html", "reproducers",
+     HF_TOKENIZER_DIR}
 )
+
+
+def _save_tokenizer(source: ModelSource | None, folder: Path) -> str | None:
+    """The manifest's ``tokenizer``: ``"bytes"`` (passforge's byte-level tokenizer), the folder a Hugging Face
+    tokenizer was saved to, or None (token ids only)."""
+    from passforge.models import tokenizer
+
+    if source is None or source.encode is None:
+        return None
+    hf_tokenizer = source.extra.get("hf_tokenizer")
+    if hf_tokenizer is not None:
+        hf_tokenizer.save_pretrained(folder / HF_TOKENIZER_DIR)
+        return HF_TOKENIZER_DIR
+    return BYTE_TOKENIZER if source.encode is tokenizer.encode else None
+
+
+def _load_tokenizer(folder: Path, manifest: dict[str, object]) -> dict[str, object]:
+    """``ModelSource`` fields for the manifest's ``tokenizer`` (absent: a folder from before it was recorded, which
+    only passforge's byte-level LMs wrote)."""
+    from passforge.models import tokenizer
+
+    kind = manifest.get("tokenizer", BYTE_TOKENIZER)
+    if kind == BYTE_TOKENIZER:
+        return {"encode": tokenizer.encode, "decode": tokenizer.decode}
+    if kind == HF_TOKENIZER_DIR and (folder / HF_TOKENIZER_DIR).is_dir():
+        from passforge.models import hf
+
+        hf_tokenizer = hf.load_tokenizer(folder / HF_TOKENIZER_DIR)
+        if hf_tokenizer is not None:
+            encode, decode = hf.tokenizer_codec(hf_tokenizer)
+            return {"encode": encode, "decode": decode, "extra": {"hf_tokenizer": hf_tokenizer}}
+    return {}
 
 
 def _umask() -> int:
@@ -135,8 +182,9 @@ def check_output_folder(target: Path, source: ModelSource | None = None) -> None
     user's files: ``--out .`` in a project folder is an error, not a wipe.
     """
     target = target.resolve()
-    if source is not None and source.pt2_path is not None:
-        model_path = source.pt2_path.resolve()
+    model_file = (source.pt2_path or source.onnx_path) if source is not None else None
+    if model_file is not None:
+        model_path = model_file.resolve()
         if model_path == target or target in model_path.parents:
             raise ModelError(f"output folder {target} contains the input model {model_path}; choose another --out")
     if target.exists():
@@ -181,9 +229,14 @@ def load(directory: str | os.PathLike[str], *, device: str | torch.device | None
     report_path = folder / "report.json"
     report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else {}
     forward = graphs["forward"]
+    source = ModelSource(
+        str(manifest.get("model")), None, example_inputs_of(forward), is_lm="prefill" in graphs,
+        **_load_tokenizer(folder, manifest),
+    )
     return Optimized(
-        graph=forward, report=report, example_inputs=example_inputs_of(forward), device=resolve_device(device),
+        graph=forward, report=report, example_inputs=source.example_inputs, device=resolve_device(device),
         prefill=graphs.get("prefill"), decode=graphs.get("decode"), max_seq_len=int(manifest.get("max_seq_len", 0)),
+        source=source,
     )
 
 
@@ -207,7 +260,8 @@ def optimize(
 ) -> Optimized:
     """Capture ``model``, run ``pipeline`` with verification (and profiling), return the result.
 
-    ``dynamic_shapes`` (for an ``nn.Module``) is passed to ``torch.export``; the saved graph keeps it.
+    ``dynamic_shapes`` (for an ``nn.Module``) is passed to ``torch.export``; the saved graph keeps it. For an
+    ``.onnx`` file the file's symbolic dims stay dynamic; ``dynamic_shapes=False`` fixes them at the example's size.
     ``hooks`` are added to the forward graph's pass manager; ``on_stage`` is told each stage as it begins.
     Raises :class:`passforge.passes.manager.PassFailure` (with the partial result) when a pass fails under
     ``on_error="stop"``.
@@ -219,6 +273,10 @@ def optimize(
     on_stage(f"capturing {source.name}")
     if source.pt2_path:
         gm = load_graph(source.pt2_path)
+    elif source.onnx_path:
+        from passforge.ir.onnx_import import import_onnx
+
+        gm = import_onnx(source.onnx_path, source.example_inputs, dynamic=dynamic_shapes is not False)
     else:
         gm = capture(source.module, source.example_inputs, dynamic_shapes=dynamic_shapes, name=source.name)
     example = source.example_inputs or example_inputs_of(gm)
@@ -280,13 +338,16 @@ def _add_generation_graphs(
     optimized: Optimized, source: ModelSource, pipeline: str, ctx: Context, on_error: OnError
 ) -> dict[str, list[dict[str, object]]]:
     """Capture the prefill and one-token decode steps and run the same pipeline on each (verified, with the
-    same failure policy); returns each graph's pass statuses for the report."""
-    from passforge.models.llama import DecodeStep, PrefillStep, example_decode_inputs
+    same failure policy); returns each graph's pass statuses for the report. ``source.kv_model`` is passforge's
+    Llama or anything with its ``prefill``/``decode``/``new_kv_cache`` and ``config.max_seq_len`` (a Hugging
+    Face causal LM through ``models.hf_kv.HFKVModel``)."""
+    from passforge.models.llama import DecodeStep, PrefillStep
 
     model = source.kv_model
     prefill_len = min(PREFILL_LEN, model.config.max_seq_len)
     prefill_in = (torch.zeros(1, prefill_len, dtype=torch.long),)
-    decode_in = example_decode_inputs(model)
+    token, pos = torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)
+    decode_in = (token, pos, *model.new_kv_cache(1))
     graphs, statuses = [], {}
     for label, step, inputs in (("prefill", PrefillStep(model), prefill_in), ("decode", DecodeStep(model), decode_in)):
         gm = capture(step, inputs, name=f"{source.name}:{label}")

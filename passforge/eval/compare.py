@@ -6,6 +6,7 @@ at the level of raw logits (max abs error), distributions (KL) and generated tok
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -30,6 +31,15 @@ def max_abs_err(ref: Tensor, x: Tensor) -> float:
     """Largest elementwise ``|ref - x|``, computed in fp32."""
     _check_same_shape(ref, x)
     return (ref.float() - x.float()).abs().max().item()
+
+
+def cosine_similarity(ref: Tensor, x: Tensor) -> float:
+    """Cosine of the angle between ``ref`` and ``x`` as flat vectors, in fp64: for outputs without a vocabulary
+    (an encoder's hidden states) the scale-free counterpart of KL — 1.0 is the same direction."""
+    _check_same_shape(ref, x)
+    if torch.equal(ref, x):
+        return 1.0  # exactly, where the rounding of the norms would say 0.99999988
+    return F.cosine_similarity(ref.double().reshape(1, -1), x.double().reshape(1, -1)).item()
 
 
 def greedy_agreement(ref_tokens: Tensor, tokens: Tensor) -> float:

@@ -15,6 +15,7 @@ import torch
 from torch import fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._sympy.numbers import int_oo
 
 PASS_META = "passforge.pass"
 COMPUTE_OPS = ("call_function", "call_method", "call_module")
@@ -205,7 +206,8 @@ def dynamic_shapes_of(gm: fx.GraphModule) -> tuple[dict[int, object] | None, ...
                 expr = size.node.expr
                 bounds = shape_env.var_to_range.get(expr)
                 lower = max(int(bounds.lower), 2) if bounds is not None else 2
-                upper = int(bounds.upper) if bounds is not None and bounds.upper.is_finite else None
+                bounded = bounds is not None and bounds.upper.is_finite and bounds.upper != int_oo  # int_oo: finite!
+                upper = int(bounds.upper) if bounded else None
                 dims[i] = torch.export.Dim(f"{node.name}_{i}", min=lower, max=upper)
         specs.append(dims or None)
     return tuple(specs) if any(specs) else None

@@ -1,7 +1,9 @@
-"""Resolve what the user names as MODEL — a preset, a Hugging Face folder, a ``.pt2`` — into something to capture.
+"""Resolve what the user names as MODEL — a preset, a Hugging Face folder, a ``.pt2``, an ``.onnx`` — into something
+to capture.
 
 A :class:`ModelSource` bundles the eager module (the accuracy reference), example inputs, whether it is a
-language model, its tokenizer, and for our own LLaMA models the prefill/decode steps used for generation.
+language model, its tokenizer, and for language models with a KV cache (our LLaMA, Hugging Face causal LMs) the
+prefill/decode steps used for generation.
 """
 
 from __future__ import annotations
@@ -31,8 +33,11 @@ class ModelSource:
     decode: Callable[[list[int]], str] | None = None
     eval_text: str | None = None
     calib_text: str | None = None
-    kv_model: torch.nn.Module | None = None  # a passforge Llama: prefill/decode graphs for generate()
+    # prefill/decode graphs for generate(): a model with prefill(tokens), decode(token, pos, k, v),
+    # new_kv_cache(batch) and config.max_seq_len — passforge's Llama, or models.hf_kv.HFKVModel
+    kv_model: torch.nn.Module | None = None
     pt2_path: Path | None = None
+    onnx_path: Path | None = None  # an .onnx file, imported by passforge.ir.onnx_import (module is None)
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -66,7 +71,7 @@ def preset_names() -> list[str]:
 
 
 def resolve(model: str | os.PathLike[str] | None, *, seq_len: int = DEFAULT_SEQ_LEN) -> ModelSource:
-    """``None``/``"tiny-lm"`` → the bundled trained LM; a preset name; an HF folder; a ``.pt2`` file."""
+    """``None``/``"tiny-lm"`` → the bundled trained LM; a preset name; an HF folder; a ``.pt2`` or ``.onnx`` file."""
     spec = str(model) if model is not None else DEFAULT_MODEL
     path = Path(spec)
     if spec == DEFAULT_MODEL:
@@ -96,11 +101,31 @@ def resolve(model: str | os.PathLike[str] | None, *, seq_len: int = DEFAULT_SEQ_
         if not path.is_file():
             raise ModelError(f"{path}: no such file")
         return ModelSource(path.name, None, (), is_lm=False, pt2_path=path)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise ModelError(f"{path}: no such file")
+        return _onnx_source(path, seq_len)
     if path.exists():
-        raise ModelError(f"{path}: not a model passforge reads (expected a Hugging Face folder or a .pt2 file)")
+        raise ModelError(f"{path}: not a model passforge reads (expected a Hugging Face folder, a .pt2 or .onnx file)")
     raise ModelError(
-        f"unknown model '{spec}': not a preset ({', '.join(preset_names())}), a folder, or a .pt2 file"
+        f"unknown model '{spec}': not a preset ({', '.join(preset_names())}), a folder, or a .pt2 or .onnx file"
     )
+
+
+def _onnx_source(path: Path, seq_len: int) -> ModelSource:
+    """An ONNX file, imported later (``onnx_path``): example inputs from its input types; a language model when
+    it reads like one (one int64 (B, T) input, (B, T, V) logits), with the byte-level tokenizer when V is 256."""
+    from passforge.ir import onnx_import
+    from passforge.models import tokenizer
+
+    proto = onnx_import.load_model(path, load_weights=False)
+    vocab = onnx_import.language_model_vocab(proto)
+    byte_level = vocab == tokenizer.VOCAB_SIZE
+    return ModelSource(
+        path.name, None, onnx_import.example_inputs_for(proto, seq_len=seq_len), is_lm=vocab is not None,
+        encode=tokenizer.encode if byte_level else None, decode=tokenizer.decode if byte_level else None,
+        onnx_path=path,
+    )  # fmt: skip
 
 
 def _require_memory(name: str, cfg: object) -> None:
@@ -119,26 +144,26 @@ def _require_memory(name: str, cfg: object) -> None:
 
 
 def _hf_source(path: Path, seq_len: int) -> ModelSource:
-    from passforge.models.hf import LogitsOnly, load_causal_lm
+    """A causal LM (forward graph, prefill/decode steps for generation, the folder's tokenizer if it has one) or an
+    encoder (``input_ids -> last_hidden_state``, compared by cosine similarity and max error, no perplexity)."""
+    from passforge.models import hf
 
-    hf_model = load_causal_lm(path)
-    encode = decode = None
-    try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        encode = lambda text: tok(text)["input_ids"]  # noqa: E731
-        decode = tok.decode
-    except (OSError, ValueError):
-        pass  # a folder without tokenizer files: token-id data only
-    max_pos = int(getattr(hf_model.config, "max_position_embeddings", seq_len) or seq_len)
+    name = f"hf:{path.name}"
+    if hf.model_kind(path) == "encoder":
+        encoder = hf.load_encoder(path)
+        return ModelSource(name, hf.HiddenStates(encoder).eval(), hf.example_ids(encoder, seq_len), is_lm=False)
+    hf_model = hf.load_causal_lm(path)
+    tokenizer = hf.load_tokenizer(path)
+    encode, decode = hf.tokenizer_codec(tokenizer) if tokenizer is not None else (None, None)
     return ModelSource(
-        name=f"hf:{path.name}",
-        module=LogitsOnly(hf_model).eval(),
-        example_inputs=example_tokens(int(getattr(hf_model.config, "vocab_size", 256)), min(seq_len, max_pos)),
+        name=name,
+        module=hf.LogitsOnly(hf_model).eval(),
+        example_inputs=hf.example_ids(hf_model, seq_len),
         is_lm=True,
         encode=encode,
         decode=decode,
+        kv_model=hf.kv_model(hf_model),
+        extra={"hf_tokenizer": tokenizer} if tokenizer is not None else {},
     )
 
 

@@ -40,6 +40,7 @@ from typing import ClassVar
 
 import torch
 from torch import fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 import passforge.kernels.ops  # noqa: F401 - registers passforge::attention
 from passforge.ir.graph import fake_mode_of
@@ -472,13 +473,40 @@ def _peel_scale(node: fx.Node) -> tuple[fx.Node, float]:
 
 
 def _untranspose(kt: fx.Node) -> fx.Node:
-    """kᵀ (the last two dims swapped) → k."""
+    """kᵀ (the last two dims swapped) → k. Also the 3-D spelling ONNX exporters write (torch.onnx's SDPA
+    decomposition): ``view(permute(view(k, (B·H, T, D)), [0, 2, 1]), (B, H, D, T))``."""
     if kt.op == "call_function":
         if kt.target is aten.transpose.int and {_dim(kt, kt.args[1]), _dim(kt, kt.args[2])} == {2, 3}:
             return kt.args[0]
         if kt.target is aten.permute.default and list(kt.args[1]) in ([0, 1, 3, 2], [0, 1, -1, -2]):
             return kt.args[0]
+        if (k := _untranspose_flattened(kt)) is not None:
+            return k
     raise NoMatch(f"the scores matmul's right operand ({kt.name}, {_op(kt)}) is not a transposed k")
+
+
+_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
+
+
+def _untranspose_flattened(kt: fx.Node) -> fx.Node | None:
+    """k (B, H, T, D) for ``view(swap12(view(k, (B·H, T, D))), (B, H, D, T))``, else None."""
+    swapped = kt.args[0] if kt.target in _VIEWS and isinstance(kt.args[0], fx.Node) else None
+    if swapped is None or swapped.op != "call_function":
+        return None
+    is_swap = (swapped.target is aten.permute.default and list(swapped.args[1]) in ([0, 2, 1], [0, -1, -2])) or (
+        swapped.target is aten.transpose.int and {_dim(swapped, swapped.args[1]), _dim(swapped, swapped.args[2])}
+        == {1, 2}
+    )
+    flat = swapped.args[0] if is_swap else None
+    if not isinstance(flat, fx.Node) or flat.target not in _VIEWS or not isinstance(flat.args[0], fx.Node):
+        return None
+    k = flat.args[0]
+    shapes = [getattr(n.meta.get("val"), "shape", None) for n in (k, flat, kt)]
+    if any(shape is None for shape in shapes) or [len(shape) for shape in shapes] != [4, 3, 4]:
+        return None
+    (b, h, t, d), (bh, t3, d3), (b2, h2, d2, t2) = shapes
+    same = [(bh, b * h), (t3, t), (d3, d), (b2, b), (h2, h), (d2, d), (t2, t)]
+    return k if all(statically_known_true(x == y) for x, y in same) else None
 
 
 def _unrepeat_cast(node: fx.Node) -> tuple[fx.Node, int, str, torch.dtype | None]:

@@ -2,8 +2,8 @@
 
 Per pass (:class:`ProfileHook`) the row holds: nodes; parameter count and bytes; latency on the example
 inputs (medians; every graph version timed round-robin at the end of the pipeline); peak memory; max abs
-error and KL of the first output against the original graph's; perplexity on held-out tokens for language
-models. Peak memory is measured on CUDA
+error and cosine similarity of the first output against the original graph's, and KL for language models;
+perplexity on held-out tokens for language models. Peak memory is measured on CUDA
 (``torch.cuda.max_memory_allocated``); on CPU it is the planned peak: parameter bytes plus the largest sum
 of live activations over the graph's execution order, from ``meta["val"]`` (views cost nothing, a tensor
 is freed after its last user) — deterministic, and what a caching allocator needs at least.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from passforge.eval.compare import logits_kl, max_abs_err
+from passforge.eval.compare import cosine_similarity, logits_kl, max_abs_err
 from passforge.eval.perplexity import perplexity
 from passforge.ir.graph import COMPUTE_OPS, PASS_META, num_compute_nodes, op_name, param_stats, to_device
 from passforge.passes.base import Context, Pass
@@ -29,7 +29,7 @@ from passforge.passes.hooks import run_graph
 from passforge.passes.manager import Hook, PassRecord, PipelineResult
 
 METRIC_FIELDS = (
-    "nodes", "params", "param_bytes", "latency_ms", "peak_mem_bytes", "max_abs_err", "kl", "ppl",
+    "nodes", "params", "param_bytes", "latency_ms", "peak_mem_bytes", "max_abs_err", "cos", "kl", "ppl",
 )
 
 
@@ -171,6 +171,7 @@ class ProfileHook(Hook):
         if self._reference is not None and logits is not None and logits.shape == self._reference.shape:
             reference = self._reference.to(logits.device)
             row["max_abs_err"] = max_abs_err(reference, logits)
+            row["cos"] = cosine_similarity(reference, logits)
             if self.lm:
                 row["kl"] = logits_kl(reference, logits)
         if self.lm and ctx.eval_tokens is not None:

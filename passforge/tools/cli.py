@@ -1,4 +1,4 @@
-"""``passforge`` command line: optimize | passes | explain | profile | replay.
+"""``passforge`` command line: optimize | convert | passes | explain | profile | replay.
 
 Exit codes: 0 success, 2 usage error (bad arguments, pipeline spec, model name or input), 1 failure (a pass
 failed, capture failed) — always with a short message saying what to do, never a bare traceback.
@@ -33,8 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     opt = sub.add_parser("optimize", help="capture MODEL, run a pipeline, write the model and per-pass report")
-    opt.add_argument("model", nargs="?", default=DEFAULT_MODEL,
-                     help=f"preset name, Hugging Face folder or .pt2 file (default: {DEFAULT_MODEL}, the bundled LM)")
+    opt.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"preset name, Hugging Face folder, .pt2 or "
+                     f".onnx file (default: {DEFAULT_MODEL}, the bundled LM)")
     opt.add_argument("--pipeline", default=DEFAULT_PIPELINE, help=f"pass pipeline (default: {DEFAULT_PIPELINE})")
     opt.add_argument("--out", default="passforge-out", help="output folder (default: passforge-out)")
     opt.add_argument("--calib-data", help="UTF-8 text file for calibration-driven passes")
@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     replay = sub.add_parser("replay", help="rerun the failing pass of a reproducer folder")
     replay.add_argument("reproducer", type=Path)
+
+    conv = sub.add_parser("convert", help="import an ONNX model, run a pipeline (verified), write the result as ONNX")
+    conv.add_argument("model", type=Path, help=".onnx file (external data beside it is read, never written)")
+    conv.add_argument("--pipeline", required=True, help="pass pipeline, e.g. 'cleanup,quantize(scheme=w8a8)'")
+    conv.add_argument("-o", "--out", type=Path, required=True, help="the ONNX file to write (not the input)")
+    conv.add_argument("--calib-data", help="calibration data for calibrated passes (text or token ids)")
+    conv.add_argument("--on-error", default="stop", choices=("stop", "skip"),
+                      help="a failing pass is rolled back; then stop (default) or skip it and go on")
+    conv.add_argument("--seq-len", type=_length, default=128,
+                      help="example sequence length for a language model (default: 128)")
+    conv.add_argument("--static", action="store_true", help="fix every dim at the example's size (fused attention "
+                      "exports to ONNX with static shapes only)")
+    conv.add_argument("--opset", type=int, default=21, help="ONNX opset of the output (default: 21)")
     return parser
 
 
@@ -98,18 +111,20 @@ def _length(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from passforge.ir.capture import CaptureError
+    from passforge.ir.onnx_export import OnnxExportError
     from passforge.models.registry import ModelError
     from passforge.passes.base import PassError
     from passforge.passes.spec import SpecError
     from passforge.runtime.executor import InputError
 
-    handlers = {"optimize": _optimize, "passes": _passes, "explain": _explain, "profile": _profile, "replay": _replay}
+    handlers = {"optimize": _optimize, "passes": _passes, "explain": _explain, "profile": _profile, "replay": _replay,
+                "convert": _convert}
     try:
         return handlers[args.command](args)
     except (SpecError, ModelError, InputError) as exc:
         print(f"passforge: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (PassError, CaptureError, FileNotFoundError, PermissionError, OSError) as exc:
+    except (PassError, CaptureError, OnnxExportError, FileNotFoundError, PermissionError, OSError) as exc:
         print(f"passforge: failed: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
@@ -151,11 +166,42 @@ def _optimize(args: argparse.Namespace) -> int:
     print(render_table(optimized.report))
     optimized.save(out)
     write_text_atomic(out / "report.html", render_html(optimized.report))
-    if optimized.prefill is not None:
+    if optimized.prefill is not None and optimized.has_tokenizer:  # a sample needs text in and out
         text, stats = optimized.generate("def main(", 48)
         print(f"generate (greedy, {stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode):")
         print("  " + repr(text))
     print(f"wrote {out / 'model.pt2'}, {out / 'report.json'}, {out / 'report.html'}")
+    return EXIT_OK
+
+
+def _convert(args: argparse.Namespace) -> int:
+    """ONNX in, ONNX out: ``optimize`` (import, the pipeline under the verifier, no profiling), then
+    ``export_onnx``, which writes atomically."""
+    from passforge.api import optimize
+    from passforge.ir.onnx_export import MIN_OPSET, export_onnx
+    from passforge.models.registry import ModelError
+    from passforge.passes.spec import parse_pipeline
+    from passforge.tools.report import render_table
+
+    parse_pipeline(args.pipeline)  # a bad spec is a usage error before any slow work
+    if args.model.suffix != ".onnx":
+        raise ModelError(f"{args.model}: convert reads .onnx files (passforge optimize takes the other models)")
+    if not args.model.is_file():
+        raise ModelError(f"{args.model}: no such file")
+    same = args.out.resolve() == args.model.resolve() or (args.out.exists() and args.out.samefile(args.model))
+    if same:
+        raise ModelError(f"-o {args.out} is the input model; the input is never overwritten, choose another path")
+    if args.out.is_dir():
+        raise ModelError(f"-o {args.out} is a folder; name the .onnx file to write")
+    if args.opset < MIN_OPSET:
+        raise ModelError(f"--opset {args.opset}: the QDQ forms need opset {MIN_OPSET} or newer")
+    optimized = optimize(
+        args.model, pipeline=args.pipeline, calib_data=args.calib_data, on_error=args.on_error, profile=False,
+        generation=False, seq_len=args.seq_len, dynamic_shapes=False if args.static else None,
+    )  # fmt: skip
+    print(render_table(optimized.report))
+    path = export_onnx(optimized.graph, args.out, optimized.example_inputs, opset=args.opset)
+    print(f"wrote {path}")
     return EXIT_OK
 
 
@@ -205,6 +251,10 @@ def _explain(args: argparse.Namespace) -> int:
     source = resolve(args.model)
     if source.pt2_path is not None:
         gm = load_graph(source.pt2_path)
+    elif source.onnx_path is not None:
+        from passforge.ir.onnx_import import import_onnx
+
+        gm = import_onnx(source.onnx_path, source.example_inputs)
     else:
         gm = capture(source.module, source.example_inputs, name=source.name)
     if own_explain is not None:  # a matcher pass (fuse-attention) explains itself

@@ -61,7 +61,7 @@ def _json_safe(value: object) -> object:
 _COLUMNS = (
     ("pass", "spec"), ("status", "status"), ("time s", "time_s"), ("nodes", "nodes"), ("params", "params"),
     ("MB", "param_bytes"), ("latency ms", "latency_ms"), ("peak MB", "peak_mem_bytes"),
-    ("max err", "max_abs_err"), ("KL", "kl"), ("ppl", "ppl"),
+    ("max err", "max_abs_err"), ("cos", "cos"), ("KL", "kl"), ("ppl", "ppl"),
 )
 
 
@@ -74,6 +74,8 @@ def _fmt(key: str, value: object) -> str:
         return f"{value:,}"
     if key in ("max_abs_err", "kl"):
         return f"{value:.2e}"
+    if key == "cos":
+        return f"{value:.6f}"
     if isinstance(value, float):
         return f"{value:.3f}" if key != "ppl" else f"{value:.4f}"
     return str(value)
@@ -138,7 +140,8 @@ def render_html(report: dict[str, object]) -> str:
         report, [("nodes", "nodes"), ("param_bytes", "parameters (MB)"), ("latency_ms", "latency (ms)"),
                  ("peak_mem_bytes", "peak memory (MB)")]
     )
-    accuracy = _plot_png(report, [("max_abs_err", "max abs error"), ("kl", "KL vs original"), ("ppl", "perplexity")])
+    accuracy = _plot_png(report, [("max_abs_err", "max abs error"), ("cos", "cosine vs original"),
+                                  ("kl", "KL vs original"), ("ppl", "perplexity")])
     errors = "".join(
         f"<li><b>{html.escape(row['spec'])}</b>: {html.escape(str(row['error']))}</li>"
         for row in report["passes"] if row.get("error")

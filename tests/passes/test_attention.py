@@ -63,6 +63,8 @@ class Attn(nn.Module):
             s = (q * scale**0.5) @ (k * scale**0.5).transpose(-2, -1)
         elif "div" in variant:
             s = q @ k.transpose(2, 3) / math.sqrt(D)
+        elif "flat-kt" in variant:  # torch.onnx's kᵀ: through a (B·H, T, D) view
+            s = q @ k.reshape(B * H, T, D).transpose(1, 2).reshape(B, H, D, T)
         else:
             s = q @ k.transpose(-2, -1)
         if "fp32" in variant:
@@ -90,6 +92,7 @@ VARIANTS = {  # variant -> tags the match must carry
     "scale-qk-additive": {"scale-on-q/k", "mask→causal"},
     "fp32-masked_fill": {"mask→causal"},  # .float() on fp32 scores: export drops the no-op cast
     "nomask": {"explicit", "scale"},
+    "flat-kt-where": {"mask:where", "mask→causal"},
     "mqa-masked_fill": {"mqa:expand×4"},
     "repeat_interleave-where": {"gqa:repeat_interleave×2"},
     "sdpa-causal": {"sdpa", "gqa:expand×2"},
@@ -225,6 +228,22 @@ def test_near_misses_do_not_fire_and_say_why() -> None:
     assert record.stats["near_misses"] == 4
     assert any("near miss" in note for note in record.notes)
     assert any("near miss" in line for line in FuseAttention.explain(gm))
+
+
+class ScrambledKeys(nn.Module):
+    """The flattened kᵀ spelling with the wrong dims swapped: (T, B·H, D) viewed as (B, H, D, T) is not kᵀ."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        kt = k.reshape(B * H, T, D).permute(1, 0, 2).reshape(B, H, D, T)
+        return (q @ kt * 0.25).softmax(-1) @ v
+
+
+def test_a_scrambled_flattened_k_transpose_is_a_near_miss() -> None:
+    q, k, v = qkv()
+    k, v = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+    gm = capture(ScrambledKeys(), (q, k, v))
+    matches, misses = find_attention(gm)
+    assert matches == [] and "not a transposed k" in misses[0][1]
 
 
 def test_nanogpt_attention_fuses() -> None:

@@ -1,0 +1,1202 @@
+"""Run an ONNX graph with torch ops: the ``nn.Module`` that :mod:`passforge.ir.onnx_import` captures.
+
+    module = OnnxModule(graph)        # an onnx-graphsurgeon Graph: cleaned, topologically sorted
+    gm = capture(module, example_inputs, dynamic_shapes=...)
+
+``forward`` walks the nodes in order and calls one handler per op (:data:`OPS`, keyed by domain and op
+type), so torch.export records the ATen ops a PyTorch model of the same computation produces. Two choices
+make the result read as captured rather than translated:
+
+- **Shape arithmetic stays in Python.** ``Shape`` returns a :class:`ShapeValue` (ints, or SymInts for
+  dynamic dims) and Gather/Slice/Concat/Unsqueeze/Squeeze/Add/Sub/Mul/Div/Cast/Range... compute on shape
+  values in Python, so Reshape/Expand/ConstantOfShape receive sizes, never tensors: torch.export sees no
+  data-dependent size and dynamic dims stay symbolic. Small integer constants (up to 64 elements) and
+  one-element constants are shape values too, so a scale or an epsilon becomes a Python scalar
+  (``aten.mul(x, 0.125)``), as in a captured model.
+- **Weights are parameters.** Every other constant is registered on the module (floating as a frozen
+  parameter, the rest as buffers, under its ONNX name), so the captured graph reads it with ``get_attr``.
+  ``MatMul`` by a constant 2-D weight, or by ``Transpose`` of one, and ``Gemm`` become ``aten.linear``
+  with the weight stored (out, in), the layout passforge's passes (quantize, fuse-linears, smooth-quant)
+  read; a bias added right after is folded into it::
+
+      MatMul(x, W[K, N]) → Add(·, b[N])        →   aten.linear(x, W_t[N, K], b)
+
+The ops are listed in :data:`OPS` and docs/onnx.md. Imports onnx-graphsurgeon: import it only when
+importing a model.
+"""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import keyword
+import math
+import operator
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import onnx_graphsurgeon as gs
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from passforge.ir.graph import set_tensor_attr
+from passforge.ir.onnx_import import ONNX_TO_TORCH, OnnxImportError, normalize_domain, torch_dtype
+
+MAX_SHAPE_VALUE = 64
+"""Integer constants with at most this many elements are held in Python (see :class:`ShapeValue`)."""
+DEFAULT_DOMAIN = ""
+MS_DOMAIN = "com.microsoft"
+INTERNAL_DOMAIN = "passforge.internal"
+"""Ops the planner writes itself (:data:`LINEAR`); never read from a file."""
+
+
+def to_torch(array: np.ndarray) -> torch.Tensor:
+    """A numpy array (ml_dtypes' bfloat16 / float8 included) as a torch tensor sharing its memory."""
+    array = array if array.flags.c_contiguous else array.copy()  # (np.ascontiguousarray would make 0-d 1-d)
+    name = array.dtype.name
+    if name == "bfloat16":
+        return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    if name.startswith("float8"):
+        dtype = torch.float8_e4m3fn if "e4m3" in name else torch.float8_e5m2
+        return torch.from_numpy(array.view(np.uint8)).view(dtype)
+    if array.dtype == object:
+        raise OnnxImportError("string tensors are not supported (tokenizers inside the graph are not imported)")
+    return torch.from_numpy(array)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shape values
+
+
+@dataclass(frozen=True)
+class ShapeValue:
+    """A rank-0 or rank-1 tensor held in Python: sizes (ints, SymInts) and small constants.
+
+    Shape arithmetic on these stays Python arithmetic, so a size computed from ``Shape`` reaches
+    ``Reshape`` as a SymInt instead of a tensor whose value torch.export would have to guess.
+    """
+
+    values: tuple[object, ...]
+    dtype: torch.dtype
+    scalar: bool = False
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> ShapeValue:
+        return cls(tuple(tensor.reshape(-1).tolist()), tensor.dtype, scalar=tensor.dim() == 0)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.scalar else 1
+
+    @property
+    def concrete(self) -> bool:
+        """No symbolic value (Python arithmetic on it needs no guard)."""
+        return not any(isinstance(v, torch.SymInt) for v in self.values)
+
+    def tensor(self) -> torch.Tensor:
+        """As a tensor: a constant, or built from the sizes (``aten.scalar_tensor`` + ``aten.stack``)."""
+        if self.concrete:
+            value = torch.tensor(self.values, dtype=self.dtype)
+        else:
+            value = torch.stack([torch.scalar_tensor(v, dtype=self.dtype) for v in self.values])
+        return value.reshape(()) if self.scalar else value
+
+
+Value = torch.Tensor | ShapeValue | None
+
+
+def _is_int(dtype: torch.dtype) -> bool:
+    return not dtype.is_floating_point and not dtype.is_complex and dtype is not torch.bool
+
+
+def _small(tensor: torch.Tensor) -> bool:
+    """Held as a :class:`ShapeValue`: integer constants up to :data:`MAX_SHAPE_VALUE` elements, and any
+    one-element constant (a scale, an epsilon, a fill value)."""
+    if tensor.dim() > 1:
+        return False
+    integer = _is_int(tensor.dtype) or tensor.dtype is torch.bool
+    return tensor.numel() == 1 or (integer and tensor.numel() <= MAX_SHAPE_VALUE)
+
+
+def as_tensor(value: Value) -> torch.Tensor:
+    return value.tensor() if isinstance(value, ShapeValue) else value
+
+
+def _operand(value: Value, other: Value) -> object:
+    """``value`` as an elementwise operand next to ``other``: a one-element shape value becomes a Python
+    scalar when ``other`` is a tensor whose rank keeps the result's shape; anything else a tensor."""
+    one = isinstance(value, ShapeValue) and len(value.values) == 1
+    if one and isinstance(other, torch.Tensor) and other.dim() >= value.rank:
+        return value.values[0]
+    return as_tensor(value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Nodes and the op table
+
+
+@dataclass(frozen=True)
+class OnnxNode:
+    """One ONNX node as the interpreter runs it: names only (values live in forward's environment)."""
+
+    name: str
+    op: str
+    domain: str
+    inputs: tuple[str, ...]  # "" marks an omitted optional input
+    outputs: tuple[str, ...]
+    attrs: dict[str, object] = field(default_factory=dict)
+    wanted: tuple[bool, ...] = ()  # which outputs something reads
+
+    def attr(self, name: str, default: object = None) -> object:
+        return self.attrs.get(name, default)
+
+    def wants(self, index: int) -> bool:
+        return index < len(self.wanted) and self.wanted[index]
+
+    def fail(self, message: str) -> OnnxImportError:
+        return OnnxImportError(f"node '{self.name}' ({self.op}): {message}")
+
+
+Handler = Callable[..., object]
+OPS: dict[tuple[str, str], Handler] = {}
+"""``(domain, op_type) → handler(node, *inputs)``: every op the importer reads."""
+
+
+def _op(*names: str, domain: str = DEFAULT_DOMAIN) -> Callable[[Handler], Handler]:
+    def register(fn: Handler) -> Handler:
+        for name in names:
+            OPS[(domain, name)] = fn
+        return fn
+
+    return register
+
+
+def ints(node: OnnxNode, value: Value, what: str) -> list[object]:
+    """A shape-like input (sizes, axes, starts...) as Python ints / SymInts."""
+    if isinstance(value, ShapeValue):
+        return list(value.values)
+    raise node.fail(
+        f"its {what} input is computed from tensor values at run time; passforge imports sizes that derive "
+        "from input shapes and constants only (a data-dependent size cannot be captured)"
+    )
+
+
+def scalar(node: OnnxNode, value: Value, what: str) -> object:
+    values = ints(node, value, what)
+    if len(values) != 1:
+        raise node.fail(f"its {what} input must hold one value, got {len(values)}")
+    return values[0]
+
+
+def _axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elementwise
+
+
+def _trunc_div(a: int, b: int) -> int:
+    """C-style integer division (ONNX Div on integers truncates toward zero)."""
+    quotient = abs(a) // abs(b)
+    return quotient if (a >= 0) == (b >= 0) else -quotient
+
+
+def _div(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    ref = a if isinstance(a, torch.Tensor) else b
+    if _is_int(ref.dtype):
+        return torch.div(a, b, rounding_mode="trunc")
+    return torch.div(a, b)
+
+
+def _py_div(a: object, b: object) -> object:
+    if isinstance(a, torch.SymInt) or isinstance(b, torch.SymInt):
+        return a // b  # sizes are non-negative: floor is truncation
+    return _trunc_div(a, b)
+
+
+def _pow(a: torch.Tensor | float, b: torch.Tensor | float) -> torch.Tensor:
+    """ONNX Pow keeps the base's type (an int exponent on a float base, or the reverse)."""
+    out = torch.pow(a, b)
+    ref = a if isinstance(a, torch.Tensor) else None
+    return out.to(ref.dtype) if ref is not None and out.dtype != ref.dtype else out
+
+
+_SYMBOLIC_SAFE = {operator.add, operator.sub, operator.mul, _py_div, operator.mod}
+"""Python operations on SymInts that need no guard (comparisons would specialise the dim)."""
+_COMPARISONS = {operator.eq, operator.lt, operator.le, operator.gt, operator.ge}
+
+_BINARY: dict[str, tuple[Callable[..., torch.Tensor], Callable[[object, object], object] | None]] = {
+    "Add": (torch.add, operator.add),
+    "Sub": (torch.sub, operator.sub),
+    "Mul": (torch.mul, operator.mul),
+    "Div": (_div, _py_div),
+    "Pow": (_pow, None),
+    "Equal": (torch.eq, operator.eq),
+    "Less": (torch.lt, operator.lt),
+    "LessOrEqual": (torch.le, operator.le),
+    "Greater": (torch.gt, operator.gt),
+    "GreaterOrEqual": (torch.ge, operator.ge),
+    "And": (torch.logical_and, operator.and_),
+    "Or": (torch.logical_or, operator.or_),
+    "Xor": (torch.logical_xor, operator.xor),
+    "BitwiseAnd": (torch.bitwise_and, operator.and_),
+    "BitwiseOr": (torch.bitwise_or, operator.or_),
+    "BitwiseXor": (torch.bitwise_xor, operator.xor),
+}
+
+
+def _python_elementwise(fn: Callable[..., object], values: Sequence[ShapeValue], dtype: torch.dtype) -> Value:
+    """``fn`` over shape values in Python (broadcasting ranks 0 and 1); None when it would need a guard."""
+    symbolic = not all(v.concrete for v in values)
+    if (symbolic and fn not in _SYMBOLIC_SAFE) or not (_is_int(dtype) or dtype is torch.bool):
+        return None
+    length = max(len(v.values) for v in values)
+    if any(len(v.values) not in (1, length) for v in values):
+        return None
+    columns = [v.values * length if len(v.values) == 1 else v.values for v in values]
+    out = tuple(fn(*row) for row in zip(*columns))
+    return ShapeValue(out, dtype, scalar=all(v.scalar for v in values))
+
+
+def _binary(name: str) -> Handler:
+    tensor_fn, python_fn = _BINARY[name]
+    result_dtype = torch.bool if python_fn in _COMPARISONS else None
+
+    def run(node: OnnxNode, a: Value, b: Value) -> Value:
+        if isinstance(a, ShapeValue) and isinstance(b, ShapeValue) and python_fn is not None:
+            out = _python_elementwise(python_fn, (a, b), result_dtype or a.dtype)
+            if out is not None:
+                return out
+        return tensor_fn(_operand(a, b), _operand(b, a))
+
+    return run
+
+
+for _name in _BINARY:
+    OPS[(DEFAULT_DOMAIN, _name)] = _binary(_name)
+
+
+@_op("Mod")
+def _mod(node: OnnxNode, a: Value, b: Value) -> Value:
+    fmod = node.attr("fmod", 0)
+    if isinstance(a, ShapeValue) and isinstance(b, ShapeValue) and not fmod:
+        out = _python_elementwise(operator.mod, (a, b), a.dtype)
+        if out is not None:
+            return out
+    return (torch.fmod if fmod else torch.remainder)(_operand(a, b), _operand(b, a))
+
+
+def _variadic(tensor_fn: Callable[..., torch.Tensor], python_fn: Callable[..., object] | None) -> Handler:
+    def run(node: OnnxNode, *args: Value) -> Value:
+        if python_fn is not None and all(isinstance(a, ShapeValue) for a in args):
+            out = _python_elementwise(python_fn, args, args[0].dtype)
+            if out is not None:
+                return out
+        result = as_tensor(args[0])
+        for other in args[1:]:
+            result = tensor_fn(result, as_tensor(other))
+        return result
+
+    return run
+
+
+OPS[(DEFAULT_DOMAIN, "Max")] = _variadic(torch.maximum, torch.sym_max)
+OPS[(DEFAULT_DOMAIN, "Min")] = _variadic(torch.minimum, torch.sym_min)
+OPS[(DEFAULT_DOMAIN, "Sum")] = _variadic(torch.add, None)
+
+
+@_op("Mean")
+def _mean(node: OnnxNode, *args: Value) -> torch.Tensor:
+    return OPS[(DEFAULT_DOMAIN, "Sum")](node, *args) / len(args)
+
+
+_UNARY: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[object], object] | None]] = {
+    "Neg": (torch.neg, operator.neg),
+    "Abs": (torch.abs, abs),
+    "Not": (torch.logical_not, operator.not_),
+    "Sqrt": (torch.sqrt, None),
+    "Reciprocal": (torch.reciprocal, None),
+    "Exp": (torch.exp, None),
+    "Log": (torch.log, None),
+    "Tanh": (torch.tanh, None),
+    "Sigmoid": (torch.sigmoid, None),
+    "Relu": (torch.relu, None),
+    "Erf": (torch.erf, None),
+    "Sin": (torch.sin, None),
+    "Cos": (torch.cos, None),
+    "Tan": (torch.tan, None),
+    "Atan": (torch.atan, None),
+    "Floor": (torch.floor, None),
+    "Ceil": (torch.ceil, None),
+    "Round": (torch.round, None),  # half to even, as ONNX
+    "Sign": (torch.sign, None),
+    "IsNaN": (torch.isnan, None),
+    "Softplus": (F.softplus, None),
+    "Softsign": (F.softsign, None),
+    "Mish": (F.mish, None),
+    "HardSwish": (F.hardswish, None),
+}
+
+
+def _unary(name: str) -> Handler:
+    tensor_fn, python_fn = _UNARY[name]
+
+    def run(node: OnnxNode, x: Value) -> Value:
+        if isinstance(x, ShapeValue) and python_fn is not None and x.concrete and _is_int(x.dtype):
+            return ShapeValue(tuple(python_fn(v) for v in x.values), x.dtype, x.scalar)
+        if isinstance(x, ShapeValue) and name == "Not" and x.concrete:
+            return ShapeValue(tuple(not v for v in x.values), x.dtype, x.scalar)
+        return tensor_fn(as_tensor(x))
+
+    return run
+
+
+for _name in _UNARY:
+    OPS[(DEFAULT_DOMAIN, _name)] = _unary(_name)
+
+
+@_op("LeakyRelu")
+def _leaky_relu(node: OnnxNode, x: Value) -> torch.Tensor:
+    return F.leaky_relu(as_tensor(x), node.attr("alpha", 0.01))
+
+
+@_op("Elu")
+def _elu(node: OnnxNode, x: Value) -> torch.Tensor:
+    return F.elu(as_tensor(x), node.attr("alpha", 1.0))
+
+
+@_op("HardSigmoid")
+def _hard_sigmoid(node: OnnxNode, x: Value) -> torch.Tensor:
+    return torch.clamp(as_tensor(x) * node.attr("alpha", 0.2) + node.attr("beta", 0.5), 0.0, 1.0)
+
+
+@_op("PRelu")
+def _prelu(node: OnnxNode, x: Value, slope: Value) -> torch.Tensor:
+    x = as_tensor(x)
+    return torch.where(x < 0, x * _operand(slope, x), x)
+
+
+@_op("Clip")
+def _clip(node: OnnxNode, x: Value, low: Value = None, high: Value = None) -> torch.Tensor:
+    x = as_tensor(x)
+    low, high = (None if v is None else _operand(v, x) for v in (low, high))
+    if low is None and high is None:
+        return x
+    return torch.clamp(x, low, high)
+
+
+@_op("Where")
+def _where(node: OnnxNode, cond: Value, x: Value, y: Value) -> Value:
+    if all(isinstance(v, ShapeValue) and v.concrete for v in (cond, x, y)):
+        out = _python_elementwise(lambda c, a, b: a if c else b, (cond, x, y), x.dtype)
+        if out is not None:
+            return out
+    cond = as_tensor(cond)
+    dtype = x.dtype
+    if isinstance(x, ShapeValue) and isinstance(y, ShapeValue):  # two scalars: one becomes a tensor for dtype
+        x = x.tensor()
+    out = torch.where(cond, _operand(x, cond), _operand(y, cond))
+    return out if out.dtype == dtype else out.to(dtype)
+
+
+@_op("Gelu")
+def _gelu(node: OnnxNode, x: Value) -> torch.Tensor:
+    return F.gelu(as_tensor(x), approximate=node.attr("approximate", "none"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Types and shapes
+
+
+@_op("Identity")
+def _identity(node: OnnxNode, x: Value) -> Value:
+    return x
+
+
+@_op("Dropout")
+def _dropout(node: OnnxNode, x: Value, ratio: Value = None, training: Value = None) -> tuple[Value, ...]:
+    """Inference: the identity, and an all-true mask if something reads it."""
+    if training is not None and not (isinstance(training, ShapeValue) and not any(training.values)):
+        raise node.fail("training_mode must be a constant false; passforge imports inference graphs")
+    mask = torch.ones_like(as_tensor(x), dtype=torch.bool) if node.wants(1) else None
+    return x, mask
+
+
+@_op("Cast")
+def _cast(node: OnnxNode, x: Value) -> Value:
+    dtype = torch_dtype(node.attr("to"), f"node '{node.name}' (Cast)")
+    if isinstance(x, ShapeValue):
+        if _is_int(dtype) and _is_int(x.dtype):
+            return ShapeValue(x.values, dtype, x.scalar)
+        if x.concrete:
+            convert = bool if dtype is torch.bool else int if _is_int(dtype) else float
+            if convert is not int or all(math.isfinite(v) for v in x.values):
+                return ShapeValue(tuple(convert(v) for v in x.values), dtype, x.scalar)
+        x = x.tensor()
+    return x if x.dtype == dtype else x.to(dtype)
+
+
+@_op("CastLike")
+def _cast_like(node: OnnxNode, x: Value, like: Value) -> Value:
+    dtype = like.dtype
+    onnx_type = next(k for k, v in ONNX_TO_TORCH.items() if v == dtype)
+    return _cast(OnnxNode(node.name, "Cast", node.domain, node.inputs, node.outputs, {"to": onnx_type}), x)
+
+
+@_op("Shape")
+def _shape(node: OnnxNode, x: Value) -> ShapeValue:
+    if isinstance(x, ShapeValue):
+        sizes: tuple[object, ...] = () if x.scalar else (len(x.values),)
+    else:
+        sizes = tuple(x.shape)
+    return ShapeValue(sizes[slice(node.attr("start", 0), node.attr("end", len(sizes)))], torch.int64)
+
+
+@_op("Size")
+def _size(node: OnnxNode, x: Value) -> ShapeValue:
+    count = len(x.values) if isinstance(x, ShapeValue) else x.numel()
+    return ShapeValue((count,), torch.int64, scalar=True)
+
+
+def _target_shape(node: OnnxNode, x: Value, shape: Value) -> list[object]:
+    """Reshape's target: 0 copies the input's dim (unless ``allowzero``); -1 is left to torch."""
+    sizes = ints(node, shape, "shape")
+    dims = x.shape if isinstance(x, torch.Tensor) else (len(x.values),) if not x.scalar else ()
+    if not node.attr("allowzero", 0):
+        sizes = [dims[i] if isinstance(s, int) and s == 0 else s for i, s in enumerate(sizes)]
+    return sizes
+
+
+@_op("Reshape")
+def _reshape(node: OnnxNode, x: Value, shape: Value) -> Value:
+    sizes = _target_shape(node, x, shape)
+    if isinstance(x, ShapeValue) and len(sizes) <= 1:
+        return ShapeValue(x.values, x.dtype, scalar=not sizes)
+    return as_tensor(x).reshape(sizes)
+
+
+@_op("Flatten")
+def _flatten(node: OnnxNode, x: Value) -> torch.Tensor:
+    x = as_tensor(x)
+    axis = _axis(node.attr("axis", 1), x.dim())
+    return x.reshape(math.prod(x.shape[:axis]), math.prod(x.shape[axis:]))
+
+
+@_op("Transpose")
+def _transpose(node: OnnxNode, x: Value) -> torch.Tensor:
+    x = as_tensor(x)
+    perm = node.attr("perm") or list(reversed(range(x.dim())))
+    return x.permute(*perm)
+
+
+def _axes_input(node: OnnxNode, axes: Value) -> list[int] | None:
+    """Axes given as an input (opset 13+ for Squeeze/Unsqueeze/ReduceSum, 18+ for the other reductions) or
+    as the older attribute."""
+    if axes is not None:
+        return [int(a) for a in ints(node, axes, "axes")]
+    attr = node.attr("axes")
+    return list(attr) if attr is not None else None
+
+
+@_op("Unsqueeze")
+def _unsqueeze(node: OnnxNode, x: Value, axes: Value = None) -> Value:
+    axes = _axes_input(node, axes)
+    if isinstance(x, ShapeValue) and x.scalar and axes in ([0], [-1]):
+        return ShapeValue(x.values, x.dtype)
+    x = as_tensor(x)
+    rank = x.dim() + len(axes)
+    for axis in sorted(_axis(a, rank) for a in axes):
+        x = x.unsqueeze(axis)
+    return x
+
+
+@_op("Squeeze")
+def _squeeze(node: OnnxNode, x: Value, axes: Value = None) -> Value:
+    axes = _axes_input(node, axes)
+    if isinstance(x, ShapeValue) and not x.scalar and len(x.values) == 1 and axes in (None, [0], [-1]):
+        return ShapeValue(x.values, x.dtype, scalar=True)
+    x = as_tensor(x)
+    if axes is None:
+        return x.squeeze()
+    return x.squeeze(tuple(_axis(a, x.dim()) for a in axes))
+
+
+def _broadcast(shape: Sequence[object], target: Sequence[object]) -> list[object]:
+    """ONNX Expand broadcasts both ways: a 1 on either side takes the other's size."""
+    rank = max(len(shape), len(target))
+    shape = [1] * (rank - len(shape)) + list(shape)
+    target = [1] * (rank - len(target)) + list(target)
+    out = []
+    for have, want in zip(shape, target):
+        if isinstance(want, int) and want == 1:
+            out.append(have)
+        else:
+            out.append(want)
+    return out
+
+
+@_op("Expand")
+def _expand(node: OnnxNode, x: Value, shape: Value) -> torch.Tensor:
+    sizes = ints(node, shape, "shape")
+    if isinstance(x, ShapeValue) and len(x.values) == 1:  # a constant filled to a shape: aten.full
+        return torch.full(_broadcast([1] * x.rank, sizes), x.values[0], dtype=x.dtype)
+    x = as_tensor(x)
+    return torch.broadcast_to(x, _broadcast(x.shape, sizes))
+
+
+@_op("Concat")
+def _concat(node: OnnxNode, *args: Value) -> Value:
+    parts = [a for a in args if a is not None]
+    if all(isinstance(p, ShapeValue) and not p.scalar for p in parts):
+        return ShapeValue(tuple(v for p in parts for v in p.values), parts[0].dtype)
+    return torch.cat([as_tensor(p) for p in parts], dim=node.attr("axis"))
+
+
+@_op("Split")
+def _split(node: OnnxNode, x: Value, split: Value = None) -> tuple[Value, ...]:
+    axis = node.attr("axis", 0)
+    count = node.attr("num_outputs") or len(node.outputs)
+    sizes = ints(node, split, "split") if split is not None else node.attr("split")
+    if isinstance(x, ShapeValue) and axis in (0, -1) and not x.scalar:
+        if sizes is None:
+            chunk = -(-len(x.values) // count)
+            sizes = [min(chunk, len(x.values) - i * chunk) for i in range(count)]
+        offsets = np.cumsum([0, *sizes]).tolist()
+        return tuple(ShapeValue(x.values[a:b], x.dtype) for a, b in itertools.pairwise(offsets))
+    x = as_tensor(x)
+    if sizes is not None:
+        return tuple(torch.split(x, list(sizes), dim=axis))
+    size = x.shape[axis]
+    if isinstance(size, int):  # ONNX: equal parts of ceil(size / count), the last one smaller
+        chunk = -(-size // count)
+        return tuple(torch.split(x, [min(chunk, size - i * chunk) for i in range(count)], dim=axis))
+    return tuple(torch.tensor_split(x, count, dim=axis))  # symbolic: equal parts (sizes divisible)
+
+
+@_op("Slice")
+def _slice(node: OnnxNode, x: Value, starts: Value, ends: Value, axes: Value = None, steps: Value = None) -> Value:
+    starts, ends = ints(node, starts, "starts"), ints(node, ends, "ends")
+    axes = ints(node, axes, "axes") if axes is not None else list(range(len(starts)))
+    steps = ints(node, steps, "steps") if steps is not None else [1] * len(starts)
+    if isinstance(x, ShapeValue):
+        bounds = (*starts, *ends, *steps)
+        if axes in ([0], [-1]) and all(isinstance(v, int) for v in bounds):  # slicing sizes: Python
+            return ShapeValue(x.values[slice(starts[0], ends[0], steps[0])], x.dtype)
+        x = x.tensor()
+    for start, end, axis, step in zip(starts, ends, axes, steps):
+        axis = _axis(int(axis), x.dim())
+        if isinstance(step, int) and step < 0:
+            x = _reverse_slice(node, x, axis, start, end, step)
+            continue
+        x = x[(slice(None),) * axis + (slice(start, end, step),)]
+    return x
+
+
+INT32_MAX = 2**31 - 1
+
+
+def _reverse_slice(node: OnnxNode, x: torch.Tensor, axis: int, start: object, end: object, step: int) -> torch.Tensor:
+    """A slice with a negative step: the whole dim reversed (``flip``, also for a dynamic dim), or on a
+    static dim the picked indices."""
+    size = x.shape[axis]
+    from_last = isinstance(start, int) and (start == -1 or start >= INT32_MAX)
+    to_first = isinstance(end, int) and end <= -INT32_MAX
+    if from_last and to_first and step == -1:
+        return x.flip(axis)
+    if not isinstance(size, int):
+        raise node.fail("a negative step on a dynamic dimension is supported only to reverse the whole dim")
+    picked = list(range(size))[slice(start, end, step)]
+    return x.index_select(axis, torch.tensor(picked, dtype=torch.int64))
+
+
+@_op("Gather")
+def _gather(node: OnnxNode, data: Value, indices: Value) -> Value:
+    axis = node.attr("axis", 0)
+    if isinstance(data, ShapeValue) and isinstance(indices, ShapeValue) and indices.concrete:
+        picked = tuple(data.values[int(i)] for i in indices.values)
+        return ShapeValue(picked, data.dtype, scalar=indices.scalar)
+    data = as_tensor(data)
+    axis = _axis(axis, data.dim())
+    if isinstance(indices, ShapeValue) and indices.concrete:
+        if indices.scalar:
+            return data.select(axis, int(indices.values[0]))
+        size = data.shape[axis]
+        if any(i < 0 for i in indices.values) and not isinstance(size, int):
+            raise node.fail("negative constant indices into a dynamic dimension are not supported")
+        wrapped = [i + size if i < 0 else i for i in indices.values]
+        return data.index_select(axis, torch.tensor(wrapped, dtype=torch.int64))
+    indices = as_tensor(indices)
+    if axis == 0 and data.dim() == 2:  # an embedding lookup; ids are never negative
+        return F.embedding(indices, data)
+    flat = torch.remainder(indices.reshape(-1), data.shape[axis])  # ONNX allows negative indices
+    picked = data.index_select(axis, flat)
+    return picked.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :])
+
+
+@_op("GatherElements")
+def _gather_elements(node: OnnxNode, data: Value, indices: Value) -> torch.Tensor:
+    data, indices = as_tensor(data), as_tensor(indices)
+    axis = _axis(node.attr("axis", 0), data.dim())
+    return torch.gather(data, axis, torch.remainder(indices, data.shape[axis]))
+
+
+@_op("Tile")
+def _tile(node: OnnxNode, x: Value, repeats: Value) -> torch.Tensor:
+    return as_tensor(x).repeat(*ints(node, repeats, "repeats"))
+
+
+_PAD_MODES = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}
+
+
+@_op("Pad")
+def _pad(node: OnnxNode, x: Value, pads: Value, value: Value = None, axes: Value = None) -> torch.Tensor:
+    x = as_tensor(x)
+    pads = ints(node, pads, "pads")
+    axes = [_axis(int(a), x.dim()) for a in ints(node, axes, "axes")] if axes is not None else list(range(x.dim()))
+    begins, ends = pads[: len(axes)], pads[len(axes) :]
+    widths = {axis: (b, e) for axis, b, e in zip(axes, begins, ends)}
+    flat: list[object] = []
+    for axis in range(x.dim() - 1, -1, -1):  # F.pad: last dim first
+        flat.extend(widths.get(axis, (0, 0)))
+    while len(flat) > 2 and flat[-2:] == [0, 0]:
+        flat = flat[:-2]
+    mode = _PAD_MODES.get(node.attr("mode", "constant"))
+    if mode is None:
+        raise node.fail(f"mode {node.attr('mode')!r} is not supported (constant, reflect, edge, wrap are)")
+    fill = scalar(node, value, "constant_value") if value is not None and mode == "constant" else None
+    return F.pad(x, flat, mode=mode, value=fill) if mode == "constant" else F.pad(x, flat, mode=mode)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Generators
+
+
+@_op("Constant")
+def _constant(node: OnnxNode) -> Value:
+    for key in ("value", "value_float", "value_floats", "value_int", "value_ints"):
+        if key in node.attrs:
+            value = node.attrs[key]
+            tensor = to_torch(np.asarray(value.values if isinstance(value, gs.Constant) else value))
+            if key in ("value_float", "value_floats"):
+                tensor = tensor.float()
+            return ShapeValue.of(tensor) if _small(tensor) else tensor.clone()
+    raise node.fail(f"attribute {sorted(node.attrs)} is not supported (value, value_float(s), value_int(s) are)")
+
+
+@_op("ConstantOfShape")
+def _constant_of_shape(node: OnnxNode, shape: Value) -> Value:
+    sizes = ints(node, shape, "shape")
+    fill = node.attr("value")
+    tensor = to_torch(np.asarray(fill.values if isinstance(fill, gs.Constant) else np.zeros(1, np.float32)))
+    value, dtype = tensor.reshape(-1)[0].item(), tensor.dtype
+    small = len(sizes) <= 1 and all(isinstance(s, int) for s in sizes) and math.prod(sizes) <= MAX_SHAPE_VALUE
+    if small and (_is_int(dtype) or dtype is torch.bool):
+        return ShapeValue((value,) * math.prod(sizes), dtype, scalar=not sizes)
+    return torch.full(sizes, value, dtype=dtype)
+
+
+@_op("Range")
+def _range(node: OnnxNode, start: Value, limit: Value, delta: Value) -> Value:
+    values = [scalar(node, v, name) for v, name in ((start, "start"), (limit, "limit"), (delta, "delta"))]
+    dtype = start.dtype
+    if all(isinstance(v, int) for v in values) and _is_int(dtype):
+        count = max(0, -(-(values[1] - values[0]) // values[2]))
+        if count <= MAX_SHAPE_VALUE:
+            return ShapeValue(tuple(range(*values)), dtype)
+    return torch.arange(*values, dtype=dtype)
+
+
+@_op("Trilu")
+def _trilu(node: OnnxNode, x: Value, k: Value = None) -> torch.Tensor:
+    diagonal = scalar(node, k, "k") if k is not None else 0
+    return (torch.triu if node.attr("upper", 1) else torch.tril)(as_tensor(x), diagonal)
+
+
+@_op("CumSum")
+def _cumsum(node: OnnxNode, x: Value, axis: Value) -> torch.Tensor:
+    x = as_tensor(x)
+    dim = _axis(int(scalar(node, axis, "axis")), x.dim())
+    if node.attr("reverse", 0):
+        x = x.flip(dim)
+    out = torch.cumsum(x, dim).to(x.dtype)
+    if node.attr("exclusive", 0):
+        out = out - x
+    return out.flip(dim) if node.attr("reverse", 0) else out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reductions, normalizations, matmuls
+
+
+def _reduce_dims(node: OnnxNode, x: torch.Tensor, axes: Value) -> list[int] | None:
+    """The dims to reduce; None means "the input unchanged" (empty axes with ``noop_with_empty_axes``)."""
+    dims = _axes_input(node, axes)
+    if not dims:
+        return None if node.attr("noop_with_empty_axes", 0) else list(range(x.dim()))
+    return [_axis(d, x.dim()) for d in dims]
+
+
+def _reduction(fn: Callable[[torch.Tensor, list[int], bool], torch.Tensor]) -> Handler:
+    def run(node: OnnxNode, x: Value, axes: Value = None) -> torch.Tensor:
+        x = as_tensor(x)
+        dims = _reduce_dims(node, x, axes)
+        return x if dims is None else fn(x, dims, bool(node.attr("keepdims", 1)))
+
+    return run
+
+
+def _prod(x: torch.Tensor, dims: list[int], keep: bool) -> torch.Tensor:
+    for dim in sorted(dims, reverse=True):
+        x = torch.prod(x, dim, keepdim=keep)
+    return x
+
+
+_REDUCTIONS: dict[str, Callable[[torch.Tensor, list[int], bool], torch.Tensor]] = {
+    "ReduceMean": lambda x, d, k: torch.mean(x, d, keepdim=k),
+    "ReduceSum": lambda x, d, k: torch.sum(x, d, keepdim=k),
+    "ReduceMax": lambda x, d, k: torch.amax(x, d, keepdim=k),
+    "ReduceMin": lambda x, d, k: torch.amin(x, d, keepdim=k),
+    "ReduceProd": _prod,
+    "ReduceSumSquare": lambda x, d, k: torch.sum(x * x, d, keepdim=k),
+    "ReduceL1": lambda x, d, k: torch.sum(x.abs(), d, keepdim=k),
+    "ReduceL2": lambda x, d, k: torch.sqrt(torch.sum(x * x, d, keepdim=k)),
+    "ReduceLogSum": lambda x, d, k: torch.log(torch.sum(x, d, keepdim=k)),
+    "ReduceLogSumExp": lambda x, d, k: torch.logsumexp(x, d, keepdim=k),
+}
+for _name, _fn in _REDUCTIONS.items():
+    OPS[(DEFAULT_DOMAIN, _name)] = _reduction(_fn)
+
+
+def _arg(fn: Callable[..., torch.Tensor]) -> Handler:
+    def run(node: OnnxNode, x: Value) -> torch.Tensor:
+        x = as_tensor(x)
+        axis = _axis(node.attr("axis", 0), x.dim())
+        keep = bool(node.attr("keepdims", 1))
+        if node.attr("select_last_index", 0):
+            flipped = fn(x.flip(axis), dim=axis, keepdim=keep)
+            return x.shape[axis] - 1 - flipped
+        return fn(x, dim=axis, keepdim=keep)
+
+    return run
+
+
+OPS[(DEFAULT_DOMAIN, "ArgMax")] = _arg(torch.argmax)
+OPS[(DEFAULT_DOMAIN, "ArgMin")] = _arg(torch.argmin)
+
+
+@_op("TopK")
+def _topk(node: OnnxNode, x: Value, k: Value) -> tuple[torch.Tensor, torch.Tensor]:
+    x = as_tensor(x)
+    values, indices = torch.topk(
+        x, scalar(node, k, "k"), dim=node.attr("axis", -1), largest=bool(node.attr("largest", 1)),
+        sorted=bool(node.attr("sorted", 1)),
+    )  # fmt: skip
+    return values, indices
+
+
+@_op("Softmax")
+def _softmax(node: OnnxNode, x: Value) -> torch.Tensor:
+    return F.softmax(as_tensor(x), dim=node.attr("axis", -1))
+
+
+@_op("LogSoftmax")
+def _log_softmax(node: OnnxNode, x: Value) -> torch.Tensor:
+    return F.log_softmax(as_tensor(x), dim=node.attr("axis", -1))
+
+
+def _normalized_dims(x: torch.Tensor, axis: int) -> list[int]:
+    return list(range(_axis(axis, x.dim()), x.dim()))
+
+
+def _stash(node: OnnxNode, x: torch.Tensor) -> torch.Tensor:
+    """Normalizations compute in float32 (``stash_type=1``, the default) whatever the input's type."""
+    wide = node.attr("stash_type", 1) == 1 and x.dtype in (torch.float16, torch.bfloat16)
+    return x.float() if wide else x
+
+
+def _layer_norm(
+    node: OnnxNode, x: torch.Tensor, scale: torch.Tensor | None, bias: torch.Tensor | None, eps: float, axis: int
+) -> tuple[torch.Tensor, ...]:
+    dims = _normalized_dims(x, axis)
+    shape = [x.shape[d] for d in dims]
+    static = all(isinstance(s, int) for s in shape)
+    fits = all(t is None or (static and list(t.shape) == shape) for t in (scale, bias))
+    if fits and not (node.wants(1) or node.wants(2)):
+        return (F.layer_norm(x, shape, scale, bias, eps),)
+    wide = _stash(node, x)
+    mean = wide.mean(dims, keepdim=True)
+    centered = wide - mean
+    inv_std = torch.rsqrt(centered.pow(2).mean(dims, keepdim=True) + eps)
+    y = (centered * inv_std).to(x.dtype)
+    y = y * scale if scale is not None else y
+    y = y + bias if bias is not None else y
+    return y, mean, inv_std
+
+
+def _rms_norm(
+    node: OnnxNode, x: torch.Tensor, scale: torch.Tensor | None, eps: float, axis: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x / sqrt(mean(x²) + eps) · scale``, the primitive ops a captured RMSNorm has."""
+    dims = _normalized_dims(x, axis)
+    wide = _stash(node, x)
+    inv_std = torch.rsqrt(wide.pow(2).mean(dims, keepdim=True) + eps)
+    y = (wide * inv_std).to(x.dtype)
+    return (y * scale if scale is not None else y), inv_std
+
+
+@_op("LayerNormalization")
+def _layer_normalization(node: OnnxNode, x: Value, scale: Value, bias: Value = None) -> tuple[torch.Tensor, ...]:
+    x = as_tensor(x)
+    scale, bias = (None if v is None else as_tensor(v) for v in (scale, bias))
+    return _layer_norm(node, x, scale, bias, node.attr("epsilon", 1e-5), node.attr("axis", -1))
+
+
+@_op("RMSNormalization")
+@_op("SimplifiedLayerNormalization")
+def _rms_normalization(node: OnnxNode, x: Value, scale: Value) -> tuple[torch.Tensor, torch.Tensor]:
+    y, inv_std = _rms_norm(node, as_tensor(x), as_tensor(scale), node.attr("epsilon", 1e-5), node.attr("axis", -1))
+    return y, inv_std
+
+
+@_op("MatMul")
+def _matmul(node: OnnxNode, a: Value, b: Value) -> torch.Tensor:
+    return torch.matmul(as_tensor(a), as_tensor(b))
+
+
+LINEAR = "Linear"
+"""Internal op the planner writes for MatMul/Gemm by a constant weight (+ bias): ``F.linear``."""
+
+
+@_op(LINEAR, domain=INTERNAL_DOMAIN)
+def _linear(node: OnnxNode, x: Value, weight: torch.Tensor, bias: Value = None) -> torch.Tensor:
+    return F.linear(as_tensor(x), weight, None if bias is None else as_tensor(bias))
+
+
+@_op("Gemm")
+def _gemm(node: OnnxNode, a: Value, b: Value, c: Value = None) -> torch.Tensor:
+    a, b = as_tensor(a), as_tensor(b)
+    a = a.t() if node.attr("transA", 0) else a
+    b = b.t() if node.attr("transB", 0) else b
+    y = a @ b
+    alpha, beta = node.attr("alpha", 1.0), node.attr("beta", 1.0)
+    y = y * alpha if alpha != 1.0 else y
+    if c is not None:
+        c = _operand(c, y)
+        y = y + (c * beta if beta != 1.0 else c)
+    return y
+
+
+@_op("Einsum")
+def _einsum(node: OnnxNode, *args: Value) -> torch.Tensor:
+    return torch.einsum(node.attr("equation").replace(" ", ""), *(as_tensor(a) for a in args))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# com.microsoft fused ops (ONNX Runtime's transformer optimizer) and opset 23's RotaryEmbedding
+
+
+def _skip_sum(x: Value, skip: Value, bias: Value) -> torch.Tensor:
+    total = as_tensor(x) + as_tensor(skip)
+    return total + as_tensor(bias) if bias is not None else total
+
+
+@_op("SkipLayerNormalization", domain=MS_DOMAIN)
+def _skip_layer_norm(
+    node: OnnxNode, x: Value, skip: Value, gamma: Value, beta: Value = None, bias: Value = None
+) -> tuple[Value, ...]:
+    """``LayerNorm(x + skip + bias) · gamma + beta``; outputs (y, mean, inv_std, x + skip + bias)."""
+    total = _skip_sum(x, skip, bias)
+    beta = None if beta is None else as_tensor(beta)
+    y, *stats = _layer_norm(node, total, as_tensor(gamma), beta, node.attr("epsilon", 1e-12), -1)
+    mean, inv_std = stats or (None, None)
+    return y, mean, inv_std, total
+
+
+@_op("SkipSimplifiedLayerNormalization", domain=MS_DOMAIN)
+def _skip_simplified_layer_norm(
+    node: OnnxNode, x: Value, skip: Value, gamma: Value, bias: Value = None
+) -> tuple[Value, ...]:
+    """``RMSNorm(x + skip + bias) · gamma``; outputs (y, mean (unused), inv_std, x + skip + bias)."""
+    total = _skip_sum(x, skip, bias)
+    y, inv_std = _rms_norm(node, total, as_tensor(gamma), node.attr("epsilon", 1e-12), -1)
+    return y, None, inv_std, total
+
+
+@_op("FastGelu", domain=MS_DOMAIN)
+def _fast_gelu(node: OnnxNode, x: Value, bias: Value = None) -> torch.Tensor:
+    x = as_tensor(x) if bias is None else as_tensor(x) + as_tensor(bias)
+    return F.gelu(x, approximate="tanh")
+
+
+@_op("BiasGelu", domain=MS_DOMAIN)
+def _bias_gelu(node: OnnxNode, x: Value, bias: Value) -> torch.Tensor:
+    return F.gelu(as_tensor(x) + as_tensor(bias))
+
+
+@_op("Gelu", domain=MS_DOMAIN)
+def _ms_gelu(node: OnnxNode, x: Value) -> torch.Tensor:
+    return F.gelu(as_tensor(x))
+
+
+@_op("QuickGelu", domain=MS_DOMAIN)
+def _quick_gelu(node: OnnxNode, x: Value) -> torch.Tensor:
+    x = as_tensor(x)
+    return x * torch.sigmoid(x * node.attr("alpha", 1.702))
+
+
+def _rotary(
+    node: OnnxNode, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor | None
+) -> torch.Tensor:
+    """Rotate the first ``rotary_embedding_dim`` features of each head by the cached angles.
+
+    ``x``: (B, S, N·H) with ``num_heads``, or (B, N, S, H); ``cos``/``sin``: (max_pos, R/2), indexed by
+    ``positions`` (B, S), or already (B, S, R/2). Halves (``interleaved=0``) or even/odd pairs.
+    """
+    four_d = x.dim() == 4
+    if four_d:
+        heads = x.transpose(1, 2)  # (B, S, N, H)
+    else:
+        n_heads = node.attr("num_heads", 0)
+        if not n_heads:
+            raise node.fail("a 3-D input needs the num_heads attribute")
+        heads = x.reshape(x.shape[0], x.shape[1], n_heads, -1)
+    head_size = heads.shape[-1]
+    rot = node.attr("rotary_embedding_dim", 0) or head_size
+    if positions is not None:
+        cos, sin = F.embedding(positions, cos), F.embedding(positions, sin)  # (B, S, R/2)
+    cos, sin = cos[..., : rot // 2].unsqueeze(2), sin[..., : rot // 2].unsqueeze(2)  # (B, S, 1, R/2)
+    turn, keep = heads[..., :rot], heads[..., rot:]
+    if node.attr("interleaved", 0):
+        x1, x2 = turn[..., 0::2], turn[..., 1::2]
+        real, imag = x1 * cos - x2 * sin, x1 * sin + x2 * cos
+        turned = torch.stack((real, imag), dim=-1).flatten(-2)
+    else:
+        x1, x2 = turn[..., : rot // 2], turn[..., rot // 2 :]
+        turned = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    out = torch.cat((turned, keep), dim=-1) if rot < head_size else turned
+    return out.transpose(1, 2) if four_d else out.reshape(x.shape)
+
+
+@_op("RotaryEmbedding")
+def _rotary_embedding(node: OnnxNode, x: Value, cos: Value, sin: Value, positions: Value = None) -> torch.Tensor:
+    """Opset 23: inputs (X, cos_cache, sin_cache, position_ids?)."""
+    return _rotary(
+        node, as_tensor(x), as_tensor(cos), as_tensor(sin), None if positions is None else as_tensor(positions)
+    )
+
+
+@_op("RotaryEmbedding", domain=MS_DOMAIN)
+def _ms_rotary_embedding(node: OnnxNode, x: Value, positions: Value, cos: Value, sin: Value) -> torch.Tensor:
+    """ONNX Runtime's: inputs (input, position_ids, cos_cache, sin_cache); position_ids of one element is the
+    first position of every sequence."""
+    x = as_tensor(x)
+    positions = as_tensor(positions)
+    if positions.numel() == 1 and positions.dim() <= 1:
+        seq = x.shape[2] if x.dim() == 4 else x.shape[1]
+        positions = (torch.arange(seq) + positions.reshape(())).expand(x.shape[0], seq)
+    if node.attr("is_packed_batching", 0):
+        raise node.fail("is_packed_batching=1 is not supported")
+    return _rotary(node, x, as_tensor(cos), as_tensor(sin), positions)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The module
+
+
+_ATTR_NAME = re.compile(r"[^0-9A-Za-z_]")
+EXPORTER_TEMPORARY = re.compile(r"val_\d+")
+"""torch.onnx names the values it creates ``val_N`` without avoiding parameters named so, and its optimizer
+then fails on re-export ("Initializer 'val_N' is already registered"); imported constants with such names
+(torch.onnx's own folded weights) are stored as ``onnx_val_N``."""
+
+
+class OnnxModule(nn.Module):
+    """An ONNX graph as an ``nn.Module``: constants registered as parameters/buffers, ``forward`` interprets
+    the nodes (see the module docstring). Built from a cleaned, topologically sorted onnx-graphsurgeon graph
+    whose ops are all in :data:`OPS` (``onnx_import`` checks that first)."""
+
+    def __init__(self, graph: gs.Graph) -> None:
+        super().__init__()
+        self._input_names = [t.name for t in graph.inputs]
+        self._output_names = [t.name for t in graph.outputs]
+        self.forward = _named_forward(self, self._input_names)
+        self._shape_values: dict[str, ShapeValue] = {}
+        self._tensors: dict[str, str] = {}  # name in forward's environment → qualified attribute name
+        self._taken: set[str] = set()
+        consumers = _consumers(graph)
+        skipped: set[int] = set()
+        plan: list[OnnxNode] = []
+        for node in graph.nodes:
+            if id(node) not in skipped:
+                plan.append(self._as_linear(node, consumers, graph, skipped, plan) or _record(node))
+        used = {name for node in plan for name in node.inputs if name} | set(self._output_names)
+        self._plan = [replace(node, wanted=tuple(name in used for name in node.outputs)) for node in plan]
+        for tensor in graph.tensors().values():
+            if isinstance(tensor, gs.Constant) and tensor.name in used and tensor.name not in self._tensors:
+                self._add_constant(tensor.name, to_torch(tensor.values))
+
+    def _add_constant(self, name: str, value: torch.Tensor) -> None:
+        if _small(value):
+            self._shape_values[name] = ShapeValue.of(value)
+        else:
+            self._tensors[name] = self._register(name, value)
+
+    def _register(self, name: str, value: torch.Tensor) -> str:
+        """Store ``value`` as a parameter (floating) or buffer under ``name`` made a valid attribute path:
+        ``layers.0.attention.wq.weight`` stays as it is, ``onnx::MatMul_12`` becomes ``onnx__MatMul_12``."""
+        parts = [_ATTR_NAME.sub("_", part) or "_" for part in name.split(".")]
+        parts = [f"c_{p}" if p.startswith("_") or hasattr(nn.Module, p) else p for p in parts]
+        parts = [f"onnx_{p}" if EXPORTER_TEMPORARY.fullmatch(p) else p for p in parts]
+        qualname = ".".join(parts)
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts))}
+        clash = qualname in self._taken or any(t.startswith(qualname + ".") for t in self._taken)
+        if clash or prefixes & self._taken:
+            qualname = "_".join(parts)
+            while qualname in self._taken or any(t.startswith(qualname + ".") for t in self._taken):
+                qualname += "_"
+        self._taken.add(qualname)
+        set_tensor_attr(self, qualname, value.detach())
+        return qualname
+
+    def _as_linear(
+        self,
+        node: gs.Node,
+        consumers: dict[str, list[gs.Node]],
+        graph: gs.Graph,
+        skipped: set[int],
+        plan: list[OnnxNode],
+    ) -> OnnxNode | None:
+        """MatMul/Gemm by a constant 2-D weight as ``F.linear`` with the weight stored (out, in), and a
+        following bias Add folded in (see the module docstring); None when the node is not one. A
+        ``Transpose`` feeding only this node is dropped from ``plan``, an Add folded in goes to ``skipped``."""
+        if node.op not in ("MatMul", "Gemm") or normalize_domain(node.domain) or len(node.inputs) < 2:
+            return None
+        if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0):
+            return None
+        b = node.inputs[1]
+        stored_out_in = node.op == "Gemm" and bool(node.attrs.get("transB", 0))  # (N, K) already
+        source, transpose = b, None
+        producer = b.inputs[0] if isinstance(b, gs.Variable) and len(b.inputs) == 1 else None
+        if transposes_constant(producer) and len(consumers.get(b.name, [])) == 1:
+            source, transpose, stored_out_in = producer.inputs[0], producer, not stored_out_in
+        if not isinstance(source, gs.Constant) or source.values.ndim != 2:
+            return None
+        weight = to_torch(source.values)
+        if not weight.is_floating_point():
+            return None
+        out_features = weight.shape[0] if stored_out_in else weight.shape[1]
+        bias, output = None, node.outputs[0]
+        if node.op == "Gemm":
+            bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+            if bias is not None and not _is_bias(bias, out_features, node.attrs.get("beta", 1.0), weight.dtype):
+                return None
+        else:
+            users = consumers.get(output.name, [])
+            add = users[0] if len(users) == 1 and output not in graph.outputs else None
+            if add is not None and add.op == "Add" and not normalize_domain(add.domain):
+                other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
+                if _is_bias(other, out_features, 1.0, weight.dtype):
+                    bias, output = other, add.outputs[0]
+                    skipped.add(id(add))
+        if transpose is not None:
+            plan[:] = [n for n in plan if n.outputs != (b.name,)]
+        if stored_out_in:
+            weight_key = self._add_tensor(source.name, weight)
+        else:
+            weight_key = self._add_tensor(f"{source.name}::T", weight.t().contiguous(), name=source.name)
+        bias_key = ""
+        if bias is not None:
+            flat = to_torch(bias.values)
+            bias_key = self._add_tensor(
+                bias.name if flat.dim() == 1 else f"{bias.name}::flat", flat.reshape(-1), name=bias.name
+            )
+        return OnnxNode(node.name or output.name, LINEAR, INTERNAL_DOMAIN, (node.inputs[0].name, weight_key, bias_key),
+                        (output.name,), {}, (True,))  # fmt: skip
+
+    def _add_tensor(self, key: str, value: torch.Tensor, *, name: str | None = None) -> str:
+        """Register ``value`` once under ``key`` (in forward's environment), stored as ``name`` (default:
+        ``key``); returns ``key``."""
+        if key not in self._tensors:
+            self._tensors[key] = self._register(name or key, value)
+        return key
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Run the graph; the instance's ``forward`` has the ONNX input names as its parameters (see
+        ``_named_forward``), so the captured placeholders carry them."""
+        env: dict[str, Value] = dict(self._shape_values)
+        for name, qualname in self._tensors.items():
+            owner: nn.Module = self
+            for part in qualname.split("."):
+                owner = getattr(owner, part)
+            env[name] = owner
+        env.update(zip(self._input_names, inputs))
+        for node in self._plan:
+            args = [env[name] if name else None for name in node.inputs]
+            while args and args[-1] is None:
+                args.pop()
+            try:
+                out = OPS[(node.domain, node.op)](node, *args)
+            except OnnxImportError:
+                raise
+            except Exception as exc:  # named by the ONNX node, not by a line of this interpreter
+                raise node.fail(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}") from exc
+            outs = out if isinstance(out, tuple) else (out,)
+            for name, value in zip(node.outputs, outs):
+                if name:
+                    env[name] = value
+        results = tuple(as_tensor(env[name]) for name in self._output_names)
+        return results[0] if len(results) == 1 else results
+
+
+def _is_bias(tensor: gs.Tensor, out_features: int, beta: float, dtype: torch.dtype) -> bool:
+    """A constant that ``F.linear`` can take as its bias: (N,) or (1, N) of the weight's dtype, ``beta == 1``."""
+    if not isinstance(tensor, gs.Constant) or beta != 1.0:
+        return False
+    shape = tuple(tensor.values.shape)
+    return shape in ((out_features,), (1, out_features)) and to_torch(tensor.values).dtype == dtype
+
+
+def _named_forward(module: OnnxModule, names: Sequence[str]) -> Callable[..., object]:
+    """``module.forward`` with one parameter per graph input, named after it (``input_ids``, ``input_1`` for
+    ``input.1``): torch.export names placeholders after forward's parameters."""
+    params, taken = [], set()
+    for name in names:
+        ident = _ATTR_NAME.sub("_", name)
+        ident = ident if ident[:1].isalpha() else f"input_{ident}"
+        while ident in taken or keyword.iskeyword(ident):
+            ident += "_"
+        taken.add(ident)
+        params.append(inspect.Parameter(ident, inspect.Parameter.POSITIONAL_OR_KEYWORD))
+
+    def forward(*inputs: torch.Tensor) -> object:
+        return OnnxModule.forward(module, *inputs)
+
+    forward.__signature__ = inspect.Signature(params)
+    return forward
+
+
+def transposes_constant(node: gs.Node | None) -> bool:
+    """``Transpose(perm=[1, 0])`` of a 2-D constant: how exporters spell a linear's weight (N, K) → (K, N)."""
+    if node is None or node.op != "Transpose" or not isinstance(node.inputs[0], gs.Constant):
+        return False
+    return node.inputs[0].values.ndim == 2 and list(node.attrs.get("perm", [1, 0])) == [1, 0]
+
+
+def _consumers(graph: gs.Graph) -> dict[str, list[gs.Node]]:
+    users: dict[str, list[gs.Node]] = {}
+    for node in graph.nodes:
+        for tensor in node.inputs:
+            if tensor.name:
+                users.setdefault(tensor.name, []).append(node)
+    return users
+
+
+def _record(node: gs.Node) -> OnnxNode:
+    outputs = tuple(t.name for t in node.outputs)
+    name = node.name or (outputs[0] if outputs else node.op)
+    inputs = tuple(t.name for t in node.inputs)
+    return OnnxNode(name, node.op, normalize_domain(node.domain), inputs, outputs, dict(node.attrs))

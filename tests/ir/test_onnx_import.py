@@ -1,0 +1,517 @@
+"""ONNX import: hand-built graphs per op family and real exports (passforge's LLaMA, HF GPT-2), each imported
+and checked against ONNX Runtime running the same file; the errors (unknown ops, external data outside the
+model's folder); and the round trip import → pipeline → export_onnx.
+
+Tolerances: fp32 graphs compare at 1e-5 (absolute and relative): torch and ORT compute the same ops, up to
+float reassociation inside MatMul/reductions and their own Erf/Tanh/Exp approximations (measured <= 1e-6 on
+these inputs). Integer and boolean outputs compare exactly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from passforge.ir.graph import count_calls
+from passforge.ir.onnx_export import _quiet_torch_onnx  # torch.onnx's start-up notes are not the tests' business
+
+onnx = pytest.importorskip("onnx", reason="ONNX import needs onnx (pip install 'passforge[onnx]')")
+ort = pytest.importorskip("onnxruntime", reason="the ONNX tests run models in onnxruntime")
+pytest.importorskip("onnx_graphsurgeon", reason="ONNX import needs onnx-graphsurgeon (pip install 'passforge[onnx]')")
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from passforge.ir.onnx_import import OnnxImportError, import_onnx  # noqa: E402
+
+aten = torch.ops.aten
+FP32 = {"rtol": 1e-5, "atol": 1e-5}
+FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+NP_TYPES = {FLOAT: np.float32, INT64: np.int64, BOOL: np.bool_}
+
+
+def _model(
+    nodes: list[onnx.NodeProto],
+    inputs: dict[str, tuple[int, list[int | str]]],
+    outputs: list[str],
+    initializers: dict[str, np.ndarray] | None = None,
+    *,
+    opset: int = 21,
+    microsoft: bool = False,
+) -> onnx.ModelProto:
+    """A model of ``nodes`` whose outputs' types ONNX shape inference fills in."""
+    graph = helper.make_graph(
+        nodes, "test",
+        [helper.make_tensor_value_info(name, elem, shape) for name, (elem, shape) in inputs.items()],
+        [helper.make_value_info(name, onnx.TypeProto()) for name in outputs],
+        [numpy_helper.from_array(array, name) for name, array in (initializers or {}).items()],
+    )  # fmt: skip
+    opsets = [helper.make_opsetid("", opset)] + ([helper.make_opsetid("com.microsoft", 1)] if microsoft else [])
+    return helper.make_model(graph, opset_imports=opsets, ir_version=10)
+
+
+def _run_ort(model: onnx.ModelProto | Path, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # fp32: see test_onnx_export
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    names = [arg.name for arg in session.get_inputs()]
+    return [torch.from_numpy(out) for out in session.run(None, {n: t.numpy() for n, t in zip(names, inputs)})]
+
+
+def _outputs(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        out = gm(*inputs)
+    return list(out) if isinstance(out, tuple) else [out]
+
+
+def _assert_matches_ort(model: onnx.ModelProto, gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> None:
+    expected, actual = _run_ort(model, *inputs), _outputs(gm, *inputs)
+    assert len(actual) == len(expected)
+    for name, want, got in zip([o.name for o in model.graph.output], expected, actual):
+        tol = FP32 if want.is_floating_point() else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(got, want, **tol, msg=lambda m, name=name: f"output {name}: {m}")
+
+
+def _node(op: str, inputs: list[str], output: str, **attrs: object) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, [output], **attrs)
+
+
+def _ms(op: str, inputs: list[str], outputs: list[str], **attrs: object) -> onnx.NodeProto:
+    return helper.make_node(op, inputs, outputs, domain="com.microsoft", **attrs)
+
+
+def _randn(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------------------- op families
+
+UNARY = ["Neg", "Abs", "Exp", "Tanh", "Sigmoid", "Relu", "Erf", "Sin", "Cos", "Tan", "Atan", "Floor", "Ceil", "Round",
+         "Sign", "Softplus", "Softsign", "Mish", "HardSwish", "Elu", "IsNaN"]  # fmt: skip
+POSITIVE = ["Sqrt", "Reciprocal", "Log"]
+BINARY = ["Add", "Sub", "Mul", "Div", "Max", "Min"]
+COMPARE = ["Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual"]
+
+
+def test_elementwise_ops_match_onnxruntime():
+    nodes = [_node(op, ["x"], op) for op in UNARY]
+    nodes += [_node(op, ["y"], op) for op in POSITIVE]
+    nodes += [_node(op, ["x", "y"], op) for op in BINARY + COMPARE]
+    nodes += [
+        _node("Pow", ["y", "two"], "Pow"),
+        _node("Greater", ["x", "y"], "gt"),
+        _node("Less", ["x", "zero"], "neg_mask"),
+        _node("And", ["gt", "neg_mask"], "And"),
+        _node("Or", ["gt", "neg_mask"], "Or"),
+        _node("Not", ["gt"], "Not"),
+        _node("Where", ["gt", "x", "y"], "Where"),
+        _node("Where", ["neg_mask", "minus_inf", "zero"], "WhereScalars"),
+        _node("Cast", ["gt"], "CastBool", to=FLOAT),
+        _node("Gelu", ["x"], "Gelu"),
+        _node("Gelu", ["x"], "GeluTanh", approximate="tanh"),
+        _node("Clip", ["x", "minus_half", "half"], "Clip"),
+        _node("LeakyRelu", ["x"], "LeakyRelu", alpha=0.1),
+        _node("HardSigmoid", ["x"], "HardSigmoid", alpha=0.3, beta=0.4),
+        _node("Softmax", ["x"], "Softmax", axis=-1),
+        _node("LogSoftmax", ["x"], "LogSoftmax", axis=1),
+        _node("Sum", ["x", "y", "x"], "Sum"),
+        _node("Mean", ["x", "y"], "Mean"),
+        _node("Identity", ["x"], "Identity"),
+        _node("Xor", ["gt", "neg_mask"], "Xor"),
+        _node("PRelu", ["x", "slope"], "PRelu"),
+        _node("Dropout", ["x"], "Dropout"),
+        _node("Constant", [], "half_const", value_float=0.5),
+        _node("Mul", ["x", "half_const"], "ConstantNode"),
+        _node("CastLike", ["gt", "x"], "CastLike"),
+    ]
+    scalars = {name: np.array(value, np.float32) for name, value in (
+        ("two", 2.0), ("zero", 0.0), ("minus_inf", -np.inf), ("half", 0.5), ("minus_half", -0.5),
+        ("slope", [0.1, 0.2, 0.3, 0.4, 0.5]))}  # fmt: skip
+    outputs = [n.output[0] for n in nodes if n.output[0] not in ("gt", "neg_mask", "half_const")]
+    model = _model(nodes, {"x": (FLOAT, [2, 3, 5]), "y": (FLOAT, [2, 3, 5])}, outputs, scalars, opset=20)
+    x, y = _randn(2, 3, 5), _randn(2, 3, 5, seed=1).abs() + 0.1
+    gm = import_onnx(model, (x, y), dynamic=False)
+    _assert_matches_ort(model, gm, x, y)
+    assert count_calls(gm, aten.pow.Tensor_Scalar) == 1  # constants are Python scalars, as in captured graphs
+
+
+def test_integer_ops_match_onnxruntime():
+    nodes = [_node(op, ["a", "b"], op) for op in ["Add", "Sub", "Mul", "Div", "Max", "Min"]]
+    nodes += [_node("Mod", ["a", "b"], "Mod"), _node("Mod", ["a", "b"], "Fmod", fmod=1), _node("Neg", ["a"], "Neg"),
+              _node("ArgMax", ["a"], "ArgMax", axis=1, keepdims=0), _node("CumSum", ["a", "axis"], "CumSum"),
+              _node("CumSum", ["a", "axis"], "CumSumRev", exclusive=1, reverse=1),
+              _node("BitwiseAnd", ["a", "b"], "BitwiseAnd"), _node("BitwiseOr", ["a", "b"], "BitwiseOr"),
+              _node("BitwiseXor", ["a", "b"], "BitwiseXor")]  # fmt: skip
+    model = _model(nodes, {"a": (INT64, [3, 4]), "b": (INT64, [3, 4])}, [n.output[0] for n in nodes],
+                   {"axis": np.array(1, np.int64)})  # fmt: skip
+    a = torch.randint(-20, 20, (3, 4), generator=torch.Generator().manual_seed(0))
+    b = torch.randint(1, 7, (3, 4), generator=torch.Generator().manual_seed(1)) * torch.tensor([1, -1, 1, -1])
+    _assert_matches_ort(model, import_onnx(model, (a, b), dynamic=False), a, b)
+
+
+def test_reductions_and_normalizations_match_onnxruntime():
+    d = 8
+    axes = {"last": np.array([-1], np.int64), "first_two": np.array([0, 1], np.int64)}
+    params = {"scale": _randn(d, seed=2).numpy(), "bias": _randn(d, seed=3).numpy(),
+              "eps": np.array(1e-5, np.float32), "two": np.array(2.0, np.float32)}  # fmt: skip
+    reductions = ["ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL1", "ReduceL2",
+                  "ReduceSumSquare", "ReduceLogSumExp"]  # fmt: skip
+    nodes = [_node(op, ["x", "last"], op) for op in reductions]
+    nodes += [
+        _node("ReduceSum", ["x", "first_two"], "ReduceSumKeep0", keepdims=0),
+        _node("ReduceMean", ["x"], "ReduceMeanAll", keepdims=0),
+        _node("ArgMin", ["x"], "ArgMin", axis=-1, select_last_index=1),
+        helper.make_node("TopK", ["x", "k"], ["TopKValues", "TopKIndices"], axis=-1),
+        _node("LayerNormalization", ["x", "scale", "bias"], "LayerNorm", epsilon=1e-5),
+        _node("LayerNormalization", ["x", "scale"], "LayerNormNoBias", epsilon=1e-3),
+        helper.make_node("LayerNormalization", ["x", "scale"], ["LayerNormY", "LayerNormMean", "LayerNormInvStd"]),
+        # RMSNorm as exporters decompose it: x / sqrt(mean(x^2) + eps) * scale
+        _node("Pow", ["x", "two"], "sq"), _node("ReduceMean", ["sq", "last"], "ms"),
+        _node("Add", ["ms", "eps"], "ms_eps"), _node("Sqrt", ["ms_eps"], "rms"),
+        _node("Div", ["x", "rms"], "normed"), _node("Mul", ["normed", "scale"], "RMSNorm"),
+        _node("ReduceLogSum", ["sq", "last"], "ReduceLogSum"),
+    ]  # fmt: skip
+    hidden = {"sq", "ms", "ms_eps", "rms", "normed"}
+    outputs = [o for n in nodes for o in n.output if o not in hidden]
+    model = _model(nodes, {"x": (FLOAT, [2, 3, d])}, outputs, {**axes, **params, "k": np.array([3], np.int64)})
+    x = _randn(2, 3, d) + 0.5
+    gm = import_onnx(model, (x,), dynamic=False)
+    _assert_matches_ort(model, gm, x)
+    assert count_calls(gm, aten.layer_norm.default) == 2
+
+
+def test_matmul_and_gemm_by_constants_become_linear():
+    """A constant weight (or Transpose of one) becomes aten.linear with the weight stored (out, in), a bias
+    Add after it is folded in; a product of two activations stays a matmul."""
+    k, n = 6, 4
+    init = {"w": _randn(k, n).numpy(), "w_nk": _randn(n, k, seed=1).numpy(), "b": _randn(n, seed=2).numpy(),
+            "c": _randn(1, n, seed=3).numpy(), "c_col": _randn(n, 1, seed=6).numpy()}  # fmt: skip
+    nodes = [
+        _node("MatMul", ["x", "w"], "MatMul"),
+        _node("MatMul", ["x", "w"], "mm"), _node("Add", ["b", "mm"], "MatMulBias"),
+        _node("Transpose", ["w_nk"], "w_t", perm=[1, 0]), _node("MatMul", ["x", "w_t"], "MatMulTransposed"),
+        _node("Gemm", ["x2d", "w_nk", "c"], "GemmTransB", transB=1),
+        _node("Gemm", ["x2d", "w"], "GemmNoBias"),
+        _node("Gemm", ["w", "x2d", "c_col"], "GemmGeneral", transA=1, transB=1, alpha=0.5, beta=2.0),
+        _node("MatMul", ["x", "y"], "MatMulActivations"),
+        _node("Einsum", ["x", "y"], "Einsum", equation="bik,bkj->bij"),
+    ]  # fmt: skip
+    outputs = [n.output[0] for n in nodes if n.output[0] not in ("mm", "w_t")]
+    model = _model(nodes, {"x": (FLOAT, [2, 3, k]), "x2d": (FLOAT, [3, k]), "y": (FLOAT, [2, k, 5])}, outputs, init)
+    x, x2d, y = _randn(2, 3, k), _randn(3, k, seed=4), _randn(2, k, 5, seed=5)
+    gm = import_onnx(model, (x, x2d, y), dynamic=False)
+    _assert_matches_ort(model, gm, x, x2d, y)
+    assert count_calls(gm, aten.linear.default) == 5
+    assert count_calls(gm, aten.add.Tensor) == 1  # GemmGeneral's + beta·C; MatMulBias's Add went into its linear
+    weights = {n.target: tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "get_attr"}
+    assert weights["w"] == (n, k) and weights["w_nk"] == (n, k) and weights["b"] == (n,)  # (out, in), ONNX names
+
+
+def test_shape_arithmetic_keeps_dims_dynamic():
+    """Shape → Gather/Slice/Concat/Mul → Reshape/Expand/ConstantOfShape/Range stays Python arithmetic on the
+    symbolic sizes: the imported graph runs at sizes other than the example's."""
+    ints = {name: np.array(value, np.int64) for name, value in (
+        ("zero", 0), ("one", 1), ("i0", [0]), ("i1", [1]), ("minus1", [-1]), ("two", [2]), ("big", [2**62]),
+        ("int_min", [-(2**63)]), ("split", [3, 5]), ("tiles", [1, 2, 1]), ("pads", [0, 1, 0, 0, 0, 2]))}  # fmt: skip
+    nodes = [
+        _node("Shape", ["x"], "shape"),
+        _node("Gather", ["shape", "zero"], "batch"), _node("Gather", ["shape", "one"], "seq"),
+        _node("Unsqueeze", ["batch", "i0"], "batch1"), _node("Unsqueeze", ["seq", "i0"], "seq1"),
+        _node("Mul", ["seq1", "two"], "seq2"),
+        _node("Concat", ["batch1", "minus1"], "flat_shape", axis=0), _node("Reshape", ["x", "flat_shape"], "Flat"),
+        _node("Concat", ["batch1", "seq1", "two", "minus1"], "split_shape", axis=0),
+        _node("Reshape", ["x", "split_shape"], "Heads"),
+        _node("Concat", ["seq1", "seq1"], "square", axis=0),
+        _node("ConstantOfShape", ["square"], "ones", value=numpy_helper.from_array(np.array([1.0], np.float32))),
+        _node("Trilu", ["ones"], "Causal", upper=0),
+        _node("Range", ["zero", "seq", "one"], "Positions"),
+        _node("Expand", ["Positions", "shape_2d"], "PositionsExpanded"),
+        _node("Slice", ["x", "i1", "big", "two"], "SliceTail"),
+        _node("Slice", ["table", "i0", "seq1", "i0"], "SliceTable"),
+        _node("Slice", ["x", "minus1", "int_min", "i1", "minus1"], "Reversed"),
+        _node("Transpose", ["x"], "Transposed", perm=[0, 2, 1]),
+        _node("Unsqueeze", ["x", "i1"], "Unsqueezed"), _node("Squeeze", ["Unsqueezed", "i1"], "Squeezed"),
+        _node("Flatten", ["x"], "Flattened", axis=2),
+        _node("Tile", ["x", "tiles"], "Tiled"),
+        _node("Gather", ["x", "two"], "GatherConst", axis=2),
+        _node("Gather", ["table", "ids"], "Embedded"),
+        _node("GatherElements", ["x", "picks"], "GatherElements", axis=2),
+        _node("Cast", ["seq2"], "SeqTimesTwo", to=FLOAT),
+        _node("Size", ["x"], "Size"),
+        _node("Pad", ["x", "pads"], "Padded"),
+    ]  # fmt: skip
+    nodes.append(helper.make_node("Split", ["x", "split"], ["s0", "Split1"], axis=2))
+    nodes.append(_node("Concat", ["batch1", "seq1"], "shape_2d", axis=0))
+    table = {"table": _randn(64, 8, seed=1).numpy(), "picks": np.array([[[7, 0, 3]]], np.int64)}
+    outputs = [o for n in nodes for o in n.output if o[0].isupper()]
+    model = _model(nodes, {"x": (FLOAT, ["batch", "seq", 8]), "ids": (INT64, ["batch", "seq"])}, outputs,
+                   {**ints, **table})  # fmt: skip
+    sorted_model = _toposorted(model)
+    x, ids = _randn(2, 5, 8), torch.randint(0, 64, (2, 5))
+    gm = import_onnx(sorted_model, (x, ids))
+    placeholders = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    assert all(isinstance(d, torch.SymInt) for d in placeholders[0].shape[:2]), placeholders
+    assert str(placeholders[0].shape[0]) == str(placeholders[1].shape[0])  # one Dim per name ("batch", "seq")
+    for batch, seq in ((2, 5), (3, 11)):
+        x, ids = _randn(batch, seq, 8), torch.randint(0, 64, (batch, seq))
+        _assert_matches_ort(sorted_model, gm, x, ids)
+
+
+def test_dims_the_model_constrains_are_left_to_torch_export():
+    """``x[:, 1:]`` as an output makes torch.export guard ``seq - 1 != 1``, which a named Dim cannot say:
+    the capture is retried with ``Dim.AUTO``, and the dim stays dynamic."""
+    ints = {"i1": np.array([1], np.int64), "big": np.array([2**62], np.int64)}
+    nodes = [_node("Slice", ["x", "i1", "big", "i1"], "y"), _node("Add", ["x", "x2"], "z")]
+    model = _model(nodes, {"x": (FLOAT, ["batch", "seq"]), "x2": (FLOAT, ["batch", "seq"])}, ["y", "z"], ints)
+    gm = import_onnx(model, (_randn(2, 5), _randn(2, 5, seed=1)))
+    for shape in ((2, 5), (4, 9)):
+        _assert_matches_ort(model, gm, _randn(*shape), _randn(*shape, seed=1))
+
+
+def _toposorted(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with its nodes in dependency order (ORT wants that; the test lists them by topic)."""
+    known = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer}
+    pending, ordered = list(model.graph.node), []
+    while pending:
+        ready = next(n for n in pending if all(i in known or not i for i in n.input))
+        pending.remove(ready)
+        ordered.append(ready)
+        known.update(ready.output)
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.graph.node[:]
+    copy.graph.node.extend(ordered)
+    return copy
+
+
+def test_microsoft_fused_ops_match_onnxruntime():
+    """The fused ops ONNX Runtime's transformer optimizer writes."""
+    d, heads = 8, 2
+    params = {"gamma": _randn(d, seed=2).numpy(), "beta": _randn(d, seed=3).numpy(), "bias": _randn(d, seed=4).numpy()}
+    cache = {"cos": np.cos(np.arange(16)[:, None] / (1 + np.arange(2))).astype(np.float32),
+             "sin": np.sin(np.arange(16)[:, None] / (1 + np.arange(2))).astype(np.float32)}  # fmt: skip
+    nodes = [
+        _ms("SkipLayerNormalization", ["x", "skip", "gamma", "beta", "bias"], ["SkipLN", "", "", "SkipLNSum"],
+            epsilon=1e-5),
+        _ms("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma", "bias"], ["SkipRMS", "", "", "SkipRMSSum"],
+            epsilon=1e-5),
+        _ms("SkipLayerNormalization", ["x", "skip", "gamma"], ["SkipLNDefaultEps"]),
+        _node("SimplifiedLayerNormalization", ["x", "gamma"], "RMS", epsilon=1e-6),  # ORT's, in the ONNX domain
+        _ms("FastGelu", ["x", "bias"], ["FastGelu"]),
+        _ms("BiasGelu", ["x", "bias"], ["BiasGelu"]),
+        _ms("Gelu", ["x"], ["Gelu"]),
+        _ms("QuickGelu", ["x"], ["QuickGelu"], alpha=1.5),
+        _ms("RotaryEmbedding", ["x", "positions", "cos", "sin"], ["Rotary"], num_heads=heads),
+        _ms("RotaryEmbedding", ["x", "positions", "cos", "sin"], ["RotaryInterleaved"], num_heads=heads,
+            interleaved=1),
+    ]  # fmt: skip
+    outputs = [o for n in nodes for o in n.output if o]
+    inputs = {"x": (FLOAT, [2, 3, d]), "skip": (FLOAT, [2, 3, d]), "positions": (INT64, [2, 3])}
+    model = _model(nodes, inputs, outputs, {**params, **cache}, microsoft=True)
+    x, skip, positions = _randn(2, 3, d), _randn(2, 3, d, seed=1), torch.tensor([[0, 1, 2], [5, 6, 7]])
+    _assert_matches_ort(model, import_onnx(model, (x, skip, positions), dynamic=False), x, skip, positions)
+
+
+def test_opset_23_ops_match_onnxruntime():
+    """RMSNormalization and RotaryEmbedding, standard since opset 23."""
+    d = 8
+    cache = {"cos": np.cos(np.arange(16)[:, None] / (1 + np.arange(2))).astype(np.float32),
+             "sin": np.sin(np.arange(16)[:, None] / (1 + np.arange(2))).astype(np.float32),
+             "scale": _randn(d, seed=2).numpy()}  # fmt: skip
+    nodes = [
+        _node("RMSNormalization", ["x", "scale"], "RMSNorm", epsilon=1e-5),
+        _node("RotaryEmbedding", ["x4", "cos", "sin", "positions"], "Rotary", rotary_embedding_dim=4),
+    ]
+    inputs = {"x": (FLOAT, [2, 3, d]), "x4": (FLOAT, [2, 2, 3, d]), "positions": (INT64, [2, 3])}
+    model = _model(nodes, inputs, ["RMSNorm", "Rotary"], cache, opset=23)
+    x, x4, positions = _randn(2, 3, d), _randn(2, 2, 3, d, seed=1), torch.tensor([[0, 1, 2], [3, 9, 4]])
+    _assert_matches_ort(model, import_onnx(model, (x, x4, positions), dynamic=False), x, x4, positions)
+
+
+# -------------------------------------------------------------------------------------------------- errors
+
+
+def test_unknown_ops_are_listed_with_counts_before_any_work(monkeypatch):
+    import passforge.ir.onnx_import as onnx_import
+
+    nodes = [_ms("Attention", ["x"], ["a"]), _ms("Attention", ["a"], ["b"]), _node("Relu", ["b"], "c"),
+             _node("If", ["cond"], "d"), _node("NonZero", ["c"], "y")]  # fmt: skip
+    model = _model(nodes, {"x": (FLOAT, [2, 4]), "cond": (BOOL, [])}, ["y"], microsoft=True)
+    monkeypatch.setattr(onnx_import, "clean", lambda proto: pytest.fail("cleaned before checking the ops"))
+    with pytest.raises(OnnxImportError, match=r"3 op type\(s\) .*: com\.microsoft\.Attention ×2, If ×1, NonZero ×1"):
+        import_onnx(model)
+
+
+def test_bad_example_inputs_and_opsets_are_explained():
+    model = _model([_node("Relu", ["x"], "y")], {"x": (FLOAT, ["batch", 4])}, ["y"])
+    with pytest.raises(OnnxImportError, match=r"input 'x' is torch.float32 \['batch', 4\].*torch.int64 \[2, 4\]"):
+        import_onnx(model, (torch.zeros(2, 4, dtype=torch.long),))
+    with pytest.raises(OnnxImportError, match=r"takes 1 input\(s\) \(x\), got 2"):
+        import_onnx(model, (torch.zeros(2, 4), torch.zeros(2, 4)))
+    with pytest.raises(OnnxImportError, match=r"opset 11; passforge reads 13-23: convert it first"):
+        import_onnx(_model([_node("Relu", ["x"], "y")], {"x": (FLOAT, [4])}, ["y"], opset=11))
+
+
+def test_data_dependent_shape_names_the_node():
+    nodes = [_node("Cast", ["x"], "n", to=INT64), _node("Reshape", ["x", "n"], "y")]
+    model = _model(nodes, {"x": (FLOAT, [4])}, ["y"])
+    with pytest.raises(OnnxImportError, match=r"node 'y' \(Reshape\): its shape input is computed from tensor"):
+        import_onnx(model, (torch.tensor([2.0, 2.0, 1.0, 1.0]),), dynamic=False)
+
+
+def _external_model(folder: Path, location: str) -> Path:
+    """``y = x @ w`` with ``w`` stored in ``location`` (relative to ``folder``) — written by hand, so the
+    location can be anything."""
+    weight = _randn(4, 3).numpy()
+    data = folder / "weights.bin"
+    data.write_bytes(weight.tobytes())
+    tensor = TensorProto(name="w", data_type=FLOAT, dims=[4, 3], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", location), ("offset", "0"), ("length", str(weight.nbytes))):
+        tensor.external_data.add(key=key, value=value)
+    model = _model([_node("MatMul", ["x", "w"], "y")], {"x": (FLOAT, ["batch", 4])}, ["y"])
+    model.graph.initializer.append(tensor)
+    path = folder / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize(
+    ("location", "message"),
+    [("../secret.bin", "leads outside the model's folder"), ("/etc/hostname", "is not a relative path"),
+     ("sub/../../secret.bin", "leads outside"), ("missing.bin", "no such file")],
+)  # fmt: skip
+def test_external_data_outside_the_folder_is_refused(tmp_path, location, message):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "secret.bin").write_bytes(bytes(48))
+    path = _external_model(folder, location)
+    before = path.read_bytes()
+    with pytest.raises(OnnxImportError, match=message):
+        import_onnx(path)
+    assert path.read_bytes() == before
+
+
+def test_external_data_inside_the_folder_loads(tmp_path):
+    path = _external_model(tmp_path, "weights.bin")
+    before = path.read_bytes()
+    gm = import_onnx(path)
+    x = _randn(3, 4, seed=1)
+    torch.testing.assert_close(_outputs(gm, x)[0], _run_ort(path, x)[0], **FP32)
+    assert path.read_bytes() == before and count_calls(gm, aten.linear.default) == 1
+    assert gm.meta["passforge.source"] == "model.onnx"
+
+
+# ------------------------------------------------------------------------------------------- real exports
+
+
+@pytest.fixture(scope="module")
+def llama_onnx(tmp_path_factory) -> tuple[torch.nn.Module, Path]:
+    """passforge's tiny LLaMA preset exported by torch.onnx (dynamo) with a dynamic sequence length."""
+    from passforge.models import llama
+
+    model = llama.build("tiny", seed=0).eval()
+    path = tmp_path_factory.mktemp("llama") / "llama.onnx"
+    tokens = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with _quiet_torch_onnx():
+        sequence = torch.export.Dim("sequence", max=model.config.max_seq_len)
+        torch.onnx.export(model, (tokens,), str(path), dynamo=True, verbose=False, dynamic_shapes=({1: sequence},))
+    return model, path
+
+
+ROUND_TRIP_TOKENS = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def llama_static(llama_onnx) -> torch.fx.GraphModule:
+    """The export imported with static shapes (fused attention exports to ONNX with static shapes only)."""
+    return import_onnx(llama_onnx[1], (ROUND_TRIP_TOKENS,), dynamic=False)
+
+
+def test_llama_export_imports_with_a_dynamic_sequence(llama_onnx):
+    model, path = llama_onnx
+    gm = import_onnx(path)
+    (tokens_val,) = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
+    assert isinstance(tokens_val.shape[1], torch.SymInt)
+    assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["tokens"]
+    assert count_calls(gm, aten.linear.default) == 4 * 7 + 1  # q k v o gate up down per layer, lm_head
+    assert count_calls(gm, aten.embedding.default) == 1
+    for length in (7, 23):
+        tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
+        with torch.inference_mode():
+            torch.testing.assert_close(gm(tokens), model(tokens), rtol=1e-4, atol=1e-5)
+
+
+def test_registry_reads_an_onnx_language_model(llama_onnx):
+    """``passforge optimize llama.onnx``: one int64 (B, T) input and (B, T, 256) logits read as a byte-level LM;
+    the example is --seq-len tokens, ids below the embedding's rows."""
+    from passforge.models import tokenizer
+    from passforge.models.registry import resolve
+
+    source = resolve(llama_onnx[1], seq_len=24)
+    (tokens,) = source.example_inputs
+    assert source.is_lm and source.encode is tokenizer.encode and source.onnx_path == llama_onnx[1]
+    assert tokens.shape == (1, 24) and tokens.dtype == torch.int64 and 0 <= int(tokens.min()) <= int(tokens.max()) < 256
+
+
+def test_hf_gpt2_export_imports(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=1, n_head=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.config.use_cache = False
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=input_ids, use_cache=False).logits
+
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    with _quiet_torch_onnx():
+        torch.onnx.export(Logits().eval(), (ids,), str(tmp_path / "gpt2.onnx"), dynamo=True, verbose=False)
+    gm = import_onnx(tmp_path / "gpt2.onnx")
+    with torch.inference_mode():
+        torch.testing.assert_close(gm(ids), model(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+    assert count_calls(gm, aten.layer_norm.default) == 2 * 1 + 1  # ln_1, ln_2 per block; ln_f
+
+
+def test_round_trip_through_a_pipeline_and_export(llama_static, tmp_path):
+    """import → cleanup, quantize(w8a8), fuse-attention → export_onnx → ONNX Runtime agrees with passforge's
+    own output on the optimized graph within 2% of the logits' scale. w8a8 rounds activations per token, and
+    an ulp of difference upstream moves a value across a rounding step, which attention carries to every later
+    position (test_onnx_export's ACTIVATION_REL_ATOL). On this preset the gap is the export's, not the
+    import's: measured 0.96% for the imported graph and 0.76% for the captured LLaMA with these tokens (0.75%
+    and 0.27% with another seed), while the float graphs of both agree with ORT to 1e-6."""
+    from passforge.ir.onnx_export import export_onnx
+    from passforge.passes.base import Context
+    from passforge.passes.hooks import VerifyHook
+    from passforge.passes.manager import PassManager
+
+    tokens = ROUND_TRIP_TOKENS
+    manager = PassManager.parse("cleanup,quantize(scheme=w8a8),fuse-attention", hooks=[VerifyHook()])
+    result = manager.run(llama_static, Context(example_inputs=(tokens,)))
+    assert [r.status for r in result.records] == ["ok", "ok", "ok"]
+    optimized = result.graph
+    assert count_calls(optimized, torch.ops.quantized_decomposed.quantize_per_token.default) > 0
+    assert count_calls(optimized, torch.ops.passforge.attention.default) == 4  # one per layer
+    out_path = export_onnx(optimized, tmp_path / "optimized.onnx", (tokens,))
+    expected = _outputs(optimized, tokens)[0]
+    actual = _run_ort(out_path, tokens)[0]
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    assert Counter(n.op_type for n in onnx.load(str(out_path)).graph.node)["DequantizeLinear"] > 0
+
+
+def test_fuse_attention_matches_imported_llama(llama_static):
+    from passforge.passes.attention import FuseAttention
+
+    # torch.onnx writes kᵀ as Reshape(k, [-1, T, D]) → Transpose(0, 2, 1) → Reshape([B, H, D, T]); the pass
+    # reads that spelling as transpose(k, -2, -1), and the static causal mask becomes the causal flag
+    report = FuseAttention.explain(llama_static)
+    assert report[0] == "fuse-attention: 4 match(es)", "\n".join(report)
