@@ -54,8 +54,8 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from passforge.ir.capture import capture
-from passforge.ir.graph import add_buffer, copy_graph_module, dynamic_shapes_of, get_attr, tensor_attrs
+from passforge.ir.capture import CaptureError, explain_export_failure, from_exported_program
+from passforge.ir.graph import add_buffer, copy_graph_module, get_attr, tensor_attrs
 from passforge.ir.serialize import load_graph, save_graph
 from passforge.passes.base import Context, Pass
 from passforge.passes.hooks import VerifyHook
@@ -75,7 +75,9 @@ class BackendOptions:
     inductor: bool = False  # hand the optimized graph to inductor for code generation
     on_error: OnError = "skip"  # a failing pass is rolled back; "stop" raises instead
     verify: bool = True  # run the verifier after every pass
-    calib_data: str | os.PathLike[str] | torch.Tensor | None = None  # token-id file / text file / int64 tensor
+    # token ids for calibration-driven passes: a .json / .safetensors file, or a list of ints (not a tensor:
+    # torch.compile compares option dicts with ==, which a tensor cannot answer)
+    calib_data: str | os.PathLike[str] | list[int] | tuple[int, ...] | None = None
     calibration_calls: int = 8  # without calib_data: calibrate on this many real calls first
     cache_dir: str | os.PathLike[str] | None = None  # keep optimized graphs on disk (see cache_key)
 
@@ -89,16 +91,40 @@ class BackendOptions:
                 f"torch.compile(backend='passforge'): unknown option(s) {', '.join(unknown)}; "
                 f"the options are {', '.join(sorted(known))}"
             )
+        for key in ("inductor", "verify"):
+            if key in options and not isinstance(options[key], bool):
+                raise BackendError(f"options['{key}'] must be True or False, got {options[key]!r}")
         made = cls(**options)
         if made.on_error not in ("stop", "skip"):
             raise BackendError(f"options['on_error'] must be 'stop' or 'skip', got {made.on_error!r}")
-        if made.calibration_calls < 1:
-            raise BackendError(f"options['calibration_calls'] must be at least 1, got {made.calibration_calls}")
+        if not isinstance(made.calibration_calls, int) or made.calibration_calls < 1:
+            raise BackendError(f"options['calibration_calls'] must be an int >= 1, got {made.calibration_calls!r}")
+        _check_calib_data(made.calib_data)
         try:
             parse_pipeline(made.pipeline)
         except Exception as exc:
             raise BackendError(f"options['pipeline']: {exc}") from exc
         return made
+
+
+def _check_calib_data(data: object) -> None:
+    if data is None:
+        return
+    if isinstance(data, torch.Tensor):
+        raise BackendError(
+            "options['calib_data']: pass token ids as a list of ints (tensor.tolist()) or a .json/.safetensors "
+            "file, not a tensor — torch.compile compares option dicts with ==, which a tensor cannot answer"
+        )
+    if isinstance(data, (list, tuple)):
+        if not data or not all(isinstance(t, int) and t >= 0 for t in data):
+            raise BackendError("options['calib_data']: a list of token ids must be non-empty non-negative ints")
+        return
+    path = Path(data)
+    if path.suffix not in (".json", ".safetensors") or not path.is_file():
+        raise BackendError(
+            f"options['calib_data']: {path} is not a .json or .safetensors file of token ids (text needs a "
+            "tokenizer the backend does not have: tokenize it first)"
+        )
 
 
 def passforge_backend(
@@ -145,51 +171,42 @@ def _compile_training(gm: fx.GraphModule, example_inputs: Sequence[object], opts
 
 # --- binding dynamo's inputs: weights, tensors, sizes -------------------------------------------------------
 
-_KEY = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)")
+_KEY = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
+_ROOT = re.compile(r"^([GL])\['([^']*)'\]")
+
+
+def _source_text(node: fx.Node) -> str:
+    grapharg = node.meta.get("grapharg")
+    text = grapharg.source.name if grapharg is not None else ""
+    return text() if callable(text) else text
 
 
 def _source_name(node: fx.Node) -> str:
-    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` → ``layers.0.weight``."""
-    grapharg = node.meta.get("grapharg")
-    text = grapharg.source.name if grapharg is not None else ""
-    text = text() if callable(text) else text
-    root = re.match(r"^[GL]\['[^']*'\]", text)
-    keys = [a or b for a, b in _KEY.findall(text[root.end():])] if root else []
+    """``L['self']._modules['layers']._modules['0']._parameters['weight']`` → ``layers.0.weight``; another root
+    keeps its name (``L['m1']._parameters['weight']`` → ``m1.weight``, a global list ``G['blocks'][1]...`` →
+    ``blocks.1...``), so two modules' weights never share a name."""
+    text = _source_text(node)
+    root = _ROOT.match(text)
+    if root is None:
+        return str(node.target)
+    keys = [a or b or c for a, b, c in _KEY.findall(text[root.end():])]
+    if root.group(2) != "self":
+        keys.insert(0, root.group(2))
     return ".".join(keys) if keys else str(node.target)
 
 
-def _is_weight(node: fx.Node) -> bool:
-    """A tensor reached from the compiled module rather than passed in: a parameter, a buffer, or a float
-    attribute dynamo turned into a 0-d tensor (``norm.eps`` under ``dynamic=True``). The caller's own tensors
-    (tokens, a KV cache object's tensors) are rooted at an argument instead."""
-    grapharg = node.meta.get("grapharg")
-    name = grapharg.source.name if grapharg is not None else ""
-    name = name() if callable(name) else name
-    return name.startswith(("L['self']", "G[")) or "._parameters[" in name or "._buffers[" in name
-
-
-def _mutated_inputs(gm: fx.GraphModule) -> set[int]:
-    """Indices of placeholders the graph writes into (``x.add_(1)``, ``cache.index_copy_(...)``, ``x[i] = v``)."""
-    placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    aliases = {node: i for i, node in enumerate(placeholders)}
-    mutated: set[int] = set()
-    for node in gm.graph.nodes:  # views of an input alias it: writing through them writes the input
-        if node.op in ("call_function", "call_method") and node.args and isinstance(node.args[0], fx.Node):
-            base = aliases.get(node.args[0])
-            name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-            if base is None:
-                continue
-            if name in _VIEWS:
-                aliases[node] = base
-            elif (name.endswith("_") and not name.endswith("__")) or name in ("setitem", "copy_"):
-                mutated.add(base)
-    return mutated
-
-
-_VIEWS = frozenset(
-    {"view", "reshape", "__getitem__", "getitem", "narrow", "select", "slice", "transpose", "permute", "unsqueeze",
-     "squeeze", "expand", "as_strided", "t", "flatten", "unflatten", "view_as", "diagonal", "unbind", "split", "chunk"}
-)
+def _is_weight(node: fx.Node, value: torch.Tensor) -> bool:
+    """A module's parameter or buffer (which dynamo guards as module state), or a float attribute of a module
+    dynamo turned into a 0-d tensor under ``dynamic=True`` (``norm.eps``, read with ``.item()``). Other
+    tensors — the caller's arguments, globals, attributes of plain objects — stay inputs: dynamo does not
+    recompile when they change, so freezing them would go stale."""
+    text = _source_text(node)
+    if "._parameters[" in text or "._buffers[" in text:
+        return True
+    module_attribute = "._modules[" in text or text.startswith("L['self']")
+    return module_attribute and value.dim() == 0 and bool(node.users) and all(
+        u.op == "call_method" and u.target == "item" for u in node.users
+    )
 
 
 @dataclass
@@ -199,22 +216,28 @@ class _Binding:
     weights: dict[int, str]  # placeholder index → attribute name
     tensors: list[int]  # placeholder indices passed through as user inputs (in order)
     sizes: dict[int, tuple[int, int]]  # SymInt placeholder index → (position in `tensors`, dim)
-    mutated: list[int]  # indices into `tensors` the graph writes into
+    mutated: list[int] = dataclasses.field(default_factory=list)  # indices into `tensors` the graph writes into
 
     def user_args(self, args: Sequence[object]) -> list[torch.Tensor]:
         return [args[i] for i in self.tensors]  # type: ignore[misc]
 
 
-def _bind(gm: fx.GraphModule, example_inputs: Sequence[object], training: bool) -> _Binding:
+def _bind(gm: fx.GraphModule, example_inputs: Sequence[object], keep_inputs: frozenset[int] = frozenset()) -> _Binding:
+    """Sort dynamo's placeholders into frozen weights, tensor inputs and sizes; ``keep_inputs`` are weights the
+    graph writes into (a step counter), which stay inputs so the caller's tensor sees the writes."""
     placeholders = list(gm.graph.find_nodes(op="placeholder"))
-    mutated_idx = _mutated_inputs(gm)
     weights: dict[int, str] = {}
     tensors: list[int] = []
-    symbolic: dict[int, object] = {}
+    symbolic: dict[int, fx.Node] = {}
+    taken: dict[str, int] = {}
     for i, (node, value) in enumerate(zip(placeholders, example_inputs)):
         if isinstance(value, torch.Tensor):
-            if not training and i not in mutated_idx and _is_weight(node):
-                weights[i] = _source_name(node)
+            if i not in keep_inputs and _is_weight(node, value):
+                name = stem = _source_name(node)
+                while name in taken:  # never let one weight replace another under the same name
+                    name = f"{stem}_{len(taken)}"
+                taken[name] = i
+                weights[i] = name
             else:
                 tensors.append(i)
         elif isinstance(value, (int, torch.SymInt)):
@@ -227,7 +250,7 @@ def _bind(gm: fx.GraphModule, example_inputs: Sequence[object], training: bool) 
     sizes = {i: _size_origin(node, placeholders, tensors) for i, node in symbolic.items()}
     for i in weights:
         _inline_scalar(placeholders[i], example_inputs[i])
-    return _Binding(weights, tensors, sizes, [k for k, i in enumerate(tensors) if i in mutated_idx])
+    return _Binding(weights, tensors, sizes)
 
 
 def _inline_scalar(node: fx.Node, value: torch.Tensor) -> None:
@@ -250,7 +273,8 @@ def _size_origin(node: fx.Node, placeholders: list[fx.Node], tensors: list[int])
     grapharg = node.meta.get("grapharg")
     source = getattr(grapharg, "source", None)
     base, index = getattr(source, "base", None), getattr(source, "idx", None)
-    if base is not None and index is not None:
+    is_size = getattr(getattr(source, "prop", None), "name", None) == "SIZE"
+    if is_size and base is not None and index is not None:
         base_name = base.name() if callable(base.name) else base.name
         for position, i in enumerate(tensors):
             arg = placeholders[i].meta.get("grapharg")
@@ -258,8 +282,8 @@ def _size_origin(node: fx.Node, placeholders: list[fx.Node], tensors: list[int])
             if (name() if callable(name) else name) == base_name:
                 return position, int(index)
     raise BackendError(
-        f"passforge backend: the size argument {node.target} does not come from a tensor's shape; mark the "
-        "integer static (torch.compile(dynamic=False)) or pass it as a tensor"
+        f"passforge backend: the dynamic integer {node.target} ({_source_text(node) or 'no source'}) is not the "
+        "size of a tensor the graph receives; compile with dynamic=False, or pass the tensor it measures"
     )
 
 
@@ -330,6 +354,82 @@ def compiled_graphs() -> list[CompiledGraph]:
 
 
 
+def _capture(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[_Binding, fx.GraphModule, object]:
+    """dynamo's graph as passforge IR. Which inputs the graph writes into comes from torch.export's own
+    signature (every spelling of an in-place write: ``add_``, ``+=``, ``out=``, ``x[i] = v``...): if there are
+    any, the function is exported again with those inputs cloned inside and returned, so the IR is functional.
+    A weight written into (a step counter buffer) becomes an input again, so the caller's tensor sees it."""
+    binding = _bind(gm, example_inputs)
+    program = _export(gm, binding, example_inputs)
+    signature = program.graph_signature
+    written = set(signature.user_inputs_to_mutate.values())
+    written_weights = {f"weights.{name}" for name in binding.weights.values()} & set(
+        signature.buffers_to_mutate.values()
+    )
+    if written or written_weights:
+        keep = frozenset(i for i, name in binding.weights.items() if f"weights.{name}" in written_weights)
+        names = list(signature.user_inputs)
+        written_positions = {binding.tensors[names.index(name)] for name in written}
+        binding = _bind(gm, example_inputs, keep_inputs=keep)
+        binding.mutated = [k for k, i in enumerate(binding.tensors) if i in written_positions | keep]
+        program = _export(gm, binding, example_inputs)
+    with warnings.catch_warnings(), torch._guards.tracing(None), torch._guards.compile_context(None):
+        warnings.simplefilter("ignore")
+        captured = from_exported_program(program, name="torch.compile graph")
+    return binding, captured, _dynamic_dims(gm, binding)
+
+
+def _export(gm: fx.GraphModule, binding: _Binding, example_inputs: Sequence[object]) -> torch.export.ExportedProgram:
+    module = _Frozen(gm, binding, example_inputs)
+    # export traces afresh: outside dynamo's tracing context, whose guards would leak into the graph
+    with (
+        torch.no_grad(), torch._guards.tracing(None), torch._guards.compile_context(None),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.export.export(
+                module, tuple(binding.user_args(example_inputs)), dynamic_shapes=_dynamic_dims(gm, binding),
+                strict=False,
+            )
+            return program.run_decompositions({})  # functional: the writes show in the signature
+        except Exception as exc:
+            raise CaptureError(explain_export_failure("torch.compile graph", exc)) from exc
+
+
+def _settings(opts: BackendOptions) -> str:
+    """What besides the graph and the passes decides the optimized graph: calibration data, verification."""
+    calib = opts.calib_data
+    if calib is not None and not isinstance(calib, (list, tuple)):
+        calib = hashlib.sha256(Path(calib).read_bytes()).hexdigest()
+    digest = hashlib.sha256(repr(calib).encode()).hexdigest()
+    return f"calib={digest} calls={opts.calibration_calls} verify={opts.verify} on_error={opts.on_error}"
+
+
+def _flat(dims: tuple[tuple[dict[int, object] | None, ...]] | None) -> tuple[dict[int, object] | None, ...] | None:
+    """The captured dims for re-exporting the optimized graph, which takes its inputs flat, not as varargs."""
+    return dims[0] if dims else None
+
+
+def _inductor_runner(graph: fx.GraphModule) -> Callable[..., Sequence[torch.Tensor]]:
+    """inductor's build of ``graph``, one per distinct input shape: ``torch._inductor.compile`` specialises on
+    the example's sizes, and dynamo may send one graph several lengths (``dynamic=True``). ``freezing``:
+    inductor folds the (already frozen) weights into its kernels and prepacks them for oneDNN / MKL, as
+    torch.compile's own CPU inference setting does."""
+    from torch._inductor import compile as inductor_compile
+
+    builds: dict[tuple[object, ...], Callable[..., Sequence[torch.Tensor]]] = {}
+
+    def run(*inputs: torch.Tensor) -> Sequence[torch.Tensor]:
+        key = tuple((tuple(t.shape), t.dtype) for t in inputs)
+        build = builds.get(key)
+        if build is None:
+            build = builds[key] = inductor_compile(graph, list(inputs), options={"freezing": True})
+        return build(*inputs)
+
+    return run
+
+
 class CompiledGraph:
     """What the backend returns for one inference graph: ``compiled(*dynamo_args) -> outputs``.
 
@@ -339,20 +439,17 @@ class CompiledGraph:
 
     def __init__(self, gm: fx.GraphModule, example_inputs: Sequence[object], opts: BackendOptions) -> None:
         self.opts = opts
-        self.binding = _bind(gm, example_inputs, training=False)
-        module = _Frozen(gm, self.binding, example_inputs)
-        user = self.binding.user_args(example_inputs)
-        dynamic = _dynamic_dims(gm, self.binding)
-        # export traces afresh: outside dynamo's tracing context, whose guards would leak into the graph
-        with torch.no_grad(), torch._guards.tracing(None), torch._guards.compile_context(None):
-            self.captured = capture(module, user, dynamic_shapes=dynamic, name="torch.compile graph")
+        self.binding, self.captured, self.dynamic_dims = _capture(gm, example_inputs)
         self.passes: list[Pass] = parse_pipeline(opts.pipeline)
-        self.calibrating = any(p.needs_calibration for p in self.passes) and opts.calib_data is None
+        self.key = cache_key(self.captured, self.passes, _settings(opts)) if opts.cache_dir else None
+        self.cached = Path(opts.cache_dir) / f"{self.key}.pt2" if opts.cache_dir else None
+        self.cache_hit = False
+        needs_data = any(p.needs_calibration for p in self.passes) and opts.calib_data is None
+        self.calibrating = needs_data and not (self.cached is not None and self.cached.is_file())
         self.recorded: list[tuple[torch.Tensor, ...]] = []
         self.result: PipelineResult | None = None
         self.graph: fx.GraphModule | None = None  # the optimized graph, once compiled
         self.runnable: Callable[..., Sequence[torch.Tensor]] | None = None  # what runs it (derived, or inductor's)
-        self.cache_hit = False
         _COMPILED.append(weakref.ref(self))
 
     def __call__(self, *args: object) -> list[torch.Tensor]:
@@ -378,26 +475,35 @@ class CompiledGraph:
         return real
 
     def _compile(self, user: list[torch.Tensor]) -> None:
-        key = cache_key(self.captured, self.passes) if self.opts.cache_dir else None
-        cached = _cache_path(self.opts.cache_dir, key) if key else None
-        self.cache_hit = cached is not None and cached.is_file()
-        if self.cache_hit:
-            graph = load_graph(cached)
-        else:
+        graph = self._load_cached()
+        self.cache_hit = graph is not None
+        if graph is None:
             graph = self._optimize(tuple(user))
-            if cached is not None:
-                cached.parent.mkdir(parents=True, exist_ok=True)
-                save_graph(graph, cached, tuple(user), dynamic_shapes=dynamic_shapes_of(self.captured))
+            self._save_cached(graph, user)
         self.graph = graph
         if self.opts.inductor:
-            from torch._inductor import compile as inductor_compile
-
-            # freezing: inductor folds the (already frozen) weights into its kernels and prepacks them for
-            # oneDNN / MKL, as torch.compile's own CPU inference setting does
-            self.runnable = inductor_compile(_for_inductor(graph), list(user), options={"freezing": True})
+            self.runnable = _inductor_runner(_for_inductor(graph))
         else:
             self.runnable = _donate_updates(graph, len(self.binding.mutated))
         self.recorded.clear()
+
+    def _load_cached(self) -> fx.GraphModule | None:
+        if self.cached is None or not self.cached.is_file():
+            return None
+        try:
+            return load_graph(self.cached)
+        except Exception as exc:  # noqa: BLE001 - a bad cache entry costs a recompile, never the user's call
+            warnings.warn(f"passforge backend: cache entry {self.cached} unreadable ({exc}); recompiling", stacklevel=3)
+            return None
+
+    def _save_cached(self, graph: fx.GraphModule, user: list[torch.Tensor]) -> None:
+        if self.cached is None:
+            return
+        try:
+            self.cached.parent.mkdir(parents=True, exist_ok=True)
+            save_graph(graph, self.cached, tuple(user), dynamic_shapes=_flat(self.dynamic_dims))
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation: warn and run uncached
+            warnings.warn(f"passforge backend: could not cache the optimized graph ({exc})", stacklevel=3)
 
     def _optimize(self, example: tuple[torch.Tensor, ...]) -> fx.GraphModule:
         ctx = Context(example_inputs=example, device=example[0].device if example else torch.device("cpu"))
@@ -480,11 +586,9 @@ def _run_graph(graph: Callable[..., Sequence[torch.Tensor]], inputs: list[torch.
         return graph(*inputs)
 
 
-def _tokens(data: str | os.PathLike[str] | torch.Tensor) -> torch.Tensor:
-    if isinstance(data, torch.Tensor):
-        if data.dtype != torch.long:
-            raise BackendError(f"options['calib_data']: expected int64 token ids, got a {data.dtype} tensor")
-        return data.reshape(-1)
+def _tokens(data: str | os.PathLike[str] | Sequence[int]) -> torch.Tensor:
+    if isinstance(data, (list, tuple)):
+        return torch.tensor(data, dtype=torch.long)
     from passforge.models.registry import ModelSource, read_tokens
 
     return read_tokens(data, ModelSource("torch.compile graph", None, (), is_lm=False))
@@ -493,13 +597,14 @@ def _tokens(data: str | os.PathLike[str] | torch.Tensor) -> torch.Tensor:
 # --- the cache key ------------------------------------------------------------------------------------------
 
 
-def cache_key(graph: fx.GraphModule, passes: Sequence[Pass]) -> str:
+def cache_key(graph: fx.GraphModule, passes: Sequence[Pass], settings: str = "") -> str:
     """A hash of everything an optimized graph depends on: the captured code and input types, the weights'
-    bytes, the pipeline's spec, the source files of every pass in it, and the passforge and torch versions."""
+    bytes, the pipeline's spec, the source files of every pass in it, the passforge and torch versions, and
+    ``settings`` (the backend's calibration data and verification options)."""
     from passforge import __version__
 
     digest = hashlib.sha256()
-    digest.update(f"passforge {__version__} torch {torch.__version__}\n".encode())
+    digest.update(f"passforge {__version__} torch {torch.__version__}\n{settings}\n".encode())
     digest.update(graph.code.encode())
     for node in graph.graph.find_nodes(op="placeholder"):
         digest.update(repr(node.meta.get("val")).encode())
@@ -531,5 +636,3 @@ def _source_files(cls: type) -> set[str]:
     return files
 
 
-def _cache_path(cache_dir: str | os.PathLike[str] | None, key: str | None) -> Path | None:
-    return Path(cache_dir) / f"{key}.pt2" if cache_dir and key else None

@@ -180,7 +180,7 @@ def test_calibration_runs_on_the_first_calls_then_the_graph_is_quantized(tiny_lm
 
 
 def test_calibration_data_option_calibrates_at_the_first_call(tiny_lm: TinyLM) -> None:
-    data = torch.randint(0, 64, (4 * 16,))
+    data = torch.randint(0, 64, (4 * 16,)).tolist()
     compiled, before = _compile(tiny_lm, pipeline="quantize(scheme=w8a8-static,calib_windows=4)", calib_data=data)
     with torch.no_grad():
         compiled(_ids())
@@ -268,3 +268,90 @@ def test_hf_generate_with_a_static_cache_gives_eager_greedy_tokens() -> None:
     graphs = _new(before)
     assert graphs and all(count_calls(g.graph, ATTENTION) == 2 for g in graphs)  # decode steps ran fused
     assert all(count_calls(g.runnable, aten.index_copy_.default) == 4 for g in graphs)  # k, v per layer in place
+
+
+def test_weights_of_two_modules_keep_distinct_names() -> None:
+    first, second = nn.Linear(4, 4).eval(), nn.Linear(4, 4).eval()
+    compiled = torch.compile(lambda m1, m2, x: m2(m1(x)), backend="passforge")
+    before = compiled_graphs()
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(first, second, x), second(first(x)))
+    (graph,) = _new(before)
+    names = {n.target for n in graph.captured.graph.find_nodes(op="get_attr")}
+    assert {"weights.m1.weight", "weights.m2.weight"} <= names
+
+
+BIAS = torch.zeros(3)
+
+
+def test_global_tensors_are_read_at_every_call_not_frozen() -> None:
+    global BIAS
+    compiled = torch.compile(lambda x: x + BIAS, backend="passforge")
+    x = torch.zeros(3)
+    with torch.no_grad():
+        for value in (0.0, 1.0, 2.0):
+            BIAS = torch.full((3,), value)
+            torch.testing.assert_close(compiled(x), x + value)
+
+
+class Counter(nn.Module):
+    """Writes into its own buffer and its argument with ``+=``, not a named in-place method."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("steps", torch.zeros(()))
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+        self.steps += 1
+        total += x.sum()
+        return self.proj(x) * self.steps
+
+
+def test_any_spelling_of_an_in_place_write_reaches_the_callers_tensors() -> None:
+    mine, theirs = Counter().eval(), Counter().eval()
+    theirs.load_state_dict(mine.state_dict())
+    compiled = torch.compile(mine, backend="passforge")
+    got_total, want_total = torch.zeros(()), torch.zeros(())
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 4)
+            torch.testing.assert_close(compiled(x, got_total), theirs(x, want_total))
+    assert float(mine.steps) == 3.0 and torch.equal(got_total, want_total)
+
+
+def test_inductor_with_dynamic_shapes_serves_every_length() -> None:
+    model = nn.Sequential(nn.Linear(8, 8), nn.GELU()).eval()
+    compiled = torch.compile(model, backend="passforge", dynamic=True, options={"inductor": True})
+    with torch.no_grad():
+        for rows in (4, 7):
+            x = torch.randn(rows, 8)
+            torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_the_cache_serves_dynamic_graphs_and_keys_on_calibration_data(tiny_lm: TinyLM, tmp_path: Path) -> None:
+    spec = "quantize(scheme=w8a8-static,calib_windows=2)"
+    hits = []
+    for data in (list(range(64)), list(range(64)), list(range(63, -1, -1))):
+        torch._dynamo.reset()
+        compiled = torch.compile(
+            tiny_lm, backend="passforge", dynamic=True, options={"pipeline": spec, "calib_data": data,
+                                                                 "cache_dir": str(tmp_path)}
+        )
+        before = compiled_graphs()
+        with torch.no_grad():
+            for length in (16, 9):
+                ids = _ids(length)
+                assert float((compiled(ids) - tiny_lm(ids)).abs().max() / tiny_lm(ids).abs().max()) < 0.1
+        (graph,) = _new(before)
+        hits.append(graph.cache_hit)
+    assert hits == [False, True, False]  # other calibration data: another entry
+
+
+def test_a_tensor_as_calibration_data_is_refused_with_what_to_pass() -> None:
+    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+    with pytest.raises(BackendError, match=r"tolist\(\)"):
+        passforge_backend(gm, [torch.randn(1, 2)], options={"calib_data": torch.arange(8)})
+    with pytest.raises(BackendError, match="True or False"):
+        passforge_backend(gm, [torch.randn(1, 2)], options={"inductor": "no"})
