@@ -159,7 +159,8 @@ def _load_tokenizer(folder: Path, manifest: dict[str, object]) -> dict[str, obje
     kind = manifest.get("tokenizer", BYTE_TOKENIZER)
     if kind == BYTE_TOKENIZER:
         return {"encode": tokenizer.encode, "decode": tokenizer.decode}
-    if kind == HF_TOKENIZER_DIR and (folder / HF_TOKENIZER_DIR).is_dir():
+    saved = (folder / HF_TOKENIZER_DIR).resolve()
+    if kind == HF_TOKENIZER_DIR and saved.is_dir() and saved.parent == folder.resolve():  # no symlink out
         from passforge.models import hf
 
         hf_tokenizer = hf.load_tokenizer(folder / HF_TOKENIZER_DIR)
@@ -190,7 +191,8 @@ def check_output_folder(target: Path, source: ModelSource | None = None) -> None
     if target.exists():
         if not target.is_dir():
             raise ModelError(f"{target} exists and is not a folder; choose another --out")
-        foreign = sorted(p.name for p in target.iterdir() if p.name not in OUTPUT_FILES)
+        ours = OUTPUT_FILES if (target / "manifest.json").is_file() else OUTPUT_FILES - {HF_TOKENIZER_DIR}
+        foreign = sorted(p.name for p in target.iterdir() if p.name not in ours)  # a lone tokenizer/ is the user's
         if foreign:
             raise ModelError(
                 f"output folder {target} holds files passforge did not write ({', '.join(foreign[:5])}); "

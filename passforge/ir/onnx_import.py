@@ -299,7 +299,11 @@ def clean(proto: onnx.ModelProto) -> gs.Graph:
     with _quiet_graphsurgeon():
         graph = gs.import_onnx(proto)
         graph.toposort()
-        graph.fold_constants(size_threshold=FOLD_LIMIT_BYTES, should_exclude_node=transposes_constant)
+        # fold_shapes=False: graphsurgeon 0.6.1 folds Shape as the whole shape, ignoring opset 15's start/end
+        # (torch.onnx writes those); the interpreter computes static shapes in Python anyway
+        graph.fold_constants(
+            size_threshold=FOLD_LIMIT_BYTES, should_exclude_node=transposes_constant, fold_shapes=False
+        )
         graph.cleanup(remove_unused_graph_inputs=False)
         graph.toposort()
     return graph

@@ -571,10 +571,10 @@ def _split(node: OnnxNode, x: Value, split: Value = None) -> tuple[Value, ...]:
     if sizes is not None:
         return tuple(torch.split(x, list(sizes), dim=axis))
     size = x.shape[axis]
-    if isinstance(size, int):  # ONNX: equal parts of ceil(size / count), the last one smaller
-        chunk = -(-size // count)
+    chunk = (size + count - 1) // count  # ONNX: parts of ceil(size / count), the last one smaller
+    if isinstance(size, int):
         return tuple(torch.split(x, [min(chunk, size - i * chunk) for i in range(count)], dim=axis))
-    return tuple(torch.tensor_split(x, count, dim=axis))  # symbolic: equal parts (sizes divisible)
+    return tuple(torch.split(x, [chunk] * (count - 1) + [size - chunk * (count - 1)], dim=axis))  # symbolic
 
 
 @_op("Slice")
@@ -630,8 +630,8 @@ def _gather(node: OnnxNode, data: Value, indices: Value) -> Value:
         wrapped = [i + size if i < 0 else i for i in indices.values]
         return data.index_select(axis, torch.tensor(wrapped, dtype=torch.int64))
     indices = as_tensor(indices)
-    if axis == 0 and data.dim() == 2:  # an embedding lookup; ids are never negative
-        return F.embedding(indices, data)
+    if axis == 0 and data.dim() == 2:  # an embedding lookup (ONNX allows negative ids: wrapped)
+        return F.embedding(torch.remainder(indices, data.shape[0]), data)
     flat = torch.remainder(indices.reshape(-1), data.shape[axis])  # ONNX allows negative indices
     picked = data.index_select(axis, flat)
     return picked.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :])

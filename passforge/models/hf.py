@@ -115,10 +115,25 @@ def _quiet_transformers() -> Iterator[None]:
             logging.enable_progress_bar()
 
 
+def refuse_remote_code(folder: Path) -> None:
+    """A folder whose config names its own Python classes (``auto_map``) is refused: loading it would run that
+    code (transformers asks, and a piped "y" says yes). passforge never runs a model folder's code."""
+    for name in ("config.json", "tokenizer_config.json"):
+        path = folder / name
+        if path.is_file() and '"auto_map"' in path.read_text(encoding="utf-8", errors="replace"):
+            raise CaptureError(
+                f"{path}: names custom code (auto_map); passforge never runs a model folder's code "
+                "(trust_remote_code). Use a model whose architecture transformers ships."
+            )
+
+
 def _from_pretrained(auto_class: type, folder: Path, dtype: torch.dtype, attn_implementation: str | None) -> object:
+    refuse_remote_code(folder)
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     with _quiet_transformers():
-        model = auto_class.from_pretrained(folder, local_files_only=True, use_safetensors=True, dtype=dtype, **options)
+        model = auto_class.from_pretrained(
+            folder, local_files_only=True, use_safetensors=True, dtype=dtype, trust_remote_code=False, **options
+        )
     return model.eval()
 
 
@@ -173,11 +188,12 @@ def load_tokenizer(path: str | os.PathLike[str]) -> object | None:
     alone, which would turn text into nothing but special tokens."""
     if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
         return None
+    refuse_remote_code(Path(path))
     try:
         from transformers import AutoTokenizer
 
         with _quiet_transformers():
-            return AutoTokenizer.from_pretrained(path, local_files_only=True)
+            return AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except (ImportError, OSError, ValueError):
         return None  # no tokenizer files (or none transformers can build offline): token ids only
 

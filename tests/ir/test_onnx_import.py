@@ -262,6 +262,28 @@ def test_shape_arithmetic_keeps_dims_dynamic():
         _assert_matches_ort(sorted_model, gm, x, ids)
 
 
+def test_review_cases_match_onnxruntime():
+    """Shape with start/end (opset 15; torch.onnx writes it) on static dims, Split into num_outputs over a
+    dynamic dim (ceil-sized parts, the last smaller), an embedding lookup by negative ids."""
+    starts = {"one": np.array(1, np.int64), "minus1": np.array([-1], np.int64)}
+    nodes = [
+        _node("Shape", ["x"], "tail", start=1), _node("Gather", ["tail", "one"], "last"),
+        _node("Cast", ["last"], "last_f", to=FLOAT), _node("Mul", ["x", "last_f"], "Scaled"),
+        _node("Shape", ["x"], "last_dim", start=-1), _node("Concat", ["minus1", "last_dim"], "rows", axis=0),
+        _node("Reshape", ["x", "rows"], "Rows"),
+        _node("Gather", ["table", "ids"], "Embedded"),
+    ]  # fmt: skip
+    nodes.append(helper.make_node("Split", ["y"], ["Part0", "Part1", "Part2"], axis=1, num_outputs=3))
+    table = {"table": _randn(5, 4, seed=2).numpy()}
+    outputs = ["Scaled", "Rows", "Part0", "Part1", "Part2", "Embedded"]
+    inputs = {"x": (FLOAT, [2, 5, 7]), "y": (FLOAT, [2, "T"]), "ids": (INT64, [3])}
+    model = _model(nodes, inputs, outputs, {**starts, **table}, opset=18)
+    ids = torch.tensor([-1, 0, 2])
+    gm = import_onnx(model, (_randn(2, 5, 7), _randn(2, 12), ids))
+    for length in (12, 10):
+        _assert_matches_ort(model, gm, _randn(2, 5, 7), _randn(2, length), ids)
+
+
 def test_dims_the_model_constrains_are_left_to_torch_export():
     """``x[:, 1:]`` as an output makes torch.export guard ``seq - 1 != 1``, which a named Dim cannot say:
     the capture is retried with ``Dim.AUTO``, and the dim stays dynamic."""

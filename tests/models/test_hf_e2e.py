@@ -214,3 +214,20 @@ def test_pickled_bin_folder_is_refused(tmp_path, capsys):
         passforge.optimize(tmp_path)
     assert main(["optimize", str(tmp_path), "--out", str(tmp_path / "out")]) == EXIT_FAILURE
     assert "does not unpickle .bin" in capsys.readouterr().err
+
+
+def test_folders_naming_their_own_code_are_refused(tmp_path):
+    """``auto_map`` in config.json or tokenizer_config.json names Python files in the folder; transformers would
+    ask to run them (and a piped "y" answers). passforge refuses before transformers sees the folder."""
+    from passforge.models import hf
+
+    config = {"model_type": "llama", "auto_map": {"AutoModelForCausalLM": "evil.Model"}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(CaptureError, match="custom code"):
+        passforge.optimize(tmp_path)
+    tokenizer = tmp_path / "tok"
+    tokenizer.mkdir()
+    (tokenizer / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.T", None]}}))
+    with pytest.raises(CaptureError, match="custom code"):
+        hf.load_tokenizer(tokenizer)
