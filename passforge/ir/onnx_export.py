@@ -6,7 +6,8 @@ The field's exporter does the work: the graph is re-exported with ``torch.export
 keeping its dynamic input dims) and translated by ``torch.onnx.export(dynamo=True)``, whose torchlib covers
 the ATen op set; passforge adds translations for the quantization ops its passes insert
 (:mod:`passforge.ir.onnx_qdq`, which lists the mapping) and for ``passforge::attention``
-(:mod:`passforge.ir.onnx_attention`). Then onnxscript's optimizer (constant folding,
+(:mod:`passforge.ir.onnx_attention`: standard ops, ONNX's ``Attention`` or ONNX Runtime's
+``GroupQueryAttention``, as ``attention=`` says). Then onnxscript's optimizer (constant folding,
 CSE; it never folds Q/DQ) and three QDQ clean-ups (:mod:`passforge.ir.onnx_cleanup`): packed int4 weights
 become uint4 initializers, the
 uint4 ↔ uint8 casts torch's storage type leaves between Q and DQ go, and quantized weights are stored
@@ -35,7 +36,7 @@ import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 from torch import fx
@@ -48,6 +49,12 @@ if TYPE_CHECKING:
 
 MIN_OPSET = 21
 """Blocked quantization (``block_size``) and 4-bit types arrived in opset 21."""
+ATTENTION_OPSET = 23
+"""ONNX's ``Attention`` op arrived in opset 23."""
+AttentionForm = Literal["decompose", "onnx", "ort-gqa"]
+"""How fused attention is written (:mod:`passforge.ir.onnx_attention`): standard ops, ONNX's ``Attention``,
+or ONNX Runtime's ``com.microsoft.GroupQueryAttention``."""
+ATTENTION_FORMS: tuple[str, ...] = get_args(AttentionForm)
 EXTERNAL_DATA_THRESHOLD = 1536 * 2**20
 """Weights above this many bytes go to an external data file (a protobuf holds at most 2 GiB)."""
 
@@ -61,25 +68,27 @@ def export_onnx(
     path: str | os.PathLike[str],
     example_inputs: Sequence[torch.Tensor] | None = None,
     *,
-    opset: int = MIN_OPSET,
+    opset: int | None = None,
+    attention: AttentionForm = "decompose",
     external_data: bool | None = None,
     translations: Mapping[torch._ops.OpOverload, Callable[..., object]] | None = None,
 ) -> Path:
     """Write ``gm`` to ``path`` as ONNX (QDQ form for quantized graphs) and return ``path``.
 
     ``example_inputs``: what to trace with (default: zeros shaped like the graph's inputs); dims that are
-    dynamic in the graph stay dynamic in the file. ``external_data``: weights in a data file beside
+    dynamic in the graph stay dynamic in the file. ``opset``: the default domain's opset (default: 21, or 23
+    for ``attention="onnx"``). ``attention``: how fused attention (``passforge::attention``) is written —
+    ``"decompose"`` into standard ops (any runtime), ``"onnx"`` as ONNX's ``Attention`` op (opset 23), or
+    ``"ort-gqa"`` as ONNX Runtime's ``com.microsoft.GroupQueryAttention``; a call the form cannot express is
+    decomposed, with a warning that says why (:mod:`passforge.ir.onnx_attention`). ``external_data``: weights
+    in a data file beside
     ``path`` (``<name>.<random>.data``, referenced by a relative path, so the folder moves as a unit);
     ``None`` decides by size. ``translations``: extra ``{torch op overload: onnxscript function}`` entries
     for ops passforge and torch.onnx do not translate. The write is atomic: a failure leaves any previous
     file at ``path`` as it was.
     """
-    onnx, torch_onnx, passforge_translations, onnx_cleanup = _import_exporters()
-    if opset < MIN_OPSET:
-        raise OnnxExportError(
-            f"export_onnx: opset {opset} is too old; the QDQ forms need opset >= {MIN_OPSET} (blocked "
-            f"quantization, 4-bit types). Pass opset={MIN_OPSET} or newer."
-        )
+    opset = _checked_opset(opset, attention)
+    onnx, torch_onnx, onnx_attention, onnx_qdq, onnx_cleanup = _import_exporters()
     inputs = tuple(example_inputs) if example_inputs is not None else example_inputs_of(gm)
     try:
         with warnings.catch_warnings():
@@ -91,7 +100,8 @@ def export_onnx(
             f"{str(exc).splitlines()[0][:300]}). Pass example_inputs that the graph accepts "
             "(the shapes and dtypes of its placeholders)."
         ) from exc
-    table = {**passforge_translations, **(translations or {})}
+    fallbacks: list[tuple[str, str]] = []
+    table = {**onnx_qdq.TRANSLATIONS, **onnx_attention.translations(attention, fallbacks), **(translations or {})}
     try:
         with _quiet_torch_onnx():
             exported = torch_onnx.export(
@@ -108,12 +118,50 @@ def export_onnx(
         external_data = _initializer_bytes(exported.model) > EXTERNAL_DATA_THRESHOLD
     target = Path(path)
     _write_checked(onnx, exported.model, target, external_data)
+    if fallbacks:
+        warnings.warn(_fallback_note(attention, fallbacks), stacklevel=2)
     return target
 
 
-def _import_exporters() -> tuple[ModuleType, ModuleType, dict[object, object], ModuleType]:
-    """onnx, torch.onnx, our translation table and clean-ups, imported on first use: onnx is an optional
-    dependency."""
+def _checked_opset(opset: int | None, attention: str) -> int:
+    """The opset to write: the caller's, or the oldest that holds every op ``attention`` writes."""
+    if attention not in ATTENTION_FORMS:
+        forms = ", ".join(repr(form) for form in ATTENTION_FORMS)
+        raise OnnxExportError(f"export_onnx: attention={attention!r} is not a form; choose one of {forms}.")
+    needed = ATTENTION_OPSET if attention == "onnx" else MIN_OPSET
+    if opset is None:
+        return needed
+    if opset < MIN_OPSET:
+        raise OnnxExportError(
+            f"export_onnx: opset {opset} is too old; the QDQ forms need opset >= {MIN_OPSET} (blocked "
+            f"quantization, 4-bit types). Pass opset={MIN_OPSET} or newer."
+        )
+    if opset < needed:
+        raise OnnxExportError(
+            f"export_onnx: attention='onnx' writes ONNX's Attention op, which needs opset >= {needed}; pass "
+            f"opset={needed} (or leave it out), or attention='decompose' for opset {opset}."
+        )
+    return opset
+
+
+def _fallback_note(attention: str, fallbacks: list[tuple[str, str]]) -> str:
+    """One line per reason, naming the calls (by their q) it kept decomposed."""
+    calls: dict[str, list[str]] = {}
+    for name, reason in fallbacks:
+        calls.setdefault(reason, []).append(name)
+    lines = [
+        f"  {reason} ({len(names)}×: {', '.join(names[:3])}{', …' if len(names) > 3 else ''})"
+        for reason, names in calls.items()
+    ]
+    return (
+        f"export_onnx: {len(fallbacks)} passforge::attention call(s) could not be written as attention="
+        f"{attention!r} and are decomposed into standard ops (exact, not fused):\n" + "\n".join(lines)
+    )
+
+
+def _import_exporters() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType, ModuleType]:
+    """onnx, torch.onnx, our translations (attention, quantization) and clean-ups, imported on first use:
+    onnx is an optional dependency."""
     try:
         import onnx
         import onnxscript  # noqa: F401 - torch.onnx's dynamo exporter needs it
@@ -123,7 +171,7 @@ def _import_exporters() -> tuple[ModuleType, ModuleType, dict[object, object], M
         raise OnnxExportError(
             f"export_onnx needs onnx and onnxscript ({exc}); install them with: pip install 'passforge[onnx]'"
         ) from exc
-    return onnx, torch.onnx, {**onnx_qdq.TRANSLATIONS, **onnx_attention.TRANSLATIONS}, onnx_cleanup
+    return onnx, torch.onnx, onnx_attention, onnx_qdq, onnx_cleanup
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ import typing
 from collections.abc import Sequence
 from pathlib import Path
 
+from passforge.ir.onnx_export import ATTENTION_FORMS
 from passforge.models.registry import DEFAULT_MODEL
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -87,8 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--seq-len", type=_length, default=128,
                       help="example sequence length for a language model (default: 128)")
     conv.add_argument("--static", action="store_true", help="fix every dim at the example's size (fused attention "
-                      "exports to ONNX with static shapes only)")
-    conv.add_argument("--opset", type=int, default=21, help="ONNX opset of the output (default: 21)")
+                      "needs it, except plain causal or masked calls with --attention onnx)")
+    conv.add_argument("--attention", default="decompose", choices=ATTENTION_FORMS,
+                      help="fused attention as standard ops (default), ONNX's Attention op (opset 23), or ONNX "
+                      "Runtime's com.microsoft.GroupQueryAttention; calls a form cannot express are decomposed")
+    conv.add_argument("--opset", type=int, help="ONNX opset of the output (default: 21, or 23 with --attention onnx)")
     return parser
 
 
@@ -178,7 +182,7 @@ def _convert(args: argparse.Namespace) -> int:
     """ONNX in, ONNX out: ``optimize`` (import, the pipeline under the verifier, no profiling), then
     ``export_onnx``, which writes atomically."""
     from passforge.api import optimize
-    from passforge.ir.onnx_export import MIN_OPSET, export_onnx
+    from passforge.ir.onnx_export import ATTENTION_OPSET, MIN_OPSET, export_onnx
     from passforge.models.registry import ModelError
     from passforge.passes.spec import parse_pipeline
     from passforge.tools.report import render_table
@@ -193,14 +197,18 @@ def _convert(args: argparse.Namespace) -> int:
         raise ModelError(f"-o {args.out} is the input model; the input is never overwritten, choose another path")
     if args.out.is_dir():
         raise ModelError(f"-o {args.out} is a folder; name the .onnx file to write")
-    if args.opset < MIN_OPSET:
+    if args.opset is not None and args.opset < MIN_OPSET:
         raise ModelError(f"--opset {args.opset}: the QDQ forms need opset {MIN_OPSET} or newer")
+    if args.attention == "onnx" and args.opset is not None and args.opset < ATTENTION_OPSET:
+        raise ModelError(f"--attention onnx writes ONNX's Attention op: it needs --opset {ATTENTION_OPSET} or newer")
     optimized = optimize(
         args.model, pipeline=args.pipeline, calib_data=args.calib_data, on_error=args.on_error, profile=False,
         generation=False, seq_len=args.seq_len, dynamic_shapes=False if args.static else None,
     )  # fmt: skip
     print(render_table(optimized.report))
-    path = export_onnx(optimized.graph, args.out, optimized.example_inputs, opset=args.opset)
+    path = export_onnx(
+        optimized.graph, args.out, optimized.example_inputs, opset=args.opset, attention=args.attention
+    )
     print(f"wrote {path}")
     return EXIT_OK
 

@@ -60,6 +60,8 @@ def test_convert_quantizes_and_writes_onnx(tmp_path, capsys):
         (["--pipeline", "cleanup,cats", "-o", "{dir}/out.onnx"], "did you mean 'cast'?"),
         (["--pipeline", "cleanup", "-o", "{model}"], "is the input model; the input is never overwritten"),
         (["--pipeline", "cleanup", "-o", "{dir}"], "is a folder"),
+        (["--pipeline", "cleanup", "-o", "{dir}/out.onnx", "--attention", "onnx", "--opset", "21"],
+         "needs --opset 23 or newer"),
     ],
 )
 def test_convert_usage_errors_exit_2(tmp_path, capsys, args, message):
@@ -67,6 +69,16 @@ def test_convert_usage_errors_exit_2(tmp_path, capsys, args, message):
     argv = ["convert", str(model), *(a.format(dir=tmp_path, model=model) for a in args)]
     assert main(argv) == EXIT_USAGE
     assert message in capsys.readouterr().err
+
+
+def test_convert_with_the_attention_op_writes_opset_23(tmp_path):
+    """``--attention onnx`` raises the default opset to 23, where ONNX's Attention op lives (the model has no
+    attention to fuse: tests/ir/test_onnx_attention.py checks the op itself)."""
+    model, out = _mlp(tmp_path / "mlp.onnx"), tmp_path / "mlp-23.onnx"
+    assert main(["convert", str(model), "--pipeline", "cleanup", "-o", str(out), "--attention", "onnx"]) == EXIT_OK
+    assert [(o.domain, o.version) for o in onnx.load(str(out)).opset_import] == [("", 23)]
+    x = np.random.default_rng(1).standard_normal((3, 16)).astype(np.float32)
+    np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=0, atol=1e-5)
 
 
 def test_convert_unknown_op_is_a_usage_error(tmp_path, capsys):
