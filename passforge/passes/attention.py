@@ -502,11 +502,18 @@ def _untranspose_flattened(kt: fx.Node) -> fx.Node | None:
         return None
     k = flat.args[0]
     shapes = [getattr(n.meta.get("val"), "shape", None) for n in (k, flat, kt)]
-    if any(shape is None for shape in shapes) or [len(shape) for shape in shapes] != [4, 3, 4]:
+    if any(shape is None for shape in shapes) or [len(shape) for shape in shapes[1:]] != [3, 4]:
         return None
-    (b, h, t, d), (bh, t3, d3), (b2, h2, d2, t2) = shapes
+    if len(shapes[0]) == 5:  # k repeated for GQA, (B, Hkv, n, T, D), flattened in the same view
+        b, hkv, n, t, d = shapes[0]
+        h, found = hkv * n, flat  # _unrepeat reads the repetition off the flattening view
+    elif len(shapes[0]) == 4:
+        (b, h, t, d), found = shapes[0], k
+    else:
+        return None
+    (bh, t3, d3), (b2, h2, d2, t2) = shapes[1:]
     same = [(bh, b * h), (t3, t), (d3, d), (b2, b), (h2, h), (d2, d), (t2, t)]
-    return k if all(statically_known_true(x == y) for x, y in same) else None
+    return found if all(statically_known_true(x == y) for x, y in same) else None
 
 
 def _unrepeat_cast(node: fx.Node) -> tuple[fx.Node, int, str, torch.dtype | None]:
@@ -536,7 +543,10 @@ def _unrepeat(node: fx.Node) -> tuple[fx.Node, int, str]:
             base = inner.args[0].args[0]
             b, hkv, t, d = _shape(base) if len(_shape(base)) == 4 else (0, 0, 0, 0)
             n = _shape(inner)[2]
-            if _dim(inner.args[0], inner.args[0].args[1]) == 2 and _shape(node) == (b, hkv * n, t, d):
+            # (B, H, T, D), or (B·H, T, D) when the view also flattens batch and heads (kᵀ from ONNX exports)
+            if _dim(inner.args[0], inner.args[0].args[1]) == 2 and _shape(node) in (
+                (b, hkv * n, t, d), (b * hkv * n, t, d)
+            ):
                 return base, n, "gqa:expand"
     if node.target is aten.expand.default and len(_shape(node)) == 4:  # MQA: (B, 1, T, D) → (B, H, T, D)
         base = node.args[0]

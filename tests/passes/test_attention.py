@@ -48,6 +48,8 @@ class Attn(nn.Module):
         variant, scale = self.variant, 1.0 / math.sqrt(D)
         if variant == "sdpa-enable_gqa":  # SDPA's own GQA: k/v stay in their head count
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if "flat-kt-gqa" in variant:  # torch.onnx with static shapes: repeat and flatten in one view
+            kt = k[:, :, None].expand(B, HKV, H // HKV, T, D).reshape(B * H, T, D).transpose(1, 2).view(B, H, D, T)
         if "mqa" in variant:
             k, v = k[:, :1].expand(B, H, T, D), v[:, :1].expand(B, H, T, D)
         elif "repeat_interleave" in variant:
@@ -63,6 +65,8 @@ class Attn(nn.Module):
             s = (q * scale**0.5) @ (k * scale**0.5).transpose(-2, -1)
         elif "div" in variant:
             s = q @ k.transpose(2, 3) / math.sqrt(D)
+        elif "flat-kt-gqa" in variant:
+            s = q @ kt
         elif "flat-kt" in variant:  # torch.onnx's kᵀ: through a (B·H, T, D) view
             s = q @ k.reshape(B * H, T, D).transpose(1, 2).reshape(B, H, D, T)
         else:
@@ -93,6 +97,7 @@ VARIANTS = {  # variant -> tags the match must carry
     "fp32-masked_fill": {"mask→causal"},  # .float() on fp32 scores: export drops the no-op cast
     "nomask": {"explicit", "scale"},
     "flat-kt-where": {"mask:where", "mask→causal"},
+    "flat-kt-gqa-additive": {"mask:additive", "mask→causal", "gqa:expand×2"},
     "mqa-masked_fill": {"mqa:expand×4"},
     "repeat_interleave-where": {"gqa:repeat_interleave×2"},
     "sdpa-causal": {"sdpa", "gqa:expand×2"},
