@@ -322,7 +322,10 @@ def _source_for(
                 encode=tokenizer.encode if byte_level else None, decode=tokenizer.decode if byte_level else None,
             )
         return ModelSource(type(model).__name__, model, tuple(example_inputs), is_lm=False)
-    return resolve(model, seq_len=seq_len)
+    source = resolve(model, seq_len=seq_len)
+    if example_inputs is not None:  # the caller's examples win over the ones made up for a file or folder
+        source.example_inputs = tuple(example_inputs)
+    return source
 
 
 def data_tokens(

@@ -110,6 +110,12 @@ def export_onnx(
             )  # fmt: skip
     except torch_onnx.OnnxExporterError as exc:
         raise OnnxExportError(_explain_failure(gm, exc)) from exc
+    written = exported.model.opset_imports.get("")
+    if written != opset:  # torch.onnx falls back to its own opset when asked for one it cannot write
+        raise OnnxExportError(
+            f"export_onnx: asked for opset {opset}, but the exporter can only write opset {written} here; "
+            f"choose an opset between {MIN_OPSET} and {written}"
+        )
     onnx_cleanup.fold_packed_int4(exported.model)
     exported.optimize()  # onnxscript's optimizer: constant folding, CSE, value types; Q/DQ are kept
     onnx_cleanup.drop_lossless_cast_pairs(exported.model)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from passforge.tools.cli import EXIT_OK, EXIT_USAGE, main
+from passforge.tools.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
 
 onnx = pytest.importorskip("onnx", reason="convert needs onnx (pip install 'passforge[onnx]')")
 ort = pytest.importorskip("onnxruntime", reason="the output is checked in onnxruntime")
@@ -81,6 +81,13 @@ def test_convert_with_the_attention_op_writes_opset_23(tmp_path):
     np.testing.assert_allclose(_run(out, x), _run(model, x), rtol=0, atol=1e-5)
 
 
+def test_an_opset_the_exporter_cannot_write_fails_and_writes_nothing(tmp_path, capsys):
+    model, out = _mlp(tmp_path / "mlp.onnx"), tmp_path / "mlp-30.onnx"
+    assert main(["convert", str(model), "--pipeline", "cleanup", "-o", str(out), "--opset", "30"]) == EXIT_FAILURE
+    assert "asked for opset 30, but the exporter can only write opset" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_convert_unknown_op_is_a_usage_error(tmp_path, capsys):
     model = _mlp(tmp_path / "odd.onnx", op="Hardmax")
     assert main(["convert", str(model), "--pipeline", "cleanup", "-o", str(tmp_path / "out.onnx")]) == EXIT_USAGE
@@ -97,3 +104,11 @@ def test_optimize_reads_onnx(tmp_path):
     x = torch.randn(3, 16)
     expected = torch.from_numpy(_run(tmp_path / "mlp.onnx", x.numpy()))
     torch.testing.assert_close(optimized(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_takes_the_callers_example_inputs_for_a_file(tmp_path):
+    from passforge.api import optimize
+
+    x = torch.randn(7, 16)
+    optimized = optimize(_mlp(tmp_path / "mlp.onnx"), (x,), pipeline="cleanup", profile=False, generation=False)
+    assert optimized.example_inputs[0] is x
