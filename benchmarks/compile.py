@@ -22,7 +22,6 @@ Calibration-driven passes read the bundled calibration text (``calib_data``).
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import re
@@ -43,17 +42,16 @@ from quant import (
     build_rows,
     bundled_calib_path,
     compiled,
-    decode_loop,
     eager_bf16,
     eager_fp32,
     memory_bandwidth_gbs,
     module_variant,
     print_table,
+    time_rows,
 )
 
 from passforge.models.llama import PRESETS, build
 from passforge.models.registry import read_tokens
-from passforge.runtime.profile import interleaved_latency_ms
 
 W8A8 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8a8),fold-quant,lower-quant"
 STATIC = "cleanup,fuse-attention,cast(dtype=bf16),smooth-quant,quantize(scheme=w8a8-static),fold-quant,lower-quant"
@@ -118,10 +116,6 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
 
-    import quant
-
-    quant.ROWS.clear()
-    quant.ROWS.update(ROWS)  # build_rows looks rows up there
     model = build(args.model).eval()
     tokens = torch.randint(0, model.config.vocab_size, (1, args.prefill))
     labels = [label for label in ROWS if label == BASELINE or re.search(args.only, label, re.IGNORECASE)]
@@ -130,19 +124,10 @@ def main() -> None:
     read_gbs = max(gbs for name, gbs in bandwidth.items() if name != "copy")
     with tempfile.TemporaryDirectory(prefix="passforge-compile-") as workdir:
         setup = Setup(model, tokens, Path(workdir), args.threads)
-        variants, logits = build_rows(setup, labels)
-        cpu = torch.device("cpu")
-        with torch.inference_mode():
-            prefill_ms = interleaved_latency_ms(
-                [functools.partial(v.prefill, tokens) for v in variants.values()], device=cpu,
-                repeats=args.repeats, warmup=1, min_total_s=0.0,
-            )
-            decode_ms = interleaved_latency_ms(
-                [decode_loop(v.decode, v.cache, args.new_tokens) for v in variants.values()], device=cpu,
-                repeats=args.repeats, warmup=1, min_total_s=0.0,
-            )
-    tok_s = {label: args.new_tokens / ms * 1e3 for label, ms in zip(variants, decode_ms)}
-    print_table(variants, logits, dict(zip(variants, prefill_ms)), tok_s, read_gbs, args)
+        variants, logits = build_rows(setup, labels, ROWS)
+        with torch.inference_mode():  # the compiled functions were built for inference: no grad-mode recompile
+            prefill, tok_s = time_rows(variants, tokens, args.new_tokens, args.repeats)
+    print_table(variants, logits, prefill, tok_s, read_gbs, args)
     print(f"\nfastest read {read_gbs:.1f} GB/s. Load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} "
           f"after. torch {torch.__version__}.")
     for label, variant in variants.items():

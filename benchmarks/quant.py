@@ -377,15 +377,34 @@ def memory_bandwidth_gbs() -> dict[str, float]:
     return {name: moved / ms / 1e6 for (name, (_, moved)), ms in zip(kernels.items(), medians)}
 
 
-def build_rows(setup: Setup, labels: list[str]) -> tuple[dict[str, Variant], dict[str, Tensor]]:
-    """Build each row and run it once (prefill and one decode step: the warm-up, and compilation where there is
-    one); a row that fails prints one line why and is left out."""
+def time_rows(
+    variants: dict[str, Variant], tokens: Tensor, new_tokens: int, repeats: int
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Prefill ms and decode tokens/s per row, every row timed round-robin (medians of ``repeats`` rounds)."""
+    cpu = torch.device("cpu")
+    prefill_ms = interleaved_latency_ms(
+        [functools.partial(v.prefill, tokens) for v in variants.values()], device=cpu,
+        repeats=repeats, warmup=1, min_total_s=0.0,
+    )
+    decode_ms = interleaved_latency_ms(
+        [decode_loop(v.decode, v.cache, new_tokens) for v in variants.values()], device=cpu,
+        repeats=repeats, warmup=1, min_total_s=0.0,
+    )
+    tok_s = {label: new_tokens / ms * 1e3 for label, ms in zip(variants, decode_ms)}
+    return dict(zip(variants, prefill_ms)), tok_s
+
+
+def build_rows(
+    setup: Setup, labels: list[str], rows: dict[str, Callable[[Setup], Variant]] | None = None
+) -> tuple[dict[str, Variant], dict[str, Tensor]]:
+    """Build each row (of ``rows``, default this script's) and run it once (prefill and one decode step: the
+    warm-up, and compilation where there is one); a row that fails prints one line why and is left out."""
     variants: dict[str, Variant] = {}
     logits: dict[str, Tensor] = {}
     for label in labels:
         start = time.perf_counter()
         try:
-            variant = ROWS[label](setup)
+            variant = (rows or ROWS)[label](setup)
             with torch.inference_mode():
                 logits[label] = first_tensor(variant.prefill(setup.tokens)).float()
                 decode_loop(variant.decode, variant.cache, 1)()
@@ -426,17 +445,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="passforge-quant-") as workdir:
         setup = Setup(model, tokens, Path(workdir), args.threads)
         variants, logits = build_rows(setup, labels)
-        cpu = torch.device("cpu")
-        prefill_ms = interleaved_latency_ms(
-            [functools.partial(v.prefill, tokens) for v in variants.values()], device=cpu,
-            repeats=args.repeats, warmup=1, min_total_s=0.0,
-        )
-        decode_ms = interleaved_latency_ms(
-            [decode_loop(v.decode, v.cache, args.new_tokens) for v in variants.values()], device=cpu,
-            repeats=args.repeats, warmup=1, min_total_s=0.0,
-        )
-    tok_s = {label: args.new_tokens / ms * 1e3 for label, ms in zip(variants, decode_ms)}
-    prefill = dict(zip(variants, prefill_ms))
+        prefill, tok_s = time_rows(variants, tokens, args.new_tokens, args.repeats)
     print_table(variants, logits, prefill, tok_s, read_gbs, args)
     figures = ", ".join(f"{name} {gbs:.1f}" for name, gbs in bandwidth.items())
     print(f"\nmemory bandwidth GB/s ({BANDWIDTH_MIB} MiB fp32, {args.threads} threads): {figures}; the bound uses "

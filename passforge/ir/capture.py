@@ -156,6 +156,17 @@ def explain_export_failure(label: str, exc: BaseException, *, dynamic: bool = Fa
     return "\n".join(lines)
 
 
+def exception_chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from (or during), outermost first: exporters wrap the error
+    that says what went wrong in a few layers of their own."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
 def _user_frame(exc: BaseException) -> str | None:
     """``file:line: source`` of the deepest traceback frame outside torch, if any."""
     found: str | None = None

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 from torch import fx
 
+from passforge.ir.capture import exception_chain
 from passforge.ir.graph import dynamic_shapes_of, example_inputs_of, op_name
 from passforge.ir.serialize import atomic_path
 
@@ -211,7 +212,7 @@ _NO_TRANSLATION = re.compile(r"No ONNX function found for <OpOverload\(op='([^']
 
 def _explain_failure(gm: fx.GraphModule, exc: BaseException) -> str:
     """What torch.onnx could not do, named by *our* graph's nodes, and what to try."""
-    text = "\n".join(str(e) for e in _exception_chain(exc))
+    text = "\n".join(str(e) for e in exception_chain(exc))
     missing = _NO_TRANSLATION.search(text)
     if missing:
         op = f"{missing.group(1)}.{missing.group(2)}"
@@ -227,21 +228,13 @@ def _explain_failure(gm: fx.GraphModule, exc: BaseException) -> str:
             f"(torch.onnx covers ATen ops; passforge adds its quantization ops).\n  try: {hint}."
         )
     first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    cause = _exception_chain(exc)[-1]
+    cause = exception_chain(exc)[-1]
     return (
         f"export_onnx: torch.onnx could not translate the graph: {first[:300]}\n"
         f"  cause: {type(cause).__name__}: {str(cause)[:300]}\n"
         "  try: export the captured graph to see whether a pass introduced the problem."
     )
 
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
 
 
 def _initializer_bytes(model: ir.Model) -> int:

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import fx
 
-from passforge.ir.capture import CaptureError, capture
+from passforge.ir.capture import CaptureError, capture, exception_chain
 from passforge.models.registry import ModelError
 
 if TYPE_CHECKING:
@@ -488,7 +488,7 @@ def _capture(
         try:
             return capture(module, inputs, dynamic_shapes=dynamic_shapes, name=label)
         except CaptureError as exc:
-            chain = _exception_chain(exc)
+            chain = exception_chain(exc)
             own = next((e for e in chain if isinstance(e, OnnxImportError)), None)
             if own is not None:
                 raise own from None
@@ -511,11 +511,3 @@ def _all_auto(dynamic_shapes: tuple[dict[int, object] | None, ...]) -> tuple[dic
     auto = torch.export.Dim.AUTO
     return tuple(None if spec is None else dict.fromkeys(spec, auto) for spec in dynamic_shapes)
 
-
-def _exception_chain(exc: BaseException) -> list[BaseException]:
-    chain: list[BaseException] = []
-    current: BaseException | None = exc
-    while current is not None and current not in chain:
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    return chain
