@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import passforge
+from passforge.models.llama import Llama, LlamaConfig
 from passforge.models.registry import ModelError
 from passforge.runtime.executor import InputError
 
@@ -67,6 +68,18 @@ def test_lossless_pipeline_generates_the_eager_greedy_tokens(small_llama, tokens
     generated, stats = opt.generate(prompt, 12)
     torch.testing.assert_close(generated, _greedy_eager(small_llama, prompt, 12), rtol=0, atol=0)
     assert stats.new_tokens == 12 and stats.decode_tokens_per_s > 0
+
+
+def test_a_prompt_longer_than_the_prefill_graph_goes_through_decode_steps():
+    """The prefill graph takes 64 tokens (PREFILL_LEN); a 70-token prompt within a 96-token context fills the
+    rest of the cache one decode step per token and continues as eager greedy decoding does."""
+    model = Llama(LlamaConfig(vocab_size=256, dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64,
+                              max_seq_len=96)).eval()  # fmt: skip
+    opt = passforge.optimize(model, (torch.zeros(1, 8, dtype=torch.long),), pipeline="cleanup", profile=False)
+    long_prompt = torch.randint(0, 256, (1, 70), generator=torch.Generator().manual_seed(6))
+    generated, stats = opt.generate(long_prompt, 4)
+    torch.testing.assert_close(generated, _greedy_eager(model, long_prompt, 4), rtol=0, atol=0)
+    assert stats.prompt_tokens == 70 and stats.new_tokens == 4
 
 
 def test_calibrated_pipeline_gives_prefill_the_forward_graphs_calibration(small_llama, tokens, tmp_path):

@@ -81,7 +81,9 @@ class KVGenerator:
     ``prefill(tokens (1, T)) -> (logits, k_cache, v_cache)`` with caches ``(L, B, nkv, S, hs)``;
     ``decode(token (1, 1), pos (1,), k_cache, v_cache) -> (logits, k_cache, v_cache)``.
     The prefill graph is captured for one prompt length; shorter prompts are left-aligned and the decode
-    graph's position input makes the cache positions after the prompt irrelevant.
+    graph's position input makes the cache positions after the prompt irrelevant; a longer prompt is
+    prefilled up to that length and the rest fed through decode steps, one token each (slower per token, and
+    the same cache as a longer prefill would write).
     """
 
     def __init__(
@@ -100,21 +102,26 @@ class KVGenerator:
         if prompt.dim() != 2 or prompt.shape[0] != 1:
             raise InputError(f"prompt must be int64 (1, T), got {describe_val(prompt)}")
         n_prompt = prompt.shape[1]
-        if not 1 <= n_prompt <= self.prefill_len:
-            raise InputError(f"prompt has {n_prompt} tokens; this prefill graph takes 1..{self.prefill_len}")
+        if n_prompt < 1:
+            raise InputError("the prompt is empty; give at least one token")
         if max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         max_new_tokens = min(max_new_tokens, self.max_seq_len - n_prompt)
         if max_new_tokens < 1:
             raise InputError(f"the prompt fills the model's context ({self.max_seq_len} tokens); shorten it")
         generator = torch.Generator().manual_seed(seed)
+        prefilled = min(n_prompt, self.prefill_len)
         padded = torch.zeros(1, self.prefill_len, dtype=torch.long)
-        padded[:, :n_prompt] = prompt
+        padded[:, :prefilled] = prompt[:, :prefilled]
         start = time.perf_counter()
         logits, k_cache, v_cache = self.prefill(padded)
         if self.ring is not None:
-            k_cache, v_cache = self.ring.from_full(k_cache, n_prompt), self.ring.from_full(v_cache, n_prompt)
-        next_token = _pick(logits[:, n_prompt - 1], temperature, generator)
+            k_cache, v_cache = self.ring.from_full(k_cache, prefilled), self.ring.from_full(v_cache, prefilled)
+        last = logits[:, prefilled - 1]
+        for pos in range(prefilled, n_prompt):  # the rest of a long prompt, one decode step per token
+            logits, k_cache, v_cache = self.decode(prompt[:, pos:pos + 1], torch.tensor([pos]), k_cache, v_cache)
+            last = logits[:, -1]
+        next_token = _pick(last, temperature, generator)
         prefill_s = time.perf_counter() - start
         out = [prompt[0].tolist(), [int(next_token)]]
         start = time.perf_counter()
