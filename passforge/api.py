@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from passforge.ir.capture import capture
+from passforge.ir.capture import CaptureError, capture
 from passforge.ir.graph import dynamic_shapes_of, example_inputs_of
 from passforge.ir.serialize import load_graph, save_graph, write_text_atomic
 from passforge.models.registry import ModelError, ModelSource, read_tokens, resolve
@@ -301,7 +302,11 @@ def optimize(
     optimized = Optimized(result.graph, report, example, device=dev, source=source)
     if generation and source.kv_model is not None:
         on_stage("capturing and optimizing the prefill and decode graphs")
-        report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error)
+        try:
+            report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error)
+        except CaptureError as exc:  # the forward graph is done: keep it, without generate()
+            warnings.warn(f"no generation graphs for {source.name}: {exc}", stacklevel=2)
+            report["generation"] = {"error": str(exc)}
     return optimized
 
 

@@ -179,3 +179,20 @@ def test_generate_rejects_impossible_requests(small_llama, tokens):
     opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False)
     with pytest.raises(InputError, match="at least 1"):
         opt.generate(tokens[:, :4], 0)
+
+
+def test_generation_graphs_that_cannot_be_captured_leave_the_forward_graph(small_llama, tokens, monkeypatch):
+    from passforge import api
+    from passforge.ir.capture import CaptureError
+
+    def refuse(*args: object, **kwargs: object) -> object:
+        raise CaptureError("capture of prefill failed: forward() writes into rotary_emb.inv_freq in place")
+
+    monkeypatch.setattr(api, "_add_generation_graphs", refuse)
+    with pytest.warns(UserWarning, match="no generation graphs"):
+        opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False)
+    assert opt.report["generation"] == {"error": "capture of prefill failed: forward() writes into "
+                                        "rotary_emb.inv_freq in place"}  # fmt: skip
+    assert opt.prefill is None
+    with pytest.raises(RuntimeError, match="no prefill/decode graphs"):
+        opt.generate(tokens[:, :4], 2)
