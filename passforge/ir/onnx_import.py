@@ -92,6 +92,8 @@ def import_onnx(
             )
     else:
         proto, label = load_model(model), Path(model).name
+    if proto.functions:  # model-local functions (a copy: the caller's proto is not changed): check their bodies
+        proto = onnx.inliner.inline_local_functions(proto)
     check_model(proto, label)
     specs = input_specs(proto)
     inputs = tuple(example_inputs) if example_inputs is not None else example_inputs_for(proto)
@@ -106,6 +108,7 @@ def import_onnx(
 def _onnx() -> ModuleType:
     try:
         import onnx
+        import onnx.inliner  # a submodule `import onnx` does not load
         import onnx_graphsurgeon  # noqa: F401 - cleans the graph
         import onnxruntime  # noqa: F401 - onnx-graphsurgeon folds constants with it
     except ImportError as exc:
@@ -332,6 +335,11 @@ def input_specs(proto: onnx.ModelProto) -> list[InputSpec]:
         tensor_type = value.type.tensor_type
         if not value.type.HasField("tensor_type"):
             raise OnnxImportError(f"input '{value.name}' is not a tensor (sequences and maps are not supported)")
+        if not tensor_type.HasField("shape"):
+            raise OnnxImportError(
+                f"input '{value.name}' has no shape (not even a rank); re-export the model with input shapes, or "
+                "set them with onnx.tools.update_model_dims.update_inputs_outputs_dims"
+            )
         dims: list[int | str] = []
         for axis, dim in enumerate(tensor_type.shape.dim):
             if dim.HasField("dim_value"):

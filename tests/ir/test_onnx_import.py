@@ -537,3 +537,18 @@ def test_fuse_attention_matches_imported_llama(llama_static):
     # reads that spelling as transpose(k, -2, -1), and the static causal mask becomes the causal flag
     report = FuseAttention.explain(llama_static)
     assert report[0] == "fuse-attention: 4 match(es)", "\n".join(report)
+
+
+def test_local_functions_are_checked_inlined_and_inputs_without_a_rank_refused():
+    body = [_node("Add", ["a", "b"], "s"), _node("Mul", ["s", "a"], "out")]
+    function = helper.make_function("local", "AddMul", ["a", "b"], ["out"], body, [helper.make_opsetid("", 21)])
+    call = helper.make_node("AddMul", ["x", "y"], ["Y"], domain="local")
+    model = _model([call], {"x": (FLOAT, [2, 3]), "y": (FLOAT, [2, 3])}, ["Y"])
+    model.functions.append(function)
+    model.opset_import.append(helper.make_opsetid("local", 1))
+    x, y = _randn(2, 3), _randn(2, 3, seed=1)
+    _assert_matches_ort(model, import_onnx(model, (x, y)), x, y)
+    assert len(model.functions) == 1  # the caller's model is untouched
+    rankless = _model([_node("Relu", ["x"], "Y")], {"x": (FLOAT, None)}, ["Y"])
+    with pytest.raises(OnnxImportError, match="has no shape"):
+        import_onnx(rankless)
