@@ -27,6 +27,7 @@ suggests the bound and the capture is retried with it. A dim whose example size 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import re
 from collections import Counter
@@ -168,7 +169,10 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = True) -> on
         check_external_data(proto, path.parent)
         from onnx.external_data_helper import load_external_data_for_model
 
-        load_external_data_for_model(proto, str(path.parent))
+        try:
+            load_external_data_for_model(proto, str(path.parent))
+        except (ValueError, OSError) as exc:  # e.g. a length that does not fit the tensor's dims
+            raise OnnxImportError(f"{path}: external data does not match its tensors ({exc})") from exc
     return proto
 
 
@@ -208,6 +212,8 @@ def check_external_data(proto: onnx.ModelProto, folder: str | os.PathLike[str]) 
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         where = f"tensor '{tensor.name}': external data location {location!r}"
+        if "\0" in location:
+            raise OnnxImportError(f"{where} holds a NUL byte; not a file name")
         if not location or PurePosixPath(location).is_absolute() or PureWindowsPath(location).is_absolute():
             raise OnnxImportError(f"{where} is not a relative path; external data must lie in the model's folder")
         target = (root / location).resolve()
@@ -215,10 +221,29 @@ def check_external_data(proto: onnx.ModelProto, folder: str | os.PathLike[str]) 
             raise OnnxImportError(f"{where} leads outside the model's folder {root}; refusing to read it")
         if not target.is_file():
             raise OnnxImportError(f"{where}: no such file in {root}")
-        offset, length = int(info.get("offset", 0)), info.get("length")
-        end = offset + int(length) if length is not None else offset
-        if offset < 0 or end > target.stat().st_size:
-            raise OnnxImportError(f"{where}: bytes {offset}..{end} lie past the end of the file")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info["length"]) if "length" in info else None
+        except ValueError:
+            raise OnnxImportError(f"{where}: offset/length are not integers ({info})") from None
+        end = offset + length if length is not None else offset
+        if offset < 0 or (length is not None and length < 0) or end > target.stat().st_size:
+            raise OnnxImportError(f"{where}: bytes {offset}..{end} are not inside the file")
+        expected = _stored_bytes(tensor)
+        if length is not None and expected is not None and length != expected:
+            raise OnnxImportError(f"{where}: length {length} does not match its tensors' {expected} bytes")
+
+
+def _stored_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes a tensor's data takes, or None for the packed 4-bit types (two values per byte)."""
+    onnx = _onnx()
+    packed = {getattr(onnx.TensorProto, name, -1) for name in ("INT4", "UINT4", "FLOAT4E2M1")}
+    if tensor.data_type in packed:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    return itemsize * math.prod(tensor.dims)
 
 
 # ---------------------------------------------------------------------------------------------------------

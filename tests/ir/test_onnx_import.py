@@ -405,7 +405,7 @@ def _external_model(folder: Path, location: str) -> Path:
 @pytest.mark.parametrize(
     ("location", "message"),
     [("../secret.bin", "leads outside the model's folder"), ("/etc/hostname", "is not a relative path"),
-     ("sub/../../secret.bin", "leads outside"), ("missing.bin", "no such file")],
+     ("sub/../../secret.bin", "leads outside"), ("missing.bin", "no such file"), ("weights.bin\0x", "NUL byte")],
 )  # fmt: skip
 def test_external_data_outside_the_folder_is_refused(tmp_path, location, message):
     folder = tmp_path / "model"
@@ -416,6 +416,21 @@ def test_external_data_outside_the_folder_is_refused(tmp_path, location, message
     with pytest.raises(OnnxImportError, match=message):
         import_onnx(path)
     assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "message"),
+    [("x", "48", "not integers"), ("0", "-4", "not inside the file"), ("0", "4000", "not inside the file"),
+     ("0", "8", "does not match its tensors' 48 bytes")],
+)  # fmt: skip
+def test_bad_external_data_metadata_is_an_import_error(tmp_path, offset, length, message):
+    path = _external_model(tmp_path, "weights.bin")
+    model = onnx.load(str(path), load_external_data=False)
+    entries = model.graph.initializer[0].external_data
+    entries[1].value, entries[2].value = offset, length
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(OnnxImportError, match=message):
+        import_onnx(path)
 
 
 def test_external_data_inside_the_folder_loads(tmp_path):
