@@ -444,7 +444,12 @@ class CompiledGraph:
         self.key = cache_key(self.captured, self.passes, _settings(opts)) if opts.cache_dir else None
         self.cached = Path(opts.cache_dir) / f"{self.key}.pt2" if opts.cache_dir else None
         self.cache_hit = False
-        needs_data = any(p.needs_calibration for p in self.passes) and opts.calib_data is None
+        # calib_data is token windows: a graph without a (batch, seq) int64 input (one after a graph break)
+        # calibrates on its own first calls instead
+        self.token_windows = opts.calib_data is not None and any(
+            getattr(v, "dtype", None) == torch.long and v.dim() == 2 for v in self.binding.user_args(example_inputs)
+        )
+        needs_data = any(p.needs_calibration for p in self.passes) and not self.token_windows
         self.calibrating = needs_data and not (self.cached is not None and self.cached.is_file())
         self.recorded: list[tuple[torch.Tensor, ...]] = []
         self.result: PipelineResult | None = None
@@ -507,7 +512,7 @@ class CompiledGraph:
 
     def _optimize(self, example: tuple[torch.Tensor, ...]) -> fx.GraphModule:
         ctx = Context(example_inputs=example, device=example[0].device if example else torch.device("cpu"))
-        if self.opts.calib_data is not None:
+        if self.token_windows:
             ctx.calib_tokens = _tokens(self.opts.calib_data)
         elif self.recorded:
             ctx.calib_inputs = list(self.recorded)

@@ -355,3 +355,31 @@ def test_a_tensor_as_calibration_data_is_refused_with_what_to_pass() -> None:
         passforge_backend(gm, [torch.randn(1, 2)], options={"calib_data": torch.arange(8)})
     with pytest.raises(BackendError, match="True or False"):
         passforge_backend(gm, [torch.randn(1, 2)], options={"inductor": "no"})
+
+
+class BrokenLM(nn.Module):
+    """Token ids → embedding → (graph break) → linear: the second graph takes no token ids."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(64, 16), nn.Linear(16, 64)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        torch._dynamo.graph_break()
+        return self.head(x)
+
+
+def test_after_a_graph_break_a_graph_without_tokens_calibrates_on_its_calls() -> None:
+    model = BrokenLM().eval()
+    spec = "quantize(scheme=w8a8-static,skip='')"
+    compiled, before = _compile(model, pipeline=spec, calib_data=list(range(64)) * 2, calibration_calls=2)
+    with torch.no_grad():
+        for _ in range(3):
+            ids = _ids()
+            assert float((compiled(ids) - model(ids)).abs().max() / model(ids).abs().max()) < 0.1
+    graphs = _new(before)
+    assert len(graphs) == 2 and all(g.result is not None for g in graphs)
+    assert all(r.status == "ok" for g in graphs for r in g.result.records)
+    notes = [" ".join(r.notes) for g in graphs for r in g.result.records]
+    assert any("over 2 calibration windows" in n for n in notes), notes  # the head's graph: its 2 calls
