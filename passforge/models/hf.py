@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import types
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -146,7 +147,37 @@ def load_causal_lm(
     import transformers
 
     folder = _checked_folder(path)
-    return conv1d_as_linear(_from_pretrained(transformers.AutoModelForCausalLM, folder, dtype, attn_implementation))
+    model = _from_pretrained(transformers.AutoModelForCausalLM, folder, dtype, attn_implementation)
+    return static_rope(conv1d_as_linear(model))
+
+
+def static_rope(model: torch.nn.Module) -> torch.nn.Module:
+    """Rotary embeddings whose frequencies change with the sequence length (``longrope``: Phi-3/3.5/4 128k;
+    ``dynamic`` NTK) swap their ``inv_freq`` buffer inside forward, which torch.export refuses (a buffer written
+    in place; data-dependent for ``dynamic``). Below ``original_max_position_embeddings`` both use the original
+    frequencies, so those are fixed here and the switch bypassed, and ``passforge_max_positions`` caps the
+    positions passforge's graphs and cache use at that length: exact for every position they can see."""
+    for module in model.modules():
+        rope_type = getattr(module, "rope_type", None)
+        if not isinstance(rope_type, str) or not ("longrope" in rope_type or "dynamic" in rope_type):
+            continue
+        forward = getattr(type(module).forward, "__wrapped__", None)
+        original = getattr(module, "original_inv_freq", None)
+        limit = _original_max_positions(model.config)
+        if forward is None or original is None or limit is None:
+            continue
+        module.register_buffer("inv_freq", original.clone(), persistent=False)
+        module.forward = types.MethodType(forward, module)
+        model.passforge_max_positions = limit
+    return model
+
+
+def _original_max_positions(config: object) -> int | None:
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    value = rope.get("original_max_position_embeddings") if isinstance(rope, dict) else None
+    value = value or getattr(config, "original_max_position_embeddings", None)
+    value = value or getattr(config, "max_position_embeddings", None)  # dynamic NTK's default original length
+    return int(value) if value else None
 
 
 def load_encoder(
@@ -213,6 +244,7 @@ def kv_model(hf_model: torch.nn.Module) -> torch.nn.Module | None:
         return None
 
     max_positions = int(getattr(hf_model.config, "max_position_embeddings", MAX_CACHE_LEN) or MAX_CACHE_LEN)
+    max_positions = min(max_positions, getattr(hf_model, "passforge_max_positions", max_positions))
     return HFKVModel(hf_model, min(max_positions, MAX_CACHE_LEN)).eval()
 
 
@@ -234,4 +266,5 @@ def example_ids(hf_model: torch.nn.Module, seq_len: int, batch: int = 1) -> tupl
     """Seeded example ``input_ids`` of ``seq_len`` tokens, cut to what the model's position embeddings cover."""
     config = hf_model.config
     seq_len = min(seq_len, int(getattr(config, "max_position_embeddings", seq_len) or seq_len))
+    seq_len = min(seq_len, getattr(hf_model, "passforge_max_positions", seq_len))
     return example_tokens(int(getattr(config, "vocab_size", 256)), seq_len, batch)

@@ -231,3 +231,33 @@ def test_folders_naming_their_own_code_are_refused(tmp_path):
     (tokenizer / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.T", None]}}))
     with pytest.raises(CaptureError, match="custom code"):
         hf.load_tokenizer(tokenizer)
+
+
+@pytest.mark.parametrize("rope", ["longrope", "dynamic"])
+def test_length_dependent_rope_is_fixed_below_its_original_length(tmp_path, rope):
+    """Phi-3 128k's ``longrope`` and Llama's NTK ``dynamic`` rope swap their frequencies inside forward; below
+    the original training length (32 here) they are the original ones, which passforge fixes, capping its
+    graphs and cache there: logits and greedy tokens equal HF's."""
+    transformers = pytest.importorskip("transformers")
+    sizes = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                 num_key_value_heads=2, pad_token_id=0, eos_token_id=None, bos_token_id=None)  # fmt: skip
+    if rope == "longrope":
+        scaling = {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}
+        config = transformers.Phi3Config(**sizes, max_position_embeddings=128, original_max_position_embeddings=32,
+                                         rope_scaling=scaling)  # fmt: skip
+        model_class = transformers.Phi3ForCausalLM
+    else:
+        config = transformers.LlamaConfig(**sizes, max_position_embeddings=32,
+                                          rope_scaling={"rope_type": "dynamic", "factor": 2.0})  # fmt: skip
+        model_class = transformers.LlamaForCausalLM
+    torch.manual_seed(0)
+    model = model_class(config).eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    opt = passforge.optimize(tmp_path, pipeline="cleanup", profile=False, seq_len=16)
+    assert opt.max_seq_len == 32
+    ids = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        torch.testing.assert_close(opt(ids), model(ids).logits, rtol=1e-5, atol=1e-5)
+        want = model.generate(ids[:, :6], max_new_tokens=8, do_sample=False)
+    got, _ = opt.generate(ids[:, :6], 8)
+    assert torch.equal(got, want)
