@@ -99,9 +99,9 @@ def import_onnx(
     specs = input_specs(proto)
     inputs = tuple(example_inputs) if example_inputs is not None else example_inputs_for(proto)
     _check_inputs(specs, inputs, label)
-    from passforge.ir.onnx_interpret import OnnxModule
+    from passforge.ir.onnx_interpret import OnnxModule, module_scopes
 
-    module = OnnxModule(clean(proto))
+    module = OnnxModule(clean(proto), module_scopes(proto))
     dynamic_shapes = _dynamic_shapes(specs, inputs) if dynamic else None
     return _capture(module, inputs, dynamic_shapes, label)
 

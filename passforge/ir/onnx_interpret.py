@@ -27,16 +27,19 @@ importing a model.
 
 from __future__ import annotations
 
+import ast
+import contextlib
 import inspect
 import itertools
 import keyword
 import math
 import operator
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import torch
 import torch.nn.functional as F
@@ -1014,13 +1017,31 @@ then fails on re-export ("Initializer 'val_N' is already registered"); imported 
 (torch.onnx's own folded weights) are stored as ``onnx_val_N``."""
 
 
+def module_scopes(proto: onnx.ModelProto) -> dict[str, str]:
+    """``{node name: module path}`` from the ``pkg.torch.onnx.name_scopes`` torch.onnx writes on each node
+    (``['', 'lm_head', 'linear_28']`` → ``lm_head``): a linear's folded weight is then stored as
+    ``lm_head.weight`` instead of the exporter's temporary ``val_632``, so name selections such as
+    ``quantize(skip=lm_head*)`` work on imported graphs as on captured ones. Other exporters: empty."""
+    scopes: dict[str, str] = {}
+    for node in proto.graph.node:
+        for entry in node.metadata_props:
+            if entry.key != "pkg.torch.onnx.name_scopes":
+                continue
+            with contextlib.suppress(ValueError, SyntaxError):
+                path = ast.literal_eval(entry.value)
+                if isinstance(path, list) and len(path) >= 2 and isinstance(path[-2], str) and path[-2]:
+                    scopes[node.name] = path[-2]
+    return scopes
+
+
 class OnnxModule(nn.Module):
     """An ONNX graph as an ``nn.Module``: constants registered as parameters/buffers, ``forward`` interprets
     the nodes (see the module docstring). Built from a cleaned, topologically sorted onnx-graphsurgeon graph
     whose ops are all in :data:`OPS` (``onnx_import`` checks that first)."""
 
-    def __init__(self, graph: gs.Graph) -> None:
+    def __init__(self, graph: gs.Graph, scopes: Mapping[str, str] | None = None) -> None:
         super().__init__()
+        self._scopes = dict(scopes or {})  # node name → the exporting module's path (see module_scopes)
         self._input_names = [t.name for t in graph.inputs]
         self._output_names = [t.name for t in graph.outputs]
         self.forward = _named_forward(self, self._input_names)
@@ -1104,10 +1125,13 @@ class OnnxModule(nn.Module):
                     skipped.add(id(add))
         if transpose is not None:
             plan[:] = [n for n in plan if n.outputs != (b.name,)]
+        stored_name = source.name
+        if EXPORTER_TEMPORARY.fullmatch(stored_name) and node.name in self._scopes:
+            stored_name = f"{self._scopes[node.name]}.weight"  # lm_head.weight, not the exporter's val_632
         if stored_out_in:
-            weight_key = self._add_tensor(source.name, weight)
+            weight_key = self._add_tensor(source.name, weight, name=stored_name)
         else:
-            weight_key = self._add_tensor(f"{source.name}::T", weight.t().contiguous(), name=source.name)
+            weight_key = self._add_tensor(f"{source.name}::T", weight.t().contiguous(), name=stored_name)
         bias_key = ""
         if bias is not None:
             flat = to_torch(bias.values)

@@ -476,6 +476,8 @@ def test_llama_export_imports_with_a_dynamic_sequence(llama_onnx):
     assert isinstance(tokens_val.shape[1], torch.SymInt)
     assert [n.name for n in gm.graph.nodes if n.op == "placeholder"] == ["tokens"]
     assert count_calls(gm, aten.linear.default) == 4 * 7 + 1  # q k v o gate up down per layer, lm_head
+    weights = {n.args[1].target for n in gm.graph.nodes if n.target is aten.linear.default}
+    assert {"lm_head.weight", "layers.0.attention.q_proj.weight"} <= weights  # from torch.onnx's name scopes
     assert count_calls(gm, aten.embedding.default) == 1
     for length in (7, 23):
         tokens = torch.randint(0, 256, (1, length), generator=torch.Generator().manual_seed(length))
