@@ -21,36 +21,26 @@ Calibration-driven passes read the bundled calibration text (``calib_data``).
 
 from __future__ import annotations
 
-import argparse
-import logging
-import os
-import re
 import sys
-import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quant
 from quant import (
     BASELINE,
     BF16_NOTE,
     Setup,
     Variant,
-    build_rows,
     bundled_calib_path,
     compiled,
     eager_bf16,
     eager_fp32,
-    memory_bandwidth_gbs,
     module_variant,
-    print_table,
-    time_rows,
 )
 
-from passforge.models.llama import PRESETS, build
 from passforge.models.registry import read_tokens
 
 W8A8 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8a8),fold-quant,lower-quant"
@@ -103,36 +93,7 @@ ROWS: dict[str, Callable[[Setup], Variant]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="llama-100m", choices=[p for p in PRESETS if p != "llama-7b"])
-    parser.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill latency")
-    parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per decode run")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (medians over them)")
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads")
-    parser.add_argument("--only", default="", help="regex on row labels; eager fp32 (the baseline) always runs")
-    args = parser.parse_args()
-    warnings.simplefilter("ignore")
-    logging.disable(logging.WARNING)
-    torch.manual_seed(0)
-    torch.set_num_threads(args.threads)
-
-    model = build(args.model).eval()
-    tokens = torch.randint(0, model.config.vocab_size, (1, args.prefill))
-    labels = [label for label in ROWS if label == BASELINE or re.search(args.only, label, re.IGNORECASE)]
-    load_before = os.getloadavg()[0]
-    bandwidth = memory_bandwidth_gbs()
-    read_gbs = max(gbs for name, gbs in bandwidth.items() if name != "copy")
-    with tempfile.TemporaryDirectory(prefix="passforge-compile-") as workdir:
-        setup = Setup(model, tokens, Path(workdir), args.threads)
-        variants, logits = build_rows(setup, labels, ROWS)
-        with torch.inference_mode():  # the compiled functions were built for inference: no grad-mode recompile
-            prefill, tok_s = time_rows(variants, tokens, args.new_tokens, args.repeats)
-    print_table(variants, logits, prefill, tok_s, read_gbs, args)
-    print(f"\nfastest read {read_gbs:.1f} GB/s. Load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} "
-          f"after. torch {torch.__version__}.")
-    for label, variant in variants.items():
-        for note in variant.notes:
-            print(f"- {label}: {note}")
+    quant.main(ROWS, __doc__)  # the same table, measurement and options as benchmarks/quant.py
 
 
 if __name__ == "__main__":

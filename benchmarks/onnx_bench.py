@@ -38,8 +38,8 @@ import functools
 import logging
 import os
 import re
+import sys
 import tempfile
-import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -49,6 +49,9 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, fx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quant import build_each
 
 from passforge.ir.capture import capture
 from passforge.ir.onnx_export import AttentionForm, export_onnx
@@ -228,24 +231,8 @@ ROWS: dict[str, Callable[[Setup], Row]] = {
 
 
 def build_rows(setup: Setup, labels: list[str]) -> tuple[dict[str, Row], dict[str, Tensor]]:
-    """Build each row and run its prefill once (the warm-up; the logits for the error); a row that fails prints
-    one line why and is left out."""
-    rows: dict[str, Row] = {}
-    logits: dict[str, Tensor] = {}
-    for label in labels:
-        start = time.perf_counter()
-        try:
-            row = ROWS[label](setup)
-            with torch.inference_mode():
-                logits[label] = row.prefill(setup.tokens).float()
-        except Exception as exc:  # noqa: BLE001 - one row failing in any way must not stop the others
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            print(f"skipped {label}: {type(exc).__name__}: {message[:300]}", flush=True)
-            continue
-        row.prep_s = time.perf_counter() - start
-        rows[label] = row
-        print(f"built {label} in {row.prep_s:.1f} s", flush=True)
-    return rows, logits
+    """Build each row and run its prefill once (the warm-up; the logits for the error)."""
+    return build_each(labels, lambda label: ROWS[label](setup), lambda row: row.prefill(setup.tokens))
 
 
 def main() -> None:

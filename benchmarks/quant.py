@@ -41,6 +41,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, fx
@@ -82,6 +83,7 @@ PIPELINES = {
         "smooth-quant,quantize(scheme=w8a8-static,decode_scheme=w4),fold-quant,lower-quant",
 }
 BASELINE = "eager fp32"
+R = TypeVar("R")  # a benchmark's row type (it has a prep_s)
 BANDWIDTH_MIB = 256  # well above the last-level cache (32 MiB here), so the copy/sum stream from DRAM
 GATHERS = (torch.ops.aten.embedding.default, torch.ops.aten.index.Tensor)  # ops that read one row of a table
 
@@ -394,32 +396,46 @@ def time_rows(
     return dict(zip(variants, prefill_ms)), tok_s
 
 
-def build_rows(
-    setup: Setup, labels: list[str], rows: dict[str, Callable[[Setup], Variant]] | None = None
-) -> tuple[dict[str, Variant], dict[str, Tensor]]:
-    """Build each row (of ``rows``, default this script's) and run it once (prefill and one decode step: the
-    warm-up, and compilation where there is one); a row that fails prints one line why and is left out."""
-    variants: dict[str, Variant] = {}
+def build_each(
+    labels: list[str], build: Callable[[str], R], warm_up: Callable[[R], Tensor]
+) -> tuple[dict[str, R], dict[str, Tensor]]:
+    """``build(label)`` for each label, then ``warm_up(row)`` once (compilation where there is one; it returns
+    the row's logits, for the error column); the time both took is the row's ``prep_s``. A row that fails
+    prints one line why and is left out: one peer failing must not stop the others."""
+    built: dict[str, R] = {}
     logits: dict[str, Tensor] = {}
     for label in labels:
         start = time.perf_counter()
         try:
-            variant = (rows or ROWS)[label](setup)
+            row = build(label)
             with torch.inference_mode():
-                logits[label] = first_tensor(variant.prefill(setup.tokens)).float()
-                decode_loop(variant.decode, variant.cache, 1)()
+                logits[label] = warm_up(row).float()
         except Exception as exc:  # noqa: BLE001 - one peer failing in any way must not stop the others
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             print(f"skipped {label}: {type(exc).__name__}: {message[:300]}", flush=True)
             continue
-        variant.prep_s = time.perf_counter() - start
-        variants[label] = variant
-        print(f"built {label} in {variant.prep_s:.1f} s", flush=True)
-    return variants, logits
+        row.prep_s = time.perf_counter() - start
+        built[label] = row
+        print(f"built {label} in {row.prep_s:.1f} s", flush=True)
+    return built, logits
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_rows(
+    setup: Setup, labels: list[str], rows: dict[str, Callable[[Setup], Variant]]
+) -> tuple[dict[str, Variant], dict[str, Tensor]]:
+    """Each row of ``rows`` built and run once: its prefill and one decode step."""
+
+    def warm_up(variant: Variant) -> Tensor:
+        decode_loop(variant.decode, variant.cache, 1)()
+        return first_tensor(variant.prefill(setup.tokens))
+
+    return build_each(labels, lambda label: rows[label](setup), warm_up)
+
+
+def main(rows: dict[str, Callable[[Setup], Variant]] | None = None, description: str | None = None) -> None:
+    """Build, time and print ``rows`` (default: this script's); ``benchmarks/compile.py`` runs its own rows here."""
+    rows = ROWS if rows is None else rows
+    parser = argparse.ArgumentParser(description=(description or __doc__).splitlines()[0])
     parser.add_argument("--model", default="llama-100m", choices=[p for p in PRESETS if p != "llama-7b"])
     parser.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill latency")
     parser.add_argument("--new-tokens", type=int, default=32, help="greedy tokens per decode run")
@@ -435,16 +451,16 @@ def main() -> None:
 
     model = build(args.model).eval()
     tokens = torch.randint(0, model.config.vocab_size, (1, args.prefill))
-    labels = [label for label in ROWS if label == BASELINE or re.search(args.only, label, re.IGNORECASE)]
+    labels = [label for label in rows if label == BASELINE or re.search(args.only, label, re.IGNORECASE)]
     if args.skip_compile:
         labels = [label for label in labels if not label.startswith("torch.compile")]
         print("skipped torch.compile rows: --skip-compile")
     load_before = os.getloadavg()[0]
     bandwidth = memory_bandwidth_gbs()
     read_gbs = max(gbs for name, gbs in bandwidth.items() if name != "copy")
-    with tempfile.TemporaryDirectory(prefix="passforge-quant-") as workdir:
+    with tempfile.TemporaryDirectory(prefix="passforge-bench-") as workdir:
         setup = Setup(model, tokens, Path(workdir), args.threads)
-        variants, logits = build_rows(setup, labels)
+        variants, logits = build_rows(setup, labels, rows)
         prefill, tok_s = time_rows(variants, tokens, args.new_tokens, args.repeats)
     print_table(variants, logits, prefill, tok_s, read_gbs, args)
     figures = ", ".join(f"{name} {gbs:.1f}" for name, gbs in bandwidth.items())
