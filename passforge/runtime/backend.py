@@ -412,22 +412,27 @@ def _flat(dims: tuple[tuple[dict[int, object] | None, ...]] | None) -> tuple[dic
 
 
 def _inductor_runner(graph: fx.GraphModule) -> Callable[..., Sequence[torch.Tensor]]:
-    """inductor's build of ``graph``, one per distinct input shape: ``torch._inductor.compile`` specialises on
-    the example's sizes, and dynamo may send one graph several lengths (``dynamic=True``). ``freezing``:
-    inductor folds the (already frozen) weights into its kernels and prepacks them for oneDNN / MKL, as
-    torch.compile's own CPU inference setting does."""
-    from torch._inductor import compile as inductor_compile
-
+    """inductor's builds of ``graph``, one per distinct input shape: ``torch._inductor.compile`` specialises on
+    the example's sizes, and dynamo sends a dynamic graph every length."""
     builds: dict[tuple[object, ...], Callable[..., Sequence[torch.Tensor]]] = {}
 
     def run(*inputs: torch.Tensor) -> Sequence[torch.Tensor]:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         build = builds.get(key)
         if build is None:
-            build = builds[key] = inductor_compile(graph, list(inputs), options={"freezing": True})
+            build = builds[key] = _inductor_build(graph, list(inputs))
         return build(*inputs)
 
     return run
+
+
+def _inductor_build(graph: fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., Sequence[torch.Tensor]]:
+    """inductor's build of ``graph`` for ``inputs``' sizes (for a static graph, dynamo guards them: one build
+    serves every call). ``freezing``: inductor folds the (already frozen) weights into its kernels and
+    prepacks them for oneDNN / MKL, as torch.compile's own CPU inference setting does."""
+    from torch._inductor import compile as inductor_compile
+
+    return inductor_compile(graph, inputs, options={"freezing": True})
 
 
 class CompiledGraph:
@@ -486,8 +491,10 @@ class CompiledGraph:
             graph = self._optimize(tuple(user))
             self._save_cached(graph, user)
         self.graph = graph
-        if self.opts.inductor:
+        if self.opts.inductor and self.dynamic_dims:
             self.runnable = _inductor_runner(_for_inductor(graph))
+        elif self.opts.inductor:
+            self.runnable = _inductor_build(_for_inductor(graph), user)
         else:
             self.runnable = _donate_updates(graph, len(self.binding.mutated))
         self.recorded.clear()
