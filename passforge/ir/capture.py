@@ -82,11 +82,15 @@ def _refuse_state_mutation(program: torch.export.ExportedProgram, label: str) ->
         )
 
 
-def from_exported_program(program: torch.export.ExportedProgram, *, name: str) -> fx.GraphModule:
-    """Normalise an ExportedProgram (fresh or loaded from .pt2) into the IR described above."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = program.run_decompositions({})  # functional: in-place state updates show in the signature
+def from_exported_program(
+    program: torch.export.ExportedProgram, *, name: str, decomposed: bool = False
+) -> fx.GraphModule:
+    """Normalise an ExportedProgram (fresh or loaded from .pt2) into the IR described above; ``decomposed``: the
+    caller already ran ``run_decompositions({})`` on it (a second run would trace the whole program again)."""
+    if not decomposed:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = program.run_decompositions({})  # functional: in-place state updates show in the signature
     _refuse_state_mutation(program, name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -375,7 +375,7 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[_Bin
         program = _export(gm, binding, example_inputs)
     with warnings.catch_warnings(), torch._guards.tracing(None), torch._guards.compile_context(None):
         warnings.simplefilter("ignore")
-        captured = from_exported_program(program, name="torch.compile graph")
+        captured = from_exported_program(program, name="torch.compile graph", decomposed=True)
     return binding, captured, _dynamic_dims(gm, binding)
 
 
