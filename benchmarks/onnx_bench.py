@@ -51,11 +51,12 @@ import torch
 from torch import Tensor, fx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quant
 from quant import build_each
 
 from passforge.ir.capture import capture
 from passforge.ir.onnx_export import AttentionForm, export_onnx
-from passforge.models.llama import PRESETS, Llama, build
+from passforge.models.llama import PRESETS, build
 from passforge.passes.base import Context
 from passforge.passes.manager import PassManager
 from passforge.runtime.profile import interleaved_latency_ms
@@ -87,13 +88,8 @@ class Row:
 
 
 @dataclass
-class Setup:
-    """What the row builders share: the fp32 model, the prompt, a scratch folder, files and graphs built once."""
-
-    model: Llama
-    tokens: Tensor  # (1, prefill)
-    workdir: Path
-    threads: int
+class Setup(quant.Setup):
+    """quant.py's setup (the fp32 model, the prompt, a scratch folder) plus the files and graphs built once."""
 
     @functools.cached_property
     def fp32_file(self) -> Path:
