@@ -53,7 +53,9 @@ class Context:
     name, so the same model's other graphs (prefill, decode) reuse it: all of them then compute the same
     function, and calibration runs once. ``calib_inputs``, when set, are whole input tuples to calibrate on
     instead of token windows (the ``torch.compile`` backend records a graph's first real calls there, which
-    also calibrates graphs that take no tokens).
+    also calibrates graphs that take no tokens). ``teacher`` is the graph the pipeline started from — the
+    original model — which ``distill`` (its default teacher) and the profiler may read; nothing modifies it
+    (:meth:`PassManager.run` sets it to the caller's graph when unset).
     """
 
     example_inputs: tuple[object, ...] = ()
@@ -64,6 +66,7 @@ class Context:
     repro_dir: Path | None = None
     role: Literal["forward", "prefill", "decode"] = "forward"
     memo: dict[str, object] = field(default_factory=dict)
+    teacher: fx.GraphModule | None = None
 
 
 @dataclass

@@ -101,8 +101,11 @@ class PassManager:
         return format_pipeline(self.passes)
 
     def run(self, gm: fx.GraphModule, ctx: Context | None = None) -> PipelineResult:
-        """Run every pass on a copy of ``gm`` (the caller's graph is never changed)."""
+        """Run every pass on a copy of ``gm`` (the caller's graph is never changed). Unless the context names
+        one already, ``gm`` becomes ``ctx.teacher``: the original model that ``distill`` trains towards."""
         ctx = ctx or Context()
+        if ctx.teacher is None:
+            ctx.teacher = gm
         work = copy_graph_module(gm)
         result = PipelineResult(graph=work, pipeline=self.spec, records=[])
         for hook in self.hooks:

@@ -24,6 +24,9 @@ _BUILTIN_MODULES = (
     "passforge.passes.quantize.gptq",
     "passforge.passes.quantize.fold",
     "passforge.passes.quantize.lower",
+    "passforge.passes.prune.channels",
+    "passforge.passes.prune.sparsify",
+    "passforge.passes.distill",
 )
 
 _REGISTRY: dict[str, type[Pass]] = {}

@@ -171,10 +171,13 @@ def _linear_of(node: fx.Node) -> fx.Node | None:
     return node if node.target is aten.linear.default else None
 
 
-def _inverse_hessian_factor(hessian: torch.Tensor, w: torch.Tensor, damp: float, where: str) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; dead inputs (never non-zero) get
-    weight 0 and a unit diagonal."""
-    h = hessian.clone()
+def inverse_hessian_factor(
+    hessian: torch.Tensor, w: torch.Tensor, damp: float, where: str, *, pass_name: str, fix: str
+) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1`` (GPTQ's and SparseGPT's column sweep);
+    dead inputs (never non-zero) get weight 0 (in ``w``) and a unit diagonal. ``fix``: the spec to suggest
+    when ``H`` is not positive definite."""
+    h = hessian.to(w.device, torch.float32).clone()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
@@ -183,8 +186,8 @@ def _inverse_hessian_factor(hessian: torch.Tensor, w: torch.Tensor, damp: float,
         return torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except torch.linalg.LinAlgError as exc:
         raise PassError(
-            f"gptq: the Hessian of '{where}' is not positive definite even with dampening {damp}; raise damp "
-            "(gptq(damp=0.1)) or give more calibration data"
+            f"{pass_name}: the Hessian of '{where}' is not positive definite even with dampening {damp}; raise "
+            f"damp ({fix}) or give more calibration data"
         ) from exc
 
 
@@ -226,7 +229,7 @@ def gptq_per_channel(
     """Symmetric per-output-channel weights (the scales ``quantize`` chose): GPTQ-dequantized ``w`` and the
     scales."""
     w = w.clone()
-    hinv = _inverse_hessian_factor(hessian, w, damp, where)
+    hinv = inverse_hessian_factor(hessian, w, damp, where, pass_name="gptq", fix="gptq(damp=0.1)")
 
     def quantize_column(_: int, column: torch.Tensor) -> torch.Tensor:
         return torch.clamp(torch.round(column / scales), quant_min, quant_max) * scales
@@ -241,7 +244,7 @@ def gptq_per_group(
     """Asymmetric per-group weights: GPTQ-dequantized ``w`` and the groups' scales and zero points (N, K/g),
     each chosen min/max over the group's error-compensated weights when the group starts."""
     w = w.clone()
-    hinv = _inverse_hessian_factor(hessian, w, damp, where)
+    hinv = inverse_hessian_factor(hessian, w, damp, where, pass_name="gptq", fix="gptq(damp=0.1)")
     rows, cols = w.shape
     scales = torch.ones(rows, cols // group_size, device=w.device)
     zero_points = torch.zeros(rows, cols // group_size, dtype=torch.int32, device=w.device)

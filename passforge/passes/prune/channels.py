@@ -1,0 +1,250 @@
+"""``prune-channels(target=mlp|heads|hidden, ratio=0.25, importance=l2, scope=local)``: remove whole channels,
+attention heads or hidden dims, so the model is physically smaller and faster — not masked.
+
+The channel groups come from the graph (:mod:`passforge.passes.prune.groups`): for ``mlp``, one group per
+MLP (``gate`` and ``up`` rows, ``down`` columns); for ``heads``, one per attention layer whose unit is a GQA
+group (a kv head and the query heads reading it: ``q`` rows, ``k``/``v`` rows, ``o`` columns, and the head
+counts in the views and expands between them); for ``hidden``, the residual stream (every layer's norms,
+the embedding's columns, the rows of each linear writing into it and the columns of each reading it). Each
+unit gets a score (:mod:`passforge.passes.prune.importance`: ``l1``, ``l2``, ``wanda``, ``taylor``); the
+lowest-scoring ``ratio`` of the units goes, per group (``scope=local``) or ranked across the target's groups
+after dividing each group's scores by its mean (``scope=global``: layers that matter less lose more), or in
+per-group amounts chosen by measuring what each costs (``schedule=sensitivity``, optionally capped by a
+perplexity ``budget``: :mod:`passforge.passes.prune.schedule`). Kept
+counts round to a ``multiple`` (8 channels for ``mlp``/``hidden`` by default, so GEMMs keep aligned
+shapes; 1 for heads) and never drop below one multiple. Before → after (``mlp``, ratio 0.25 of 512)::
+
+    %g = aten.linear(%x, %gate_w)        # gate_w (512, 256)      %g = aten.linear(%x, %gate_w)   # (384, 256)
+    %u = aten.linear(%x, %up_w)          # up_w   (512, 256)  →   %u = aten.linear(%x, %up_w)     # (384, 256)
+    %d = aten.linear(silu(%g) * %u, %down_w)  # (256, 512)        %d = aten.linear(silu(%g) * %u, %down_w)  # (256, 384)
+
+and for ``heads`` (8 query heads over 4 kv heads, one kv group removed) the view sizes follow::
+
+    view(%q, [1, 16, 8, 32])               →  view(%q, [1, 16, 6, 32])
+    expand(%k, [1, 4, 2, 16, 32])          →  expand(%k, [1, 3, 2, 16, 32])
+
+Pruning ``heads`` removes kv heads, which changes the shape of a KV cache; a graph whose cache is an input or
+output (a decode or prefill step) is refused with that reason — prune the forward graph. ``hidden`` changes
+what RMSNorm averages over (the kept channels); recover the accuracy with ``distill``. The prefill and
+decode graphs of a model reuse the forward graph's choice (``ctx.memo``), so all three keep the same
+channels. A pruned group is marked (``node.meta["passforge.pruned"]``) and not pruned again: a second run
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+import torch
+from torch import fx
+
+from passforge.ir.graph import get_attr, propagate_meta, set_tensor_attr
+from passforge.passes.base import Context, Pass, PassResult, PreconditionError
+from passforge.passes.prune import importance as imp
+from passforge.passes.prune.groups import Group, Piece, Slice, find_groups
+from passforge.passes.prune.schedule import sensitivity_counts
+from passforge.passes.quantize.calibrate import memo_get, memo_put
+from passforge.passes.quantize.insert import _name_matches
+from passforge.passes.registry import register
+
+aten = torch.ops.aten
+PRUNED_META = "passforge.pruned"
+DEFAULT_MULTIPLE = {"mlp": 8, "hidden": 8, "heads": 1}
+
+
+@register
+@dataclass(frozen=True)
+class PruneChannels(Pass):
+    """Remove the least important ``ratio`` of MLP channels, attention heads (GQA groups) or hidden dims,
+    shrinking every weight and shape that depends on them."""
+
+    name: ClassVar[str] = "prune-channels"
+    lossy: ClassVar[bool] = True
+    target: Literal["mlp", "heads", "hidden"] = "mlp"
+    ratio: float = 0.25
+    importance: Literal["l1", "l2", "wanda", "taylor"] = "l2"
+    scope: Literal["local", "global"] = "local"
+    multiple: int = 0  # 0: 8 for mlp and hidden, 1 for heads
+    skip: str = ""  # ';'-separated globs of group names (their first producer weight) to leave whole
+    calib_windows: int = 8
+    schedule: Literal["uniform", "sensitivity"] = "uniform"
+    budget: float = 0.0  # sensitivity: stop once the predicted perplexity increase passes this (0: no cap)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.ratio < 1:
+            raise ValueError(f"prune-channels: ratio must be in [0, 1), got {self.ratio}")
+        if self.multiple < 0:
+            raise ValueError(f"prune-channels: multiple must be >= 0, got {self.multiple}")
+        if self.calib_windows < 1:
+            raise ValueError(f"prune-channels: calib_windows must be >= 1, got {self.calib_windows}")
+        if self.budget < 0:
+            raise ValueError(f"prune-channels: budget must be >= 0, got {self.budget}")
+        if self.schedule == "sensitivity" and self.target == "hidden":
+            raise ValueError("prune-channels: schedule=sensitivity scans mlp and heads groups; the hidden size is "
+                             "one group (nothing to distribute)")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.importance in ("wanda", "taylor") or self.schedule == "sensitivity"
+
+    @property
+    def unit_multiple(self) -> int:
+        return self.multiple or DEFAULT_MULTIPLE[self.target]
+
+    @torch.no_grad()
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        groups, notes = self.groups(gm)
+        if not groups:
+            return PassResult(gm, modified=False, stats={"pruned_groups": 0}, notes=notes)
+        keep = {g.name: memo_get(ctx.memo, f"{self.spec}:keep", [g.name]) for g in groups}
+        todo = [g for g in groups if keep[g.name] is None]
+        if todo:
+            if ctx.role != "forward" and len(todo) < len(groups):
+                raise PreconditionError(f"{self.spec}: the forward graph pruned only some of this graph's groups")
+            chosen, chosen_notes = self._choose(gm, ctx, todo)
+            notes.extend(chosen_notes)
+            for g in todo:
+                keep[g.name] = chosen[g.name]
+                memo_put(ctx.memo, f"{self.spec}:keep", g.name, chosen[g.name])
+        before = sum(g.units for g in groups)
+        for g in groups:
+            shrink(gm, g, keep[g.name])
+        _refresh_meta(gm)
+        after = sum(len(keep[g.name]) for g in groups)
+        notes.append(f"{self.target}: kept {after} of {before} units ({1 - after / before:.1%} removed)")
+        return PassResult(gm, modified=True, stats={"pruned_groups": len(groups), "units_removed": before - after},
+                          notes=notes)
+
+    def groups(self, gm: fx.GraphModule) -> tuple[list[Group], list[str]]:
+        """This target's prunable groups not yet pruned; notes name the ones left alone and why. Raises
+        :class:`PreconditionError` when the graph has groups of this kind but none can be pruned."""
+        skips = [p for p in self.skip.split(";") if p]
+        found = [g for g in find_groups(gm, allow_reduce=self.target == "hidden") if g.kind == self.target]
+        notes, groups = [], []
+        fused = {linear for g in found for linear in g.fused}
+        found = [g for g in found if g.seed not in fused]  # a fused projection is pruned through its pieces
+        done = [g for g in found if g.seed.meta.get(PRUNED_META)]  # pruned by an earlier run
+        found = [g for g in found if g not in done]
+        for g in found:
+            if g.blocked:
+                if not _is_output_head(g):
+                    notes.append(f"{g.name}: not pruned: {g.blocked}")
+            elif any(_name_matches(g.name, p) for p in skips):
+                notes.append(f"{g.name}: skipped by name")
+            else:
+                groups.append(g)
+        if not groups and not done:
+            blocked = [g for g in find_groups(gm, allow_reduce=self.target == "hidden")
+                       if g.blocked and g.kind == self.target and not _is_output_head(g)]
+            reasons = "; ".join(f"{g.name}: {g.blocked}" for g in blocked[:3])
+            raise PreconditionError(
+                f"{self.spec}: found no {self.target} group this pass can prune"
+                + (f" (channels that could not be followed: {reasons})" if reasons else "")
+            )
+        return groups, notes
+
+    def _choose(
+        self, gm: fx.GraphModule, ctx: Context, groups: list[Group]
+    ) -> tuple[dict[str, torch.Tensor], list[str]]:
+        """Kept unit indices (sorted) for each group, and notes on how the counts were chosen."""
+        scores = self._scores(gm, ctx, groups)
+        notes: list[str] = []
+        if self.schedule == "sensitivity":
+            counts, notes = sensitivity_counts(
+                gm, ctx, groups, scores, ratio=self.ratio, multiple=self.unit_multiple, budget=self.budget,
+                spec=self.spec, windows=self.calib_windows,
+            )
+        else:
+            counts = kept_counts(groups, scores, self.ratio, self.unit_multiple, self.scope)
+        return {g.name: scores[g.name].topk(counts[g.name]).indices.sort().values for g in groups}, notes
+
+    def _scores(self, gm: fx.GraphModule, ctx: Context, groups: list[Group]) -> dict[str, torch.Tensor]:
+        if self.importance in ("l1", "l2"):
+            p = 1 if self.importance == "l1" else 2
+            return {g.name: imp.magnitude_scores(gm, g, p) for g in groups}
+        if self.importance == "wanda":
+            norms = imp.calibrate_input_norms(gm, ctx, groups, self.spec, self.calib_windows)
+            return {g.name: imp.wanda_scores(gm, g, norms) for g in groups}
+        with torch.enable_grad():
+            return imp.taylor_scores(gm, ctx, groups, self.spec, self.calib_windows)
+
+
+def _is_output_head(group: Group) -> bool:
+    """The LM head: its rows are the vocabulary, returned as the logits — never a channel to prune."""
+    return any(user.op == "output" for user in group.seed.users)
+
+
+def kept_counts(
+    groups: list[Group], scores: dict[str, torch.Tensor], ratio: float, multiple: int, scope: str
+) -> dict[str, int]:
+    """How many units each group keeps: ``(1 - ratio)`` of its own (``local``), or as many of its units as
+    rank above the global cut of mean-normalised scores (``global``); rounded to ``multiple``, at least one
+    multiple (a group smaller than that stays whole)."""
+    if scope == "local":
+        return {g.name: _round(g.units * (1 - ratio), multiple, g.units) for g in groups}
+    normalised = {g.name: scores[g.name] / scores[g.name].mean().clamp(min=1e-12) for g in groups}
+    pooled = torch.cat(list(normalised.values()))
+    remove = round(ratio * pooled.numel())
+    if remove == 0:
+        return {g.name: g.units for g in groups}
+    cut = pooled.kthvalue(remove).values
+    return {g.name: _round(int((normalised[g.name] > cut).sum()), multiple, g.units) for g in groups}
+
+
+def _round(count: float, multiple: int, units: int) -> int:
+    if units <= multiple:
+        return units
+    return min(units, max(multiple, round(count / multiple) * multiple))
+
+
+def shrink(gm: fx.GraphModule, group: Group, keep: torch.Tensor) -> None:
+    """Keep units ``keep`` of every tensor in ``group`` and rewrite its shape constants; mark its linears.
+    The pieces of a fused weight (q, k, v at their offsets) shrink together, each by its own unit."""
+    by_tensor: dict[tuple[str, int], list[Slice]] = {}
+    for s in dict.fromkeys(group.slices):  # a tied weight is both a producer and a consumer: shrink it once
+        by_tensor.setdefault((s.name, s.dim), []).append(s)
+    for (name, dim), slices in by_tensor.items():
+        tensor = get_attr(gm, name)
+        index = torch.cat([(s.offset + keep[:, None] * s.unit + torch.arange(s.unit)).flatten()
+                           for s in sorted(slices, key=lambda s: s.offset)])
+        set_tensor_attr(gm, name, tensor.index_select(dim, index.to(tensor.device)).contiguous())
+    for arg in group.shapes:
+        sizes = list(arg.node.args[1])
+        if isinstance(sizes[arg.position], int) and sizes[arg.position] != -1:
+            sizes[arg.position] = len(keep) * arg.unit
+            arg.node.args = (arg.node.args[0], sizes, *arg.node.args[2:])
+    _rewrite_pieces(group.pieces, len(keep))
+    for node in {group.seed, *group.linears, *group.fused}:
+        node.meta[PRUNED_META] = True
+
+
+def _rewrite_pieces(pieces: list[Piece], kept: int) -> None:
+    """New bounds for the slices and splits that cut a fused output, in their order along it."""
+    start = {}
+    for piece in sorted(pieces, key=lambda p: p.offset):
+        source = piece.node.args[0]
+        key = source.args[0] if piece.node.target is operator.getitem else source
+        start.setdefault(key, 0)
+        new = kept * piece.unit
+        if piece.node.target is aten.slice.Tensor:
+            piece.node.args = (source, piece.node.args[1], start[key], start[key] + new, *piece.node.args[4:])
+        start[key] += new
+    for split in {p.node.args[0] for p in pieces if p.node.target is operator.getitem}:
+        sizes = [kept * p.unit for p in sorted((p for p in pieces if p.node.args[0] is split), key=lambda p: p.offset)]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        if len(set(sizes)) == 1 and split.target is aten.split.Tensor:
+            split.args = (split.args[0], sizes[0], dim)
+        else:
+            split.target = aten.split_with_sizes.default
+            split.args = (split.args[0], sizes, dim)
+            split.kwargs = {}
+
+
+def _refresh_meta(gm: fx.GraphModule) -> None:
+    """Shapes changed: recompute every node's ``meta["val"]``."""
+    gm.recompile()
+    for node, value in propagate_meta(gm).items():
+        if node.op != "placeholder":
+            node.meta["val"] = value

@@ -1,0 +1,187 @@
+"""``prune-channels``: weights and shapes really shrink; channels that contribute nothing go without changing
+the output; data-aware importance beats magnitude on the trained LM; a second run changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from passforge.ir.capture import capture
+from passforge.ir.graph import get_attr, op_counts
+from passforge.models.llama import DecodeStep, Llama, PrefillStep
+from passforge.passes.base import Context, PreconditionError
+from passforge.passes.hooks import VerifyHook
+from passforge.passes.manager import PassFailure, PassManager
+from passforge.passes.prune.channels import PruneChannels
+from tests.conftest import SMALL, held_out_ppl
+
+
+def _run(gm, *passes, tokens=None, calib=None, memo=None):
+    example = tokens if tokens is not None else torch.zeros(1, 16, dtype=torch.long)
+    ctx = Context(example_inputs=(example,), calib_tokens=calib, memo=memo if memo is not None else {})
+    return PassManager(list(passes), hooks=[VerifyHook()]).run(gm, ctx)
+
+
+def test_mlp_structure_shapes_and_counts(llama_graph, tokens):
+    result = _run(llama_graph, PruneChannels(ratio=0.25), tokens=tokens)
+    gm = result.graph
+    kept = int(SMALL.ffn_dim * 0.75)  # 96: already a multiple of 8
+    for i in range(SMALL.n_layers):
+        assert get_attr(gm, f"layers.{i}.feed_forward.gate_proj.weight").shape == (kept, SMALL.dim)
+        assert get_attr(gm, f"layers.{i}.feed_forward.up_proj.weight").shape == (kept, SMALL.dim)
+        assert get_attr(gm, f"layers.{i}.feed_forward.down_proj.weight").shape == (SMALL.dim, kept)
+    assert op_counts(gm) == op_counts(llama_graph)
+    assert result.records[0].stats == {"pruned_groups": 2, "units_removed": 2 * (SMALL.ffn_dim - kept)}
+    assert gm(tokens).shape == llama_graph(tokens).shape
+
+
+def test_kept_counts_round_to_the_multiple(llama_graph):
+    gm = _run(llama_graph, PruneChannels(ratio=0.3, multiple=16)).graph
+    assert get_attr(gm, "layers.0.feed_forward.gate_proj.weight").shape[0] == 96  # 128 * 0.7 = 89.6 -> 96
+
+
+def _silence_mlp_channels(model: Llama, layer: int, channels: slice) -> None:
+    ff = model.layers[layer].feed_forward
+    with torch.no_grad():
+        ff.gate_proj.weight[channels] = 0
+        ff.up_proj.weight[channels] = 0
+        ff.down_proj.weight[:, channels] = 0
+
+
+def test_channels_that_contribute_nothing_go_without_changing_outputs(small_llama, tokens):
+    """With 32 channels of every MLP zeroed, l2 ranks exactly those last: pruning 25% removes them and the
+    function is unchanged (up to float reassociation of the shorter GEMMs)."""
+    for layer in range(SMALL.n_layers):
+        _silence_mlp_channels(small_llama, layer, slice(40, 72))
+    gm = capture(small_llama, (tokens,))
+    pruned = _run(gm, PruneChannels(ratio=0.25), tokens=tokens).graph
+    torch.testing.assert_close(pruned(tokens), gm(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_a_silent_kv_group_goes_without_changing_outputs(small_llama, tokens):
+    """Zero kv head 1's q/k/v rows and o_proj's columns of its query heads: pruning one of two groups (l2)
+    removes it, the view/expand head counts follow, and the outputs stay equal."""
+    hd, rep = SMALL.head_dim, SMALL.n_heads // SMALL.n_kv_heads
+    with torch.no_grad():
+        for layer in small_llama.layers:
+            att = layer.attention
+            att.q_proj.weight[rep * hd:2 * rep * hd] = 0
+            att.k_proj.weight[hd:2 * hd] = 0
+            att.v_proj.weight[hd:2 * hd] = 0
+            att.o_proj.weight[:, rep * hd:2 * rep * hd] = 0
+    gm = capture(small_llama, (tokens,))
+    pruned = _run(gm, PruneChannels(target="heads", ratio=0.5), tokens=tokens).graph
+    assert get_attr(pruned, "layers.0.attention.k_proj.weight").shape == (hd, SMALL.dim)
+    assert get_attr(pruned, "layers.0.attention.o_proj.weight").shape == (SMALL.dim, rep * hd)
+    views = [n.args[1] for n in pruned.graph.nodes if n.target is torch.ops.aten.view.default]
+    assert [1, 16, rep, hd] in views and [1, 16, 1, hd] in views  # q: 1 group of `rep` heads; k, v: 1 head
+    torch.testing.assert_close(pruned(tokens), gm(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_hidden_shrinks_every_layer_and_still_runs(llama_graph, tokens):
+    gm = _run(llama_graph, PruneChannels(target="hidden", ratio=0.25), tokens=tokens).graph
+    assert get_attr(gm, "tok_embeddings.weight").shape == (SMALL.vocab_size, 48)
+    assert get_attr(gm, "lm_head.weight").shape == (SMALL.vocab_size, 48)
+    assert get_attr(gm, "layers.1.ffn_norm.weight").shape == (48,)
+    assert get_attr(gm, "layers.1.attention.o_proj.weight").shape == (48, SMALL.dim)
+    assert torch.isfinite(gm(tokens)).all()
+
+
+def test_global_scope_varies_per_layer_and_keeps_the_total(llama_graph):
+    calib = torch.randint(0, SMALL.vocab_size, (2048,), generator=torch.Generator().manual_seed(2))
+    gm = _run(llama_graph, PruneChannels(ratio=0.25, scope="global", importance="wanda", multiple=1),
+              calib=calib).graph
+    kept = [get_attr(gm, f"layers.{i}.feed_forward.gate_proj.weight").shape[0] for i in range(SMALL.n_layers)]
+    assert sum(kept) == int(0.75 * SMALL.n_layers * SMALL.ffn_dim)
+    assert len(set(kept)) > 1, kept  # random weights still score the two layers differently
+
+
+def test_second_run_changes_nothing_and_skip_leaves_a_layer(llama_graph):
+    first = _run(llama_graph, PruneChannels(skip="layers.1.*")).graph
+    assert get_attr(first, "layers.1.feed_forward.gate_proj.weight").shape[0] == SMALL.ffn_dim
+    again = _run(first, PruneChannels(skip="layers.1.*"))
+    assert again.records[0].modified is False
+    for name, tensor in first.state_dict().items():
+        assert torch.equal(get_attr(again.graph, name), tensor), name
+
+
+def test_prefill_and_decode_graphs_reuse_the_forward_choice(small_llama):
+    memo: dict = {}
+    forward = capture(small_llama, (torch.zeros(1, 16, dtype=torch.long),))
+    calib = torch.randint(0, SMALL.vocab_size, (2048,), generator=torch.Generator().manual_seed(3))
+    pass_ = PruneChannels(importance="wanda")
+    pruned = _run(forward, pass_, calib=calib, memo=memo).graph
+    prefill = capture(PrefillStep(small_llama), (torch.zeros(1, 16, dtype=torch.long),))
+    pruned_prefill = _run(prefill, pass_, memo=memo).graph  # no calibration data: must come from the memo
+    name = "layers.0.feed_forward.down_proj.weight"
+    torch.testing.assert_close(get_attr(pruned_prefill, f"model.{name}"), get_attr(pruned, name))
+    tokens = torch.randint(0, SMALL.vocab_size, (1, 16), generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(pruned_prefill(tokens)[0], pruned(tokens), rtol=1e-5, atol=1e-5)
+
+
+def test_heads_on_a_decode_graph_are_refused_with_the_reason(small_llama):
+    inputs = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *small_llama.new_kv_cache(1))
+    gm = capture(DecodeStep(small_llama), inputs)
+    with pytest.raises(PassFailure, match="graph input"):
+        PassManager([PruneChannels(target="heads")]).run(gm, Context(example_inputs=inputs))
+
+
+def test_bad_options_and_missing_calibration():
+    with pytest.raises(ValueError, match="ratio"):
+        PruneChannels(ratio=1.0)
+    with pytest.raises(ValueError, match="multiple"):
+        PruneChannels(multiple=-8)
+    gm = capture(Llama(SMALL).eval(), (torch.zeros(1, 16, dtype=torch.long),))
+    with pytest.raises(PreconditionError, match="calibration data"):
+        PruneChannels(importance="wanda").run(gm, Context(example_inputs=(torch.zeros(1, 16, dtype=torch.long),)))
+
+
+def test_sensitivity_schedule_varies_per_layer_and_budget_caps_it(llama_graph):
+    calib = torch.randint(0, SMALL.vocab_size, (2048,), generator=torch.Generator().manual_seed(5))
+    result = _run(llama_graph, PruneChannels(ratio=0.25, schedule="sensitivity"), calib=calib)
+    kept = [get_attr(result.graph, f"layers.{i}.feed_forward.gate_proj.weight").shape[0] for i in range(2)]
+    assert sum(kept) == int(0.75 * 2 * SMALL.ffn_dim) and all(k % 8 == 0 for k in kept)
+    assert any(n.startswith("sensitivity: removed 25.0%") for n in result.records[0].notes)
+    capped = _run(llama_graph, PruneChannels(ratio=0.5, schedule="sensitivity", budget=1e-9), calib=calib)
+    kept = [get_attr(capped.graph, f"layers.{i}.feed_forward.gate_proj.weight").shape[0] for i in range(2)]
+    assert sum(kept) > SMALL.ffn_dim  # stopped before 50%: every step costs more than a 1e-9 budget
+    assert any("stopped by the budget" in n for n in capped.records[0].notes)
+    with pytest.raises(ValueError, match="sensitivity"):
+        PruneChannels(target="hidden", schedule="sensitivity")
+
+
+def test_loss_aware_choices_beat_magnitude_on_the_trained_lm(bundled_lm_and_text):
+    """25% of every MLP's channels (bundled LM, held-out text): the loss-aware score keeps what matters, and
+    per-layer ratios from the sensitivity scan do better still. Measured: dense 5.09, l2 5.65 (+11%), taylor
+    5.42 (+6%), taylor + sensitivity 5.19 (+2%) on 64 x 128 held-out bytes; the bounds ask taylor to beat l2
+    by 2%, the scan to beat uniform taylor by 2%, and both to stay within the issue's +10% before distillation."""
+    from passforge.models import bundled
+    from passforge.models.tokenizer import encode
+
+    model, ids = bundled_lm_and_text
+    example = torch.zeros(1, 128, dtype=torch.long)
+    gm = capture(model, (example,))
+    calib = torch.tensor(encode(bundled.calib_text()))
+    ctx = lambda: Context(example_inputs=(example,), calib_tokens=calib)  # noqa: E731
+    dense = held_out_ppl(gm, ids)
+    l2 = held_out_ppl(PassManager([PruneChannels()]).run(gm, ctx()).graph, ids)
+    taylor = held_out_ppl(PassManager([PruneChannels(importance="taylor")]).run(gm, ctx()).graph, ids)
+    scanned = PruneChannels(importance="taylor", schedule="sensitivity")
+    sensitivity = held_out_ppl(PassManager([scanned]).run(gm, ctx()).graph, ids)
+    assert taylor < 0.98 * l2, (dense, l2, taylor)
+    assert sensitivity < 0.98 * taylor, (dense, taylor, sensitivity)
+    assert taylor < 1.10 * dense, (dense, l2, taylor)
+
+
+def test_optimize_keeps_the_pruned_forward_graph_when_heads_cannot_prune_the_cache(small_llama, tokens):
+    """The decode/prefill steps carry the KV cache: pruning kv heads there is refused, so optimize keeps the
+    pruned forward graph and reports why there is no generate(); an MLP pruning prunes all three graphs."""
+    import passforge
+
+    with pytest.warns(UserWarning, match="no generation graphs"):
+        heads = passforge.optimize(small_llama, (tokens,), pipeline="prune-channels(target=heads,ratio=0.5)",
+                                   profile=False)
+    assert heads.prefill is None and "graph's outputs" in heads.report["generation"]["error"]
+    assert get_attr(heads.graph, "layers.0.attention.k_proj.weight").shape[0] < SMALL.n_kv_heads * SMALL.head_dim
+    mlp = passforge.optimize(small_llama, (tokens,), pipeline="prune-channels", profile=False)
+    assert get_attr(mlp.decode, "model.layers.0.feed_forward.down_proj.weight").shape == (SMALL.dim, 96)

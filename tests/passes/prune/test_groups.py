@@ -1,0 +1,110 @@
+"""Channel-group analysis: which tensors and shapes shrink together, and where a channel cannot be followed."""
+
+from __future__ import annotations
+
+import torch
+
+from passforge.ir.capture import capture
+from passforge.models.llama import DecodeStep, Llama, LlamaConfig
+from passforge.passes.prune.groups import find_groups
+from tests.conftest import SMALL
+
+
+def _short(name: str) -> str:
+    return name.split(".")[-2]
+
+
+def _by_kind(gm, **kw):
+    kinds: dict[str, list] = {}
+    for g in find_groups(gm, **kw):
+        kinds.setdefault(g.kind, []).append(g)
+    return kinds
+
+
+def test_llama_groups_mlp_heads_and_blocked_head(llama_graph):
+    kinds = _by_kind(llama_graph)
+    mlp = [g for g in kinds["mlp"] if not g.blocked]
+    assert len(mlp) == SMALL.n_layers
+    for g in mlp:
+        assert g.units == SMALL.ffn_dim
+        assert [(_short(s.name), s.dim, s.unit) for s in g.slices] == [
+            ("gate_proj", 0, 1), ("up_proj", 0, 1), ("down_proj", 1, 1)]
+    heads = kinds["heads"]
+    assert len(heads) == SMALL.n_layers and not any(g.blocked for g in heads)
+    hd, rep = SMALL.head_dim, SMALL.n_heads // SMALL.n_kv_heads
+    for g in heads:  # one unit = one kv head with its `rep` query heads
+        assert g.units == SMALL.n_kv_heads
+        assert sorted((_short(s.name), s.dim, s.unit) for s in g.slices) == [
+            ("k_proj", 0, hd), ("o_proj", 1, rep * hd), ("q_proj", 0, rep * hd), ("v_proj", 0, hd)]
+        # q, k, v views; two GQA expands and their merges; the output view
+        assert sorted(a.node.target.__name__ for a in g.shapes) == sorted(
+            ["view.default"] * 4 + ["expand.default"] * 2 + ["_unsafe_view.default"] * 2)
+    head = [g for g in kinds["mlp"] if g.blocked]
+    assert [g.name for g in head] == ["lm_head.weight"] and "graph's outputs" in head[0].blocked
+
+
+def test_hidden_group_needs_reductions_allowed(llama_graph):
+    hidden = _by_kind(llama_graph)["hidden"]
+    assert hidden[0].blocked and "reduces over the channel" in hidden[0].blocked
+    g = _by_kind(llama_graph, allow_reduce=True)["hidden"][0]
+    assert not g.blocked and g.units == SMALL.dim
+    names = {_short(s.name) for s in g.slices}
+    assert {"tok_embeddings", "lm_head", "attention_norm", "ffn_norm", "q_proj", "o_proj", "down_proj"} <= names
+    assert {s.name for s in g.params} == {
+        *(f"layers.{i}.{n}.weight" for i in range(SMALL.n_layers) for n in ("attention_norm", "ffn_norm")),
+        "norm.weight"}
+
+
+def test_multi_head_attention_units_are_single_heads():
+    cfg = LlamaConfig(vocab_size=64, dim=32, n_layers=1, n_heads=4, n_kv_heads=4, ffn_dim=64, max_seq_len=32)
+    gm = capture(Llama(cfg).eval(), (torch.zeros(1, 8, dtype=torch.long),))
+    (g,) = _by_kind(gm)["heads"]
+    assert g.units == 4 and {s.unit for s in g.slices} == {cfg.head_dim}
+
+
+def test_decode_graph_heads_blocked_by_the_cache_mlp_free(small_llama):
+    inputs = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *small_llama.new_kv_cache(1))
+    gm = capture(DecodeStep(small_llama), inputs)
+    kinds = _by_kind(gm)
+    assert all(g.blocked and "graph input" in g.blocked for g in kinds["heads"])
+    assert sum(not g.blocked for g in kinds["mlp"]) == SMALL.n_layers
+
+
+class _Cumsum(torch.nn.Module):
+    """Near miss: a channel that reaches an op the walk does not know (cumsum along it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.b = torch.nn.Linear(16, 8)
+        self.c = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)).cumsum(-1)) + self.c(x)
+
+
+class _BiasAndScale(torch.nn.Module):
+    """A per-channel parameter multiplies the channel between producer and consumer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 16)
+        self.scale = torch.nn.Parameter(torch.ones(16))
+        self.b = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.b(torch.nn.functional.gelu(self.a(x)) * self.scale)
+
+
+def test_unknown_op_blocks_with_its_name():
+    gm = capture(_Cumsum().eval(), (torch.randn(2, 8),))
+    first = find_groups(gm)[0]
+    assert first.name == "a.weight" and "cumsum" in first.blocked
+
+
+def test_per_channel_parameters_and_biases_join_the_group():
+    gm = capture(_BiasAndScale().eval(), (torch.randn(2, 8),))
+    g = find_groups(gm)[0]
+    assert not g.blocked and g.units == 16
+    assert sorted(s.name for s in g.params) == ["a.bias", "scale"]
+    assert [s.name for s in g.consumers] == ["b.weight"]
