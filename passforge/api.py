@@ -29,9 +29,9 @@ from passforge.ir.capture import CaptureError, capture
 from passforge.ir.graph import dynamic_shapes_of, example_inputs_of
 from passforge.ir.serialize import load_graph, save_graph, write_text_atomic
 from passforge.models.registry import ModelError, ModelSource, read_tokens, resolve
-from passforge.passes.base import Context
+from passforge.passes.base import Context, PreconditionError
 from passforge.passes.hooks import DumpHook, VerifyHook
-from passforge.passes.manager import Hook, OnError, PassManager, PipelineResult
+from passforge.passes.manager import Hook, OnError, PassFailure, PassManager, PipelineResult
 from passforge.runtime.executor import Executor, GenerationStats, InputError, KVGenerator, resolve_device
 from passforge.runtime.kv_cache import donate_kv_cache, ring_kv_cache
 from passforge.runtime.profile import ProfileHook
@@ -130,6 +130,22 @@ class Optimized:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
+
+    def save_hf(self, directory: str | os.PathLike[str]) -> Path:
+        """Write the forward graph as a Hugging Face folder of the source model's architecture, its config
+        rewritten to the pruned sizes (``models.hf_save``); raises ``HFSaveError`` saying why when the
+        architecture cannot express the graph (per-layer sizes, quantized weights) — :meth:`save` can."""
+        from passforge.models.hf import LogitsOnly
+        from passforge.models.hf_save import HFSaveError, save_hf
+
+        if self.source is None or not isinstance(self.source.module, LogitsOnly):
+            raise HFSaveError("a Hugging Face folder can be written only for a model optimized from one")
+        source_folder = self.source.extra.get("hf_folder")
+        if source_folder is not None and Path(directory).resolve() == Path(source_folder).resolve():
+            raise HFSaveError(f"{directory} is the input model's folder; the input is never overwritten")
+        provenance = {"source": self.report.get("model"), "pipeline": self.report.get("pipeline")}
+        return save_hf(self.graph, self.source.module.model, directory, self.example_inputs,
+                       tokenizer=self.source.extra.get("hf_tokenizer"), provenance=provenance)
 
 
 OUTPUT_FILES = frozenset(
@@ -304,7 +320,10 @@ def optimize(
         on_stage("capturing and optimizing the prefill and decode graphs")
         try:
             report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error)
-        except CaptureError as exc:  # the forward graph is done: keep it, without generate()
+        except (CaptureError, PassFailure) as exc:  # the forward graph is done: keep it, without generate()
+            if isinstance(exc, PassFailure) and not isinstance(exc.__cause__, PreconditionError):
+                raise  # a pass broke: the failure policy decides, as for the forward graph
+            # a capture that failed, or a pass that cannot apply to a step graph (pruning kv heads: the cache)
             warnings.warn(f"no generation graphs for {source.name}: {exc}", stacklevel=2)
             report["generation"] = {"error": str(exc)}
     return optimized

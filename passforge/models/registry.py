@@ -163,7 +163,7 @@ def _hf_source(path: Path, seq_len: int) -> ModelSource:
         encode=encode,
         decode=decode,
         kv_model=hf.kv_model(hf_model),
-        extra={"hf_tokenizer": tokenizer} if tokenizer is not None else {},
+        extra={"hf_folder": path, **({"hf_tokenizer": tokenizer} if tokenizer is not None else {})},
     )
 
 

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a failing pass is rolled back; then stop (default) or skip it and go on")
     opt.add_argument("--seq-len", type=_length, default=128, help="example input length (default: 128)")
     opt.add_argument("--no-profile", action="store_true", help="skip latency/accuracy figures per pass")
+    opt.add_argument("--hf-out", help="also write a Hugging Face folder (config rewritten to pruned sizes) here; "
+                     "a Hugging Face input only")
 
     passes = sub.add_parser("passes", help="list the registered passes with their options and docs")
     passes.add_argument("--json", action="store_true", help="machine-readable output")
@@ -175,6 +177,14 @@ def _optimize(args: argparse.Namespace) -> int:
         print(f"generate (greedy, {stats.new_tokens} tokens, {stats.decode_tokens_per_s:.1f} tok/s decode):")
         print("  " + repr(text))
     print(f"wrote {out / 'model.pt2'}, {out / 'report.json'}, {out / 'report.html'}")
+    if args.hf_out:
+        from passforge.models.hf_save import HFSaveError
+
+        try:
+            print(f"wrote Hugging Face folder {optimized.save_hf(args.hf_out)}")
+        except HFSaveError as exc:
+            print(f"no Hugging Face folder: {exc} (passforge's format is in {out})")
+            return EXIT_FAILURE
     return EXIT_OK
 
 

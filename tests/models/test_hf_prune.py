@@ -1,0 +1,101 @@
+"""Structured pruning of Hugging Face graphs: the channel groups are found in their ATen graphs, and a pruned
+model is written back as a Hugging Face folder that ``from_pretrained`` reloads with the same logits — or
+refused, saying why, when the architecture cannot express it."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import passforge
+from passforge.models.hf_save import MARKER, HFSaveError
+from passforge.passes.prune.groups import find_groups
+from tests.models.test_hf_e2e import SEQ_LEN, save_tiny, save_word_tokenizer
+
+transformers = pytest.importorskip("transformers")
+
+# (kind, units) of the groups of each tiny checkpoint: mlp 128 channels; heads 2 kv groups (GQA 4 over 2), 4 heads
+# for GPT-2 (no GQA); Phi-3 and GPT-2 fuse q, k and v (and Phi-3 gate and up) in one projection cut by slices/splits.
+EXPECTED = {
+    "llama": {("mlp", 128), ("heads", 2), ("hidden", 64)},
+    "qwen2": {("mlp", 128), ("heads", 2), ("hidden", 64)},
+    "phi3": {("mlp", 128), ("heads", 2), ("hidden", 64)},
+    "gpt2": {("mlp", 128), ("heads", 4), ("hidden", 64)},
+}
+
+
+@pytest.mark.parametrize("arch", list(EXPECTED))
+def test_groups_in_hugging_face_graphs(arch, tmp_path):
+    save_tiny(tmp_path, arch)
+    from passforge.ir.capture import capture
+    from passforge.models.registry import resolve
+
+    source = resolve(tmp_path, seq_len=SEQ_LEN)
+    gm = capture(source.module, source.example_inputs)
+    groups = find_groups(gm, allow_reduce=True)
+    assert {(g.kind, g.units) for g in groups if not g.blocked} == EXPECTED[arch]
+    counts = {kind: sum(not g.blocked and g.kind == kind for g in groups) for kind in ("mlp", "heads", "hidden")}
+    assert counts == {"mlp": 2, "heads": 2, "hidden": 1}  # one MLP and one attention per layer
+
+
+def test_fused_projections_prune_through_their_pieces(tmp_path):
+    """Phi-3's qkv_proj (sliced) and gate_up_proj (split): one kv group and a quarter of the MLP go, the slice
+    bounds and split sizes follow, and the graph still runs."""
+    save_tiny(tmp_path, "phi3")
+    opt = passforge.optimize(tmp_path, pipeline="prune-channels,prune-channels(target=heads,ratio=0.5)",
+                             seq_len=SEQ_LEN, profile=False, generation=False)
+    weights = dict(opt.graph.named_parameters())
+    assert weights["model.model.layers.0.self_attn.qkv_proj.weight"].shape == ((2 + 1 + 1) * 16, 64)
+    assert weights["model.model.layers.0.mlp.gate_up_proj.weight"].shape == (2 * 96, 64)
+    splits = [n.args[1] for n in opt.graph.graph.nodes if n.target is torch.ops.aten.split.Tensor]
+    assert splits == [96, 96]
+    assert torch.isfinite(opt.graph(*opt.example_inputs)).all()
+    out = opt.save_hf(tmp_path / "out")
+    torch.testing.assert_close(_logits(out, opt.example_inputs[0]), opt.graph(*opt.example_inputs),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _logits(folder, ids):
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    with torch.inference_mode():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize(("arch", "pipeline", "sizes"), [
+    ("llama", "prune-channels,prune-channels(target=heads,ratio=0.5)",
+     {"intermediate_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}),
+    ("gpt2", "prune-channels", {"n_inner": 96, "n_embd": 64}),
+])
+def test_pruned_folder_reloads_with_the_same_logits(arch, pipeline, sizes, tmp_path):
+    save_tiny(tmp_path / "in", arch)
+    if arch == "llama":
+        save_word_tokenizer(tmp_path / "in")
+    opt = passforge.optimize(tmp_path / "in", pipeline=pipeline, seq_len=SEQ_LEN, profile=False, generation=False)
+    out = opt.save_hf(tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert {k: config[k] for k in sizes} == sizes
+    assert json.loads((out / MARKER).read_text())["pipeline"] == pipeline
+    assert (out / "tokenizer.json").is_file() == (arch == "llama")
+    ids = opt.example_inputs[0]
+    torch.testing.assert_close(_logits(out, ids), opt.graph(ids), rtol=1e-5, atol=1e-5)
+    opt.save_hf(out)  # a folder it wrote may be replaced
+
+
+def test_what_hugging_face_cannot_express_is_refused(tmp_path):
+    save_tiny(tmp_path / "in", "llama")
+    per_layer = passforge.optimize(tmp_path / "in", pipeline="prune-channels(scope=global,multiple=1)",
+                                   seq_len=SEQ_LEN, profile=False, generation=False)
+    with pytest.raises(HFSaveError, match="different intermediate_size"):
+        per_layer.save_hf(tmp_path / "out")
+    quantized = passforge.optimize(tmp_path / "in", pipeline="quantize(scheme=w8),fold-quant", seq_len=SEQ_LEN,
+                                   profile=False, generation=False)
+    with pytest.raises(HFSaveError):
+        quantized.save_hf(tmp_path / "out")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(HFSaveError, match="not a folder passforge wrote"):
+        per_layer.save_hf(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    assert not (tmp_path / "out").exists()
