@@ -16,7 +16,6 @@ import functools
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +26,7 @@ from torch import fx
 
 from passforge.ir.capture import CaptureError, capture
 from passforge.ir.graph import dynamic_shapes_of, example_inputs_of
-from passforge.ir.serialize import load_graph, save_graph, write_text_atomic
+from passforge.ir.serialize import load_graph, save_graph, staging_folder, swap_in_folder, write_text_atomic
 from passforge.models.registry import ModelError, ModelSource, read_tokens, resolve
 from passforge.passes.base import Context, PreconditionError
 from passforge.passes.hooks import DumpHook, VerifyHook
@@ -105,9 +104,7 @@ class Optimized:
         """
         target = Path(directory).resolve()
         check_output_folder(target, self.source)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the output folder gets the usual mode
+        staging = staging_folder(target)
         try:
             dynamic = dynamic_shapes_of(self.graph)
             save_graph(self.graph, staging / "model.pt2", self.example_inputs, dynamic_shapes=dynamic)
@@ -126,7 +123,7 @@ class Optimized:
             }
             write_text_atomic(staging / "manifest.json", json.dumps(manifest, indent=2) + "\n")
             write_text_atomic(staging / "report.json", json.dumps(self.report, indent=2) + "\n")
-            _swap_in(staging, target)
+            swap_in_folder(staging, target, keep=("reproducers",))  # reproducers this run wrote there
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return target
@@ -141,8 +138,12 @@ class Optimized:
         if self.source is None or not isinstance(self.source.module, LogitsOnly):
             raise HFSaveError("a Hugging Face folder can be written only for a model optimized from one")
         source_folder = self.source.extra.get("hf_folder")
-        if source_folder is not None and Path(directory).resolve() == Path(source_folder).resolve():
-            raise HFSaveError(f"{directory} is the input model's folder; the input is never overwritten")
+        target = Path(directory).resolve()
+        if source_folder is not None:
+            source_folder = Path(source_folder).resolve()
+            if target == source_folder or target in source_folder.parents or source_folder in target.parents:
+                raise HFSaveError(f"{directory} holds or is inside the input model's folder {source_folder}; the "
+                                  "input is never overwritten: choose a folder outside it")
         provenance = {"source": self.report.get("model"), "pipeline": self.report.get("pipeline")}
         return save_hf(self.graph, self.source.module.model, directory, self.example_inputs,
                        tokenizer=self.source.extra.get("hf_tokenizer"), provenance=provenance)
@@ -187,12 +188,6 @@ def _load_tokenizer(folder: Path, manifest: dict[str, object]) -> dict[str, obje
     return {}
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def check_output_folder(target: Path, source: ModelSource | None = None) -> None:
     """Refuse an output folder that holds the input model or anything passforge did not write there.
 
@@ -215,20 +210,6 @@ def check_output_folder(target: Path, source: ModelSource | None = None) -> None
                 f"output folder {target} holds files passforge did not write ({', '.join(foreign[:5])}); "
                 "choose a new or empty --out"
             )
-
-
-def _swap_in(staging: Path, target: Path) -> None:
-    """Replace ``target`` by ``staging`` with renames; old contents are removed only once the new are in
-    place, and reproducers already written there (by this run or earlier ones) are kept."""
-    old = None
-    if target.exists():
-        if (target / "reproducers").is_dir():
-            os.replace(target / "reproducers", staging / "reproducers")
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        os.replace(target, old)
-    os.replace(staging, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def load(directory: str | os.PathLike[str], *, device: str | torch.device | None = None) -> Optimized:
@@ -319,8 +300,9 @@ def optimize(
     if generation and source.kv_model is not None:
         on_stage("capturing and optimizing the prefill and decode graphs")
         try:
-            report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error)
-        except (CaptureError, PassFailure) as exc:  # the forward graph is done: keep it, without generate()
+            forward_status = [r.status for r in result.records]
+            report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error, forward_status)
+        except (CaptureError, PassFailure, GenerationMismatch) as exc:  # keep the forward graph, without generate()
             if isinstance(exc, PassFailure) and not isinstance(exc.__cause__, PreconditionError):
                 raise  # a pass broke: the failure policy decides, as for the forward graph
             # a capture that failed, or a pass that cannot apply to a step graph (pruning kv heads: the cache)
@@ -363,8 +345,14 @@ def data_tokens(
     return torch.tensor(source.encode(bundled_text), dtype=torch.long)
 
 
+class GenerationMismatch(RuntimeError):
+    """A pass ran on the forward graph but not on a generation step (or the other way round, under
+    ``on_error="skip"``): generate() would run another model than the forward graph."""
+
+
 def _add_generation_graphs(
-    optimized: Optimized, source: ModelSource, pipeline: str, ctx: Context, on_error: OnError
+    optimized: Optimized, source: ModelSource, pipeline: str, ctx: Context, on_error: OnError,
+    forward_status: Sequence[str],
 ) -> dict[str, list[dict[str, object]]]:
     """Capture the prefill and one-token decode steps and run the same pipeline on each (verified, with the
     same failure policy); returns each graph's pass statuses for the report. ``source.kv_model`` is passforge's
@@ -386,6 +374,13 @@ def _add_generation_graphs(
         )
         manager = PassManager.parse(pipeline, hooks=[VerifyHook()], on_error=on_error)
         result: PipelineResult = manager.run(gm, step_ctx)
+        for forward, record in zip(forward_status, result.records, strict=True):
+            if (forward == "ok") != (record.status == "ok"):
+                raise GenerationMismatch(
+                    f"'{record.spec}' was {forward} on the forward graph but {record.status} on the {label} graph"
+                    f"{f' ({record.error})' if record.error else ''}; generate() would run a different model, so "
+                    "there is none"
+                )
         graphs.append(result.graph)
         statuses[label] = [{"spec": r.spec, "status": r.status, "error": r.error} for r in result.records]
     optimized.prefill, optimized.decode = graphs

@@ -44,6 +44,33 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def staging_folder(target: Path) -> Path:
+    """A new empty folder beside ``target`` (same filesystem: a rename swaps it in) with the permissions a
+    folder made there would get (``mkdtemp`` makes it private)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    mask = os.umask(0)
+    os.umask(mask)
+    staging.chmod(0o777 & ~mask)
+    return staging
+
+
+def swap_in_folder(staging: Path, target: Path, *, keep: Sequence[str] = ()) -> None:
+    """Replace ``target`` by ``staging`` with renames; old contents are removed only once the new are in
+    place (a crash leaves the old folder or the new one, never neither). Entries named in ``keep`` move from
+    the old folder into the new one."""
+    old = None
+    if target.exists():
+        for name in keep:
+            if (target / name).exists():
+                os.replace(target / name, staging / name)
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        os.replace(target, old)
+    os.replace(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def safe_filename(name: str) -> str:
     """``name`` reduced to characters safe in one path component (a plugin's pass name cannot escape a folder)."""
     cleaned = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")

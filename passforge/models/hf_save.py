@@ -18,13 +18,13 @@ import copy
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import fx
 
 from passforge.ir.graph import tensor_attrs
+from passforge.ir.serialize import staging_folder, swap_in_folder
 
 
 class HFSaveError(RuntimeError):
@@ -65,16 +65,13 @@ def save_hf(
             f"the graph no longer computes what {type(hf_model).__name__} computes (max |logit difference| "
             f"{err:.3g}): a pass changed its operations, not only its sizes; save passforge's format instead"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = staging_folder(target)
     try:
         rebuilt.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         (staging / MARKER).write_text(json.dumps(provenance or {}, indent=2) + "\n", encoding="utf-8")
-        if target.exists():
-            shutil.rmtree(target)
-        staging.rename(target)
+        swap_in_folder(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -122,7 +119,12 @@ def _rebuild(hf_model: torch.nn.Module, config: object, weights: dict[str, torch
     """The architecture built from ``config`` holding the graph's tensors (every one of them used)."""
     from transformers.pytorch_utils import Conv1D
 
-    model = type(hf_model)(config).eval()
+    try:
+        model = type(hf_model)(config).eval()
+    except (ValueError, AssertionError) as exc:  # e.g. GPT-2's n_embd no longer divisible by n_head
+        raise HFSaveError(f"{type(hf_model).__name__} cannot be built with the pruned sizes: {exc}") from exc
+    if getattr(hf_model, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(hf_model.generation_config)  # eos ids, sampling defaults
     transposed = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
     state = model.state_dict(keep_vars=True)
     filled: set[int] = set()

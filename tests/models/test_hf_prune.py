@@ -42,9 +42,22 @@ def test_groups_in_hugging_face_graphs(arch, tmp_path):
 
 def test_fused_projections_prune_through_their_pieces(tmp_path):
     """Phi-3's qkv_proj (sliced) and gate_up_proj (split): one kv group and a quarter of the MLP go, the slice
-    bounds and split sizes follow, and the graph still runs."""
-    save_tiny(tmp_path, "phi3")
-    opt = passforge.optimize(tmp_path, pipeline="prune-channels,prune-channels(target=heads,ratio=0.5)",
+    bounds and split sizes follow, and each piece is scored on its own rows: with 32 channels silenced in
+    both halves of gate_up (and down's columns), l2 removes exactly those and the logits do not move."""
+    model = save_tiny(tmp_path / "in", "phi3")
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for half in (0, 128):
+                layer.mlp.gate_up_proj.weight[half + 40:half + 72] = 0
+            layer.mlp.down_proj.weight[:, 40:72] = 0
+    model.save_pretrained(tmp_path / "in", safe_serialization=True)
+    dense = passforge.optimize(tmp_path / "in", pipeline="cleanup", seq_len=SEQ_LEN, profile=False,
+                               generation=False)
+    mlp = passforge.optimize(tmp_path / "in", pipeline="prune-channels", seq_len=SEQ_LEN, profile=False,
+                             generation=False)
+    torch.testing.assert_close(mlp.graph(*mlp.example_inputs), dense.graph(*dense.example_inputs),
+                               rtol=1e-5, atol=1e-5)
+    opt = passforge.optimize(tmp_path / "in", pipeline="prune-channels,prune-channels(target=heads,ratio=0.5)",
                              seq_len=SEQ_LEN, profile=False, generation=False)
     weights = dict(opt.graph.named_parameters())
     assert weights["model.model.layers.0.self_attn.qkv_proj.weight"].shape == ((2 + 1 + 1) * 16, 64)
@@ -93,6 +106,8 @@ def test_what_hugging_face_cannot_express_is_refused(tmp_path):
                                    profile=False, generation=False)
     with pytest.raises(HFSaveError):
         quantized.save_hf(tmp_path / "out")
+    with pytest.raises(HFSaveError, match="input model's folder"):
+        per_layer.save_hf(tmp_path / "in" / "pruned")
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(HFSaveError, match="not a folder passforge wrote"):

@@ -101,8 +101,11 @@ class PruneChannels(Pass):
         keep = {g.name: memo_get(ctx.memo, f"{self.spec}:keep", [g.name]) for g in groups}
         todo = [g for g in groups if keep[g.name] is None]
         if todo:
-            if ctx.role != "forward" and len(todo) < len(groups):
-                raise PreconditionError(f"{self.spec}: the forward graph pruned only some of this graph's groups")
+            if ctx.role != "forward":  # a step graph must prune what the forward graph pruned: its own windows
+                raise PreconditionError(  # are one token (decode) and its choice could differ
+                    f"{self.spec}: the forward graph chose no channels for {len(todo)} of this {ctx.role} graph's "
+                    f"groups (first: {todo[0].name}); run the pipeline on the forward graph first, sharing ctx.memo"
+                )
             chosen, chosen_notes = self._choose(gm, ctx, todo)
             notes.extend(chosen_notes)
             for g in todo:
@@ -158,7 +161,7 @@ class PruneChannels(Pass):
             )
         else:
             counts = kept_counts(groups, scores, self.ratio, self.unit_multiple, self.scope)
-        return {g.name: scores[g.name].topk(counts[g.name]).indices.sort().values for g in groups}, notes
+        return {g.name: scores[g.name].cpu().topk(counts[g.name]).indices.sort().values for g in groups}, notes
 
     def _scores(self, gm: fx.GraphModule, ctx: Context, groups: list[Group]) -> dict[str, torch.Tensor]:
         if self.importance in ("l1", "l2"):
@@ -182,15 +185,14 @@ def kept_counts(
     """How many units each group keeps: ``(1 - ratio)`` of its own (``local``), or as many of its units as
     rank above the global cut of mean-normalised scores (``global``); rounded to ``multiple``, at least one
     multiple (a group smaller than that stays whole)."""
+    if ratio == 0:
+        return {g.name: g.units for g in groups}
     if scope == "local":
         return {g.name: _round(g.units * (1 - ratio), multiple, g.units) for g in groups}
-    normalised = {g.name: scores[g.name] / scores[g.name].mean().clamp(min=1e-12) for g in groups}
-    pooled = torch.cat(list(normalised.values()))
-    remove = round(ratio * pooled.numel())
-    if remove == 0:
-        return {g.name: g.units for g in groups}
-    cut = pooled.kthvalue(remove).values
-    return {g.name: _round(int((normalised[g.name] > cut).sum()), multiple, g.units) for g in groups}
+    normalised = [scores[g.name].cpu() / scores[g.name].cpu().mean().clamp(min=1e-12) for g in groups]
+    owner = torch.cat([torch.full((len(n),), i) for i, n in enumerate(normalised)])
+    removed = owner[torch.cat(normalised).argsort()[:round(ratio * len(owner))]]  # exactly that many, ties too
+    return {g.name: _round(g.units - int((removed == i).sum()), multiple, g.units) for i, g in enumerate(groups)}
 
 
 def _round(count: float, multiple: int, units: int) -> int:
@@ -207,9 +209,10 @@ def shrink(gm: fx.GraphModule, group: Group, keep: torch.Tensor) -> None:
         by_tensor.setdefault((s.name, s.dim), []).append(s)
     for (name, dim), slices in by_tensor.items():
         tensor = get_attr(gm, name)
-        index = torch.cat([(s.offset + keep[:, None] * s.unit + torch.arange(s.unit)).flatten()
+        kept = keep.to(tensor.device)
+        index = torch.cat([(s.offset + kept[:, None] * s.unit + torch.arange(s.unit, device=tensor.device)).flatten()
                            for s in sorted(slices, key=lambda s: s.offset)])
-        set_tensor_attr(gm, name, tensor.index_select(dim, index.to(tensor.device)).contiguous())
+        set_tensor_attr(gm, name, tensor.index_select(dim, index).contiguous())
     for arg in group.shapes:
         sizes = list(arg.node.args[1])
         if isinstance(sizes[arg.position], int) and sizes[arg.position] != -1:

@@ -39,14 +39,14 @@ def wanda_scores(gm: fx.GraphModule, group: Group, input_norms: dict[fx.Node, to
     producer, over the unit's rows (each row's weights times the norms of the producer's own inputs). An
     embedding producer's input is one-hot: its columns score by magnitude."""
     readers = _linears_by_weight(gm)
-    total = torch.zeros(group.units)
+    total = torch.zeros(group.units)  # _per_unit hands back CPU sums
     for s in (*group.producers, *group.consumers):
         w = get_attr(gm, s.name).float().abs()
         linear = readers.get(s.name)
         if linear is None:  # the embedding
             total += _per_unit(w, s, group.units)
             continue
-        norms = input_norms[linear.args[0]]
+        norms = input_norms[linear.args[0]].to(w.device)
         total += _per_unit(w * norms[None, :], s, group.units)
     return total
 
@@ -80,6 +80,7 @@ def taylor_scores(
     grads = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in tensors.items()}
     inputs = calibration_inputs(ctx, spec, windows)
     slot = _token_slot(inputs[0], spec)
+    flags = {name: t.requires_grad for name, t in tensors.items()}  # shared with the user's model: restored
     for t in tensors.values():
         t.requires_grad_(True)
     try:
@@ -93,8 +94,8 @@ def taylor_scores(
                 if g is not None:
                     grads[name] += g.float()
     finally:
-        for t in tensors.values():
-            t.requires_grad_(False)
+        for name, t in tensors.items():
+            t.requires_grad_(flags[name])
     scores = {}
     for g in groups:
         scores[g.name] = sum(
@@ -104,8 +105,9 @@ def taylor_scores(
 
 
 def _per_unit(values: torch.Tensor, s: Slice, units: int) -> torch.Tensor:
-    """Sum of ``values`` over each unit along ``s.dim``: (units,)."""
-    return values.movedim(s.dim, 0).reshape(units, -1).sum(dim=1)
+    """Sum of ``values`` over each unit along ``s.dim`` (from ``s.offset``: a fused weight's piece): (units,),
+    on the CPU so scores from tensors on any device compare."""
+    return values.movedim(s.dim, 0).narrow(0, s.offset, units * s.unit).reshape(units, -1).sum(dim=1).cpu()
 
 
 def _linears_by_weight(gm: fx.GraphModule) -> dict[str, fx.Node]:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from passforge.ir.graph import get_attr
+from passforge.ir.graph import get_attr, set_tensor_attr
 from passforge.passes.base import Context, PreconditionError
 from passforge.passes.prune.groups import Group
 from passforge.passes.quantize.calibrate import calibration_inputs
@@ -47,7 +47,7 @@ def sensitivity_counts(
     costs: dict[str, list[float]] = {}
     step = {g.name: multiple * max(1, math.ceil(g.units / (SCAN_STEPS * multiple))) for g in groups}
     for g in groups:
-        order = scores[g.name].argsort()  # lowest first
+        order = scores[g.name].cpu().argsort()  # lowest first
         costs[g.name] = [0.0]
         for k in range(1, int(g.units * MAX_STEP_FRACTION) // step[g.name] + 1):
             with _silenced(gm, g, order[:k * step[g.name]]):
@@ -81,23 +81,25 @@ def sensitivity_counts(
 
 
 class _silenced:
-    """Zero the given units of every tensor in the group (restored on exit)."""
+    """Swap in copies of the group's tensors with the given units zeroed; the originals go back on exit (the
+    tensors are shared with the user's model and the teacher: never written in place)."""
 
     def __init__(self, gm: fx.GraphModule, group: Group, units: torch.Tensor) -> None:
-        self.tensors = [(get_attr(gm, s.name), s) for s in dict.fromkeys((*group.producers, *group.consumers))]
+        self.gm = gm
+        self.slices = list(dict.fromkeys((*group.producers, *group.consumers)))
         self.units = units
-        self.saved: list[torch.Tensor] = []
+        self.originals: dict[str, torch.Tensor] = {}
 
     def __enter__(self) -> None:
-        for tensor, s in self.tensors:
-            index = (self.units[:, None] * s.unit + torch.arange(s.unit)).flatten()
-            self.saved.append(tensor.index_select(s.dim, index).clone())
-            tensor.data.index_fill_(s.dim, index, 0)
+        for s in self.slices:
+            tensor = get_attr(self.gm, s.name)
+            self.originals.setdefault(s.name, tensor)
+            index = (s.offset + self.units[:, None] * s.unit + torch.arange(s.unit)).flatten()
+            set_tensor_attr(self.gm, s.name, tensor.index_fill(s.dim, index.to(tensor.device), 0))
 
     def __exit__(self, *exc: object) -> None:
-        for (tensor, s), saved in reversed(list(zip(self.tensors, self.saved, strict=True))):
-            index = (self.units[:, None] * s.unit + torch.arange(s.unit)).flatten()
-            tensor.data.index_copy_(s.dim, index, saved)
+        for name, tensor in self.originals.items():
+            set_tensor_attr(self.gm, name, tensor)
 
 
 @torch.no_grad()

@@ -183,5 +183,36 @@ def test_optimize_keeps_the_pruned_forward_graph_when_heads_cannot_prune_the_cac
                                    profile=False)
     assert heads.prefill is None and "graph's outputs" in heads.report["generation"]["error"]
     assert get_attr(heads.graph, "layers.0.attention.k_proj.weight").shape[0] < SMALL.n_kv_heads * SMALL.head_dim
+    with pytest.warns(UserWarning, match="generate\\(\\) would run a different model"):  # skip: not silently unpruned
+        skipped = passforge.optimize(small_llama, (tokens,), pipeline="prune-channels(target=heads,ratio=0.5)",
+                                     on_error="skip", profile=False)
+    assert skipped.prefill is None
     mlp = passforge.optimize(small_llama, (tokens,), pipeline="prune-channels", profile=False)
     assert get_attr(mlp.decode, "model.layers.0.feed_forward.down_proj.weight").shape == (SMALL.dim, 96)
+
+
+def test_taylor_leaves_the_users_parameters_as_they_were(small_llama, tokens):
+    """The captured graph shares the model's parameters: scoring toggles requires_grad and must restore it."""
+    gm = capture(small_llama, (tokens,))
+    calib = torch.randint(0, SMALL.vocab_size, (2048,), generator=torch.Generator().manual_seed(6))
+    _run(gm, PruneChannels(importance="taylor"), tokens=tokens, calib=calib)
+    assert all(p.requires_grad for p in small_llama.parameters())
+
+
+def test_kept_counts_edges():
+    from types import SimpleNamespace
+
+    from passforge.passes.prune.channels import kept_counts
+
+    a, b = SimpleNamespace(name="a", units=100), SimpleNamespace(name="b", units=100)
+    ties = {"a": torch.zeros(100), "b": torch.zeros(100)}
+    assert kept_counts([a, b], ties, 0.0, 8, "local") == {"a": 100, "b": 100}  # ratio 0 keeps every unit
+    assert sum(kept_counts([a, b], ties, 0.1, 1, "global").values()) == 180  # exactly 10% go, ties or not
+
+
+def test_a_step_graph_without_the_forward_choice_is_refused(small_llama):
+    inputs = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *small_llama.new_kv_cache(1))
+    gm = capture(DecodeStep(small_llama), inputs)
+    ctx = Context(example_inputs=inputs, role="decode")
+    with pytest.raises(PreconditionError, match="forward graph chose no channels"):
+        PruneChannels().run(gm, ctx)
