@@ -10,7 +10,7 @@ python3 -m pip install --quiet safetensors rich tqdm matplotlib pytest triton 2>
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
 
 # Most valuable first (device time is short): the Triton kernels have never been compiled on a GPU.
-# Worst case: 120 + 75 + 90 + 60 + 45 + 60 s = 7.5 minutes plus the installs.
+# Worst case: 120 + 75 + 90 + 60 + 30 + 45 + 60 s = 8 minutes plus the installs.
 
 # 1. Triton kernels, compiled (on CPU the same tests run them under TRITON_INTERPRET; with a GPU tests/kernels'
 #    conftest leaves it unset): their tests, then kernel vs reference vs cuBLAS bf16 times at decode and prefill
@@ -25,6 +25,9 @@ timeout 90 python3 benchmarks/attention_gpu.py --quick | tee "$OUT/attention.md"
 # 2. The lowering on CUDA (speed guard, int8 / int4 / static / fp8 ops through lower-quant) and the runtime.
 timeout 60 python3 -m pytest -q -x tests/passes/quantize/test_lower.py tests/passes/quantize/test_lower_static.py \
     tests/runtime 2>&1 | tail -5 | tee "$OUT/tests.txt" || true
+# 2b. 2:4 weights swapped to torch's semi-structured sparse tensors, and pruning with CUDA tensors.
+timeout 30 python3 -m pytest -q tests/passes/prune -k "cuda or semi_structured" 2>&1 | tail -5 \
+    | tee "$OUT/sparse-tests.txt" || true
 
 # 3. The default pipeline on the bundled LM and a quantized one on the ~100M preset, on CUDA.
 timeout 45 python3 -m passforge.tools.cli optimize --device cuda --out "$OUT/tiny-lm" | tee "$OUT/tiny-lm.txt" || true

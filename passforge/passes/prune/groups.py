@@ -592,7 +592,9 @@ def _classify(group: Group) -> Kind:
     targets = {n.target for n in group.values} | {u.target for n in group.values for u in n.users}
     if aten.embedding.default in targets or targets & (_REDUCTIONS | {aten.layer_norm.default}):
         return "hidden"
-    if aten.scaled_dot_product_attention.default in targets or _passforge_attention() in targets:
+    attention = {aten.scaled_dot_product_attention.default, _passforge_attention(), aten.matmul.default,
+                 aten.bmm.default}  # matmuls batched over the channel: attention written out (an ONNX import)
+    if targets & attention:
         return "heads"
     return "mlp"
 

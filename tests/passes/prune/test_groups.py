@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from passforge.ir.capture import capture
@@ -108,3 +109,28 @@ def test_per_channel_parameters_and_biases_join_the_group():
     assert not g.blocked and g.units == 16
     assert sorted(s.name for s in g.params) == ["a.bias", "scale"]
     assert [s.name for s in g.consumers] == ["b.weight"]
+
+
+def test_onnx_import_prunes_like_the_captured_graph(small_llama, tokens, tmp_path):
+    """The same LLaMA through torch.onnx and passforge's importer (attention written out as matmul/softmax,
+    reshapes with -1): the same groups, and pruning it (l2: the same choice) computes what pruning the
+    captured graph computes."""
+    pytest.importorskip("onnx_graphsurgeon", reason="ONNX import needs onnx-graphsurgeon")
+    import warnings
+
+    from passforge.ir.onnx_import import import_onnx
+    from passforge.passes.base import Context
+    from passforge.passes.hooks import VerifyHook
+    from passforge.passes.manager import PassManager
+    from passforge.passes.prune.channels import PruneChannels
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(small_llama, (tokens,), tmp_path / "llama.onnx", dynamo=True)
+    imported = import_onnx(tmp_path / "llama.onnx", (tokens,), dynamic=False)
+    kinds = {(g.kind, g.units) for g in find_groups(imported, allow_reduce=True) if not g.blocked}
+    assert kinds == {("mlp", SMALL.ffn_dim), ("heads", SMALL.n_kv_heads), ("hidden", SMALL.dim)}
+    passes = [PruneChannels(), PruneChannels(target="heads", ratio=0.5)]
+    pruned = [PassManager(passes, hooks=[VerifyHook()]).run(gm, Context(example_inputs=(tokens,))).graph
+              for gm in (imported, capture(small_llama, (tokens,)))]
+    torch.testing.assert_close(pruned[0](tokens), pruned[1](tokens), rtol=1e-4, atol=1e-4)
