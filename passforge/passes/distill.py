@@ -68,7 +68,7 @@ from torch import fx
 from torch.utils import _pytree as pytree
 
 from passforge.eval.perplexity import perplexity
-from passforge.ir.graph import copy_graph_module, describe_val, get_attr, set_tensor_attr, to_device
+from passforge.ir.graph import copy_graph_module, describe_val, get_attr, set_tensor_attr, tensor_attrs, to_device
 from passforge.passes.base import Context, Pass, PassResult, PreconditionError
 from passforge.passes.quantize.calibrate import memo_get, memo_put
 from passforge.passes.quantize.ste import _pairs as fake_quant_pairs
@@ -146,7 +146,9 @@ class Distill(Pass):
         hidden = self.loss == "kl+hidden"
         teacher = _LogitsGraph(copy_graph_module(self._teacher(ctx, gm)), hidden, self.spec)
         quantized = any(n.target in fake_quant_pairs() for n in gm.graph.nodes)
-        student = _LogitsGraph(straight_through(gm) if quantized else copy_graph_module(gm), hidden, self.spec)
+        student_graph = straight_through(gm) if quantized else copy_graph_module(gm)
+        frozen = _freeze_untrained(student_graph, names)
+        student = _LogitsGraph(student_graph, hidden, self.spec)
         _check_outputs_match(student, teacher, self.spec)
         run = _Training(self, student, teacher, data, names, gm)
         run.train()
@@ -158,6 +160,9 @@ class Distill(Pass):
             f"trained {len(names)} tensors ({run.numel} values): linear, embedding and norm parameters"
             + (", through the straight-through fake-quant graph" if quantized else ""),
         ]
+        if frozen:
+            notes.append(f"not trained (read by ops other than linear/embedding/norm slots): {', '.join(frozen[:5])}"
+                         + (f" and {len(frozen) - 5} more" if len(frozen) > 5 else ""))
         stats = {"steps": run.steps_run, "trained_tensors": len(names)}
         if run.best_step == 0:
             notes.append("no evaluation beat the starting weights: weights left unchanged")
@@ -194,6 +199,7 @@ class Distill(Pass):
     def _reuse(self, gm: fx.GraphModule, ctx: Context, names: list[str]) -> PassResult:
         """A prefill or decode graph: take the forward graph's trained tensors from ``ctx.memo``."""
         reused, mismatched = 0, []
+        converted: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}  # tied names: one object
         for name in names:
             value = memo_get(ctx.memo, self._memo_kind, [name])
             if value is None:
@@ -202,7 +208,9 @@ class Distill(Pass):
             if value.shape != old.shape:
                 mismatched.append(name)
                 continue
-            set_tensor_attr(gm, name, value.to(device=old.device, dtype=old.dtype))
+            key = (id(value), old.dtype, old.device)
+            converted.setdefault(key, value.to(device=old.device, dtype=old.dtype))
+            set_tensor_attr(gm, name, converted[key])
             reused += 1
         notes = [f"{ctx.role} graph: took {reused} of {len(names)} trained tensors from the forward graph's run"]
         if mismatched:
@@ -212,6 +220,20 @@ class Distill(Pass):
                      "unchanged (generation graphs are not trained: run the pipeline on the forward graph first)"]
             return PassResult(gm, modified=False, stats={"steps": 0}, notes=notes)
         return PassResult(gm, modified=True, stats={"steps": 0, "reused": reused}, notes=notes)
+
+
+def _freeze_untrained(student: fx.GraphModule, names: list[str]) -> list[str]:
+    """The student copy's float parameters that are not trained, replaced by detached tensors (same storage,
+    no autograd): they are shared with the user's model, whose ``.grad`` a backward pass must not touch.
+    Returns their names (the report lists them)."""
+    trained = set(names)
+    frozen = []
+    for name, tensor in list(tensor_attrs(student)):
+        if name not in trained and tensor.is_floating_point():
+            set_tensor_attr(student, name, tensor.detach())
+            if isinstance(tensor, torch.nn.Parameter):
+                frozen.append(name)
+    return frozen
 
 
 def trainable_names(gm: fx.GraphModule) -> list[str]:
@@ -454,11 +476,18 @@ class _Training:
         self.stop_reason = ""
 
     def params(self) -> dict[str, torch.Tensor]:
-        return {name: self.masters[key].to(self.dtype_of[key]) for key, names in self.names_of.items()
-                for name in names}
+        return self._by_name(self.masters)
 
     def best_weights(self) -> dict[str, torch.Tensor]:
-        return {name: self.best[key].to(self.dtype_of[key]) for key, names in self.names_of.items() for name in names}
+        return self._by_name(self.best)
+
+    def _by_name(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Every name of each trained tensor -> one converted value (tied names must get the same object)."""
+        out = {}
+        for key, names in self.names_of.items():
+            value = values[key].to(self.dtype_of[key])
+            out.update(dict.fromkeys(names, value))
+        return out
 
     def train(self) -> None:
         from tqdm.auto import tqdm
@@ -532,7 +561,7 @@ class _Training:
         """Score the current weights on the held-out tokens; keep them if they are the best so far."""
         ppl = self._held_out_perplexity(self.student, self.params())
         self.history.append((step, ppl))
-        if ppl >= self.best_ppl:
+        if not math.isfinite(ppl) or ppl >= self.best_ppl:  # a diverged (NaN/inf) step is never the best
             return False
         self.best_ppl, self.best_step = ppl, step
         self.best = {key: master.detach().clone() for key, master in self.masters.items()} if step else None

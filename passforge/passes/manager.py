@@ -104,8 +104,15 @@ class PassManager:
         """Run every pass on a copy of ``gm`` (the caller's graph is never changed). Unless the context names
         one already, ``gm`` becomes ``ctx.teacher``: the original model that ``distill`` trains towards."""
         ctx = ctx or Context()
-        if ctx.teacher is None:
-            ctx.teacher = gm
+        if ctx.teacher is not None:
+            return self._run(gm, ctx)
+        ctx.teacher = gm
+        try:
+            return self._run(gm, ctx)
+        finally:
+            ctx.teacher = None  # this run's original: a later run on another model must not train towards it
+
+    def _run(self, gm: fx.GraphModule, ctx: Context) -> PipelineResult:
         work = copy_graph_module(gm)
         result = PipelineResult(graph=work, pipeline=self.spec, records=[])
         for hook in self.hooks:

@@ -176,6 +176,48 @@ def test_tied_weights_stay_tied():
     head, emb = get_attr(result.graph, "head.weight"), get_attr(result.graph, "emb.weight")
     assert head.data_ptr() == emb.data_ptr() and not torch.equal(head, get_attr(student, "head.weight"))
     assert param_stats(result.graph) == param_stats(student)
+    bf16 = PassManager.parse("distill(steps=4,lr=1e-2,eval_every=2)").run(  # one converted value for both names
+        student.to(torch.bfloat16), Context(example_inputs=(tokens,), calib_tokens=calib,
+                                            teacher=teacher.to(torch.bfloat16)))
+    assert bf16.records[0].status == "ok", bf16.records[0].error
+
+
+class _MatmulProjection(torch.nn.Module):
+    """A parameter read by ``x @ W`` (not a linear slot): not trained, and the user's model gets no ``.grad``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = torch.nn.Embedding(32, 8)
+        self.proj = torch.nn.Parameter(torch.randn(8, 8) / 3)
+        self.head = torch.nn.Linear(8, 32, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(ids) @ self.proj))
+
+
+def test_untrained_parameters_get_no_gradient_and_are_named():
+    tokens = torch.zeros(1, 8, dtype=torch.long)
+    model = _MatmulProjection()
+    teacher = capture(model, (tokens,))
+    student = _noisy(teacher, scale=0.5)
+    calib = torch.randint(0, 32, (2000,), generator=torch.Generator().manual_seed(4))
+    result = PassManager.parse("distill(steps=5,lr=1e-2,eval_every=5)").run(
+        student, Context(example_inputs=(tokens,), calib_tokens=calib))
+    assert model.proj.grad is None and model.emb.weight.grad is None
+    assert any("not trained" in n and "proj" in n for n in result.records[0].notes)
+
+
+def test_a_diverging_run_is_never_kept(lm):
+    """NaN perplexity compares false with everything: it must not count as an improvement."""
+    result = _run(_noisy(lm[1]), "distill(steps=3,lr=1e30,eval_every=1,batch_size=2,patience=5)", lm)
+    for _, tensor in result.graph.named_parameters():
+        assert torch.isfinite(tensor).all()
+
+
+def test_the_teacher_is_this_runs_original_only(lm):
+    ctx = Context(example_inputs=(torch.zeros(1, 8, dtype=torch.long),))
+    PassManager([]).run(lm[1], ctx)
+    assert ctx.teacher is None  # a later run on another model must not distill towards this one
 
 
 # --- numerics -----------------------------------------------------------------------------------------------

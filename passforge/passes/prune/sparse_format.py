@@ -15,6 +15,7 @@ other tensor as it is. :func:`load_compressed` reads it back to dense tensors by
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import torch
@@ -98,13 +99,16 @@ def save_compressed(gm: fx.GraphModule, path: str | os.PathLike[str]) -> None:
     shapes: dict[str, list[int]] = {}
     aliases: dict[str, str] = {}
     first_reader: dict[tuple, str] = {}
-    for name, tensor in tensor_attrs(gm):
-        tensor = _dense(tensor).cpu()
+    for name, original in tensor_attrs(gm):
+        # the alias key comes from the graph's own tensor: a temporary copy (.cpu() of a CUDA tensor) is freed
+        # at the next step and its address reused, which would make two weights look like one
+        key = (_storage_key(original), original.storage_offset(), tuple(original.shape), original.stride(),
+               original.dtype)
+        tensor = _dense(original).cpu()
         if name in packed:
             tensors[f"{name}.values"], tensors[f"{name}.bitmask"] = pack(tensor)
             shapes[name] = list(tensor.shape)
             continue
-        key = (_storage_key(tensor), tensor.storage_offset(), tuple(tensor.shape), tensor.stride(), tensor.dtype)
         if key in first_reader:
             aliases[name] = first_reader[key]  # a tied weight: stored once
             continue
@@ -124,13 +128,39 @@ def load_compressed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{path} is not a passforge compressed checkpoint (format {metadata.get('format')!r})")
         stored = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    shapes: dict[str, list[int]] = json.loads(metadata["packed_shapes"])
-    tensors = {name: unpack(stored.pop(f"{name}.values"), stored.pop(f"{name}.bitmask"), shape)
-               for name, shape in shapes.items()}
+    try:
+        shapes: dict[str, list[int]] = json.loads(metadata["packed_shapes"])
+        aliases: dict[str, str] = json.loads(metadata["aliases"])
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: damaged passforge compressed checkpoint (metadata: {exc})") from None
+    tensors = {name: _unpack_checked(path, name, stored, shape) for name, shape in shapes.items()}
     tensors.update(stored)
-    for name, target in json.loads(metadata["aliases"]).items():
+    for name, target in aliases.items():
+        if target not in tensors:
+            raise ValueError(f"{path}: '{name}' is stored as an alias of '{target}', which the file does not hold")
         tensors[name] = tensors[target]
     return tensors
+
+
+def _unpack_checked(path: object, name: str, stored: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
+    """One packed weight, after checking that its entries fit together (else a ValueError naming it)."""
+    values, bitmask = stored.pop(f"{name}.values", None), stored.pop(f"{name}.bitmask", None)
+    problem = None
+    if values is None or bitmask is None:
+        problem = "its values or bitmask are missing"
+    elif not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        problem = f"its shape {shape!r} is not a list of sizes"
+    elif bitmask.dtype != torch.uint8 or bitmask.dim() != 1 or bitmask.numel() != -(-math.prod(shape) // 8):
+        problem = f"its bitmask ({bitmask.dtype}, {bitmask.numel()} bytes) does not cover shape {shape}"
+    elif values.dim() != 1:
+        problem = "its values are not 1-D"
+    else:
+        bits = ((bitmask[:, None].to(torch.int32) & _BIT_WEIGHTS) != 0).flatten()
+        if int(bits.sum()) != values.numel() or bits[math.prod(shape):].any():
+            problem = f"its bitmask marks {int(bits.sum())} entries for {values.numel()} values"
+    if problem:
+        raise ValueError(f"{path}: damaged passforge compressed checkpoint: '{name}': {problem}")
+    return unpack(values, bitmask, shape)
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:

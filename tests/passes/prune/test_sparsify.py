@@ -196,6 +196,30 @@ def test_tied_weights_are_stored_once(tmp_path):
     assert torch.equal(loaded["head.weight"], gm.get_parameter("head.weight"))
 
 
+def test_damaged_compressed_checkpoints_are_refused_with_the_name(small, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    _, tokens, llama_graph = small
+    gm = _run(llama_graph, Sparsify(method="magnitude"), tokens).graph
+    save_compressed(gm, tmp_path / "ok.safetensors")
+    with safe_open(str(tmp_path / "ok.safetensors"), framework="pt") as handle:
+        metadata = handle.metadata()
+    stored = load_file(tmp_path / "ok.safetensors")
+    name = next(k for k in stored if k.endswith(".bitmask")).removesuffix(".bitmask")
+    cases = {
+        "missing": ({k: v for k, v in stored.items() if k != f"{name}.bitmask"}, metadata),
+        "short": ({**stored, f"{name}.bitmask": stored[f"{name}.bitmask"][:-1].clone()}, metadata),
+        "float": ({**stored, f"{name}.bitmask": stored[f"{name}.bitmask"].float()}, metadata),
+        "alias": (stored, {**metadata, "aliases": '{"x": "nowhere"}'}),
+    }
+    for label, (tensors, meta) in cases.items():
+        path = tmp_path / f"{label}.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(ValueError, match=r"damaged|alias"):
+            load_compressed(path)
+
+
 # --- counts and negatives ------------------------------------------------------------------------------------
 
 
