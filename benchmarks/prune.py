@@ -96,7 +96,6 @@ class Bench:
         self.calib = torch.tensor(encode(bundled.calib_text()))
         self.eval = torch.tensor(encode(bundled.eval_text()))
         self.eval_windows = eval_windows
-        self.timing_graph = {}
 
     def ppl(self, gm: fx.GraphModule) -> float:
         with torch.inference_mode():

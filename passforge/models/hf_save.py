@@ -127,15 +127,17 @@ def _rebuild(hf_model: torch.nn.Module, config: object, weights: dict[str, torch
         model.generation_config = copy.deepcopy(hf_model.generation_config)  # eos ids, sampling defaults
     transposed = {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, Conv1D)}
     state = model.state_dict(keep_vars=True)
+    names: dict[int, list[str]] = {}  # tied tensors (GPT-2's wte and lm_head): the graph keeps one of the names
+    for key, param in state.items():
+        names.setdefault(id(param), []).append(key)
+    buffers = {name for name, _ in model.named_buffers()}
     filled: set[int] = set()
     for key, param in state.items():
-        if id(param) in filled:  # tied to a tensor filled already (GPT-2's wte and lm_head)
+        if id(param) in filled:  # tied to a tensor filled already
             continue
-        source = weights.get(key)
+        source = next((weights[name] for name in names[id(param)] if name in weights), None)
         if source is None:
-            source = _tied_source(model, key, weights)
-        if source is None:
-            if key in dict(model.named_buffers()):
+            if key in buffers:
                 continue  # a buffer the model computes itself (rotary inv_freq)
             raise HFSaveError(f"the graph has no tensor for {key}")
         if not source.is_floating_point():
@@ -151,12 +153,3 @@ def _rebuild(hf_model: torch.nn.Module, config: object, weights: dict[str, torch
             param.copy_(value)
         filled.add(id(param))
     return model
-
-
-def _tied_source(model: torch.nn.Module, key: str, weights: dict[str, torch.Tensor]) -> torch.Tensor | None:
-    """The graph keeps one name for tied tensors: find the one this key is tied to."""
-    state = model.state_dict(keep_vars=True)
-    for other, param in state.items():
-        if other != key and param is state[key] and other in weights:
-            return weights[other]
-    return None

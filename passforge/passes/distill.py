@@ -70,7 +70,7 @@ from torch.utils import _pytree as pytree
 from passforge.eval.perplexity import perplexity
 from passforge.ir.graph import copy_graph_module, describe_val, get_attr, set_tensor_attr, tensor_attrs, to_device
 from passforge.passes.base import Context, Pass, PassResult, PreconditionError
-from passforge.passes.quantize.calibrate import memo_get, memo_put
+from passforge.passes.quantize.calibrate import memo_get, memo_put, token_slot
 from passforge.passes.quantize.ste import _pairs as fake_quant_pairs
 from passforge.passes.quantize.ste import straight_through
 from passforge.passes.registry import register
@@ -373,8 +373,7 @@ class _Windows:
     @classmethod
     def from_context(cls, ctx: Context, gm: fx.GraphModule, seq_len: int, spec: str) -> _Windows:
         example = tuple(ctx.example_inputs)
-        slot = next((i for i, x in enumerate(example)
-                     if isinstance(x, torch.Tensor) and x.dtype == torch.long and x.dim() == 2), None)
+        slot = token_slot(example)
         if slot is None:
             raise PreconditionError(f"{spec}: distill trains language models on token windows, but none of the "
                                     "example inputs is a (batch, seq) int64 token tensor")

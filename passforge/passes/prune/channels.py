@@ -46,7 +46,7 @@ from passforge.passes.prune import importance as imp
 from passforge.passes.prune.groups import Group, Piece, Slice, find_groups
 from passforge.passes.prune.schedule import sensitivity_counts
 from passforge.passes.quantize.calibrate import memo_get, memo_put
-from passforge.passes.quantize.insert import _name_matches
+from passforge.passes.quantize.insert import name_matches
 from passforge.passes.registry import register
 
 aten = torch.ops.aten
@@ -124,7 +124,8 @@ class PruneChannels(Pass):
         """This target's prunable groups not yet pruned; notes name the ones left alone and why. Raises
         :class:`PreconditionError` when the graph has groups of this kind but none can be pruned."""
         skips = [p for p in self.skip.split(";") if p]
-        found = [g for g in find_groups(gm, allow_reduce=self.target == "hidden") if g.kind == self.target]
+        every = find_groups(gm, allow_reduce=self.target == "hidden")
+        found = [g for g in every if g.kind == self.target]
         notes, groups = [], []
         fused = {linear for g in found for linear in g.fused}
         found = [g for g in found if g.seed not in fused]  # a fused projection is pruned through its pieces
@@ -134,13 +135,12 @@ class PruneChannels(Pass):
             if g.blocked:
                 if not _is_output_head(g):
                     notes.append(f"{g.name}: not pruned: {g.blocked}")
-            elif any(_name_matches(g.name, p) for p in skips):
+            elif any(name_matches(g.name, p) for p in skips):
                 notes.append(f"{g.name}: skipped by name")
             else:
                 groups.append(g)
         if not groups and not done:
-            blocked = [g for g in find_groups(gm, allow_reduce=self.target == "hidden")
-                       if g.blocked and g.kind == self.target and not _is_output_head(g)]
+            blocked = [g for g in every if g.blocked and g.kind == self.target and not _is_output_head(g)]
             reasons = "; ".join(f"{g.name}: {g.blocked}" for g in blocked[:3])
             raise PreconditionError(
                 f"{self.spec}: found no {self.target} group this pass can prune"
@@ -202,7 +202,7 @@ def _round(count: float, multiple: int, units: int) -> int:
 
 
 def shrink(gm: fx.GraphModule, group: Group, keep: torch.Tensor) -> None:
-    """Keep units ``keep`` of every tensor in ``group`` and rewrite its shape constants; mark its linears.
+    """Keep units ``keep`` of every tensor in ``group`` and rewrite its shape constants; mark it pruned.
     The pieces of a fused weight (q, k, v at their offsets) shrink together, each by its own unit."""
     by_tensor: dict[tuple[str, int], list[Slice]] = {}
     for s in dict.fromkeys(group.slices):  # a tied weight is both a producer and a consumer: shrink it once
@@ -210,8 +210,7 @@ def shrink(gm: fx.GraphModule, group: Group, keep: torch.Tensor) -> None:
     for (name, dim), slices in by_tensor.items():
         tensor = get_attr(gm, name)
         kept = keep.to(tensor.device)
-        index = torch.cat([(s.offset + kept[:, None] * s.unit + torch.arange(s.unit, device=tensor.device)).flatten()
-                           for s in sorted(slices, key=lambda s: s.offset)])
+        index = torch.cat([s.elements(kept) for s in sorted(slices, key=lambda s: s.offset)])
         set_tensor_attr(gm, name, tensor.index_select(dim, index).contiguous())
     for arg in group.shapes:
         sizes = list(arg.node.args[1])
@@ -219,7 +218,7 @@ def shrink(gm: fx.GraphModule, group: Group, keep: torch.Tensor) -> None:
             sizes[arg.position] = len(keep) * arg.unit
             arg.node.args = (arg.node.args[0], sizes, *arg.node.args[2:])
     _rewrite_pieces(group.pieces, len(keep))
-    for node in {group.seed, *group.linears, *group.fused}:
+    for node in {group.seed, *group.fused}:  # a later walk seeds the same group at the same node
         node.meta[PRUNED_META] = True
 
 

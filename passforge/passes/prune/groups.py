@@ -61,6 +61,10 @@ class Slice:
     unit: int
     offset: int = 0
 
+    def elements(self, units: torch.Tensor) -> torch.Tensor:
+        """Indices along ``dim`` of the elements that units ``units`` (unit numbers, 1-D) own."""
+        return (self.offset + units[:, None] * self.unit + torch.arange(self.unit, device=units.device)).flatten()
+
 
 @dataclass(frozen=True)
 class Piece:
@@ -96,7 +100,6 @@ class Group:
     params: list[Slice] = field(default_factory=list)
     shapes: list[ShapeArg] = field(default_factory=list)
     pieces: list[Piece] = field(default_factory=list)
-    linears: list[fx.Node] = field(default_factory=list)  # producing linears, in graph order
     values: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)  # value -> (dim, unit)
     fused: set[fx.Node] = field(default_factory=set)  # fused projections this group owns pieces of
     blocked: str | None = None
@@ -131,19 +134,19 @@ def find_groups(gm: fx.GraphModule, *, allow_reduce: bool = False) -> list[Group
     for node in gm.graph.nodes:
         if node in claimed or not (node.target in (aten.linear.default, aten.embedding.default) or _piece_of(node)):
             continue
-        group = _walk(gm, node, allow_reduce=allow_reduce)
+        group = _walk(node, allow_reduce=allow_reduce)
         claimed.update(group.values)
         groups.append(group)
     return groups
 
 
-def _walk(gm: fx.GraphModule, seed: fx.Node, *, allow_reduce: bool) -> Group:
+def _walk(seed: fx.Node, *, allow_reduce: bool) -> Group:
     dim = _ndim(seed) - 1
     unit = 1
     while True:
         group = Group(seed)
         try:
-            _Walker(gm, group, allow_reduce).run(seed, dim, unit)
+            _Walker(group, allow_reduce).run(seed, dim, unit)
             group.units = _size(seed, dim) // unit
             _check_units(group)
         except _Regroup as exc:
@@ -153,27 +156,13 @@ def _walk(gm: fx.GraphModule, seed: fx.Node, *, allow_reduce: bool) -> Group:
             group.blocked = str(exc)
         break
     group.kind = _classify(group)
-    group.linears = sorted(
-        {n for n in group.values if n.target in (aten.linear.default, aten.embedding.default)
-         and _produces(group, n)}, key=_order(gm))
     return group
-
-
-def _order(gm: fx.GraphModule):
-    index = {n: i for i, n in enumerate(gm.graph.nodes)}
-    return index.__getitem__
-
-
-def _produces(group: Group, node: fx.Node) -> bool:
-    dim, _ = group.values[node]
-    return dim == _ndim(node) - 1
 
 
 class _Walker:
     """Flood fill over (value, dim, unit): each op relates the tracked dim of one operand to the others."""
 
-    def __init__(self, gm: fx.GraphModule, group: Group, allow_reduce: bool) -> None:
-        self.gm = gm
+    def __init__(self, group: Group, allow_reduce: bool) -> None:
         self.group = group
         self.allow_reduce = allow_reduce
         self.todo: list[tuple[fx.Node, int, int]] = []
@@ -431,7 +420,6 @@ class _Walker:
     def _matmul(self, op: fx.Node) -> None:
         """Batch dims align (heads in an unfused attention); a contraction or a row/column dim is refused."""
         a, b = op.args[:2]
-        nd = _ndim(op)
         entry = next(x for x in (op, a, b) if self._tracked(x) is not None)
         dim, unit = self.group.values[entry]
         from_end = dim - _ndim(entry)
@@ -440,7 +428,6 @@ class _Walker:
         for x in (op, a, b):
             if _ndim(x) >= -from_end and _size(x, _ndim(x) + from_end) > 1:
                 self.visit(x, _ndim(x) + from_end, unit)
-        del nd
 
     def _piece(self, op: fx.Node) -> None:
         """A piece of a fused projection carries the channel: the producing rows are that piece of the fused

@@ -18,13 +18,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from passforge.ir.graph import get_attr
 from passforge.passes.base import Context, PreconditionError
 from passforge.passes.prune.groups import Group, Slice
-from passforge.passes.quantize.calibrate import calibration_inputs, observe
+from passforge.passes.quantize.calibrate import calibration_inputs, next_token_loss, observe, token_slot
 
 aten = torch.ops.aten
 
@@ -79,16 +78,16 @@ def taylor_scores(
     tensors = {name: get_attr(gm, name) for name in names}
     grads = {name: torch.zeros_like(t, dtype=torch.float32) for name, t in tensors.items()}
     inputs = calibration_inputs(ctx, spec, windows)
-    slot = _token_slot(inputs[0], spec)
+    slot = token_slot(inputs[0])
+    if slot is None:
+        raise PreconditionError(f"{spec}: taylor importance needs a (batch, seq) token input to compute the loss")
     flags = {name: t.requires_grad for name, t in tensors.items()}  # shared with the user's model: restored
     for t in tensors.values():
         t.requires_grad_(True)
     try:
         for args in inputs:
             with torch.enable_grad():
-                logits = _logits(gm(*args), spec)
-                tokens = args[slot]
-                loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+                loss = next_token_loss(gm(*args), args[slot], spec)
                 found = torch.autograd.grad(loss, list(tensors.values()), allow_unused=True)
             for name, g in zip(tensors, found, strict=True):
                 if g is not None:
@@ -115,18 +114,3 @@ def _linears_by_weight(gm: fx.GraphModule) -> dict[str, fx.Node]:
         n.args[1].target: n for n in gm.graph.nodes
         if n.target is aten.linear.default and isinstance(n.args[1], fx.Node) and n.args[1].op == "get_attr"
     }
-
-
-def _token_slot(args: tuple[object, ...], spec: str) -> int:
-    for i, x in enumerate(args):
-        if isinstance(x, torch.Tensor) and x.dtype == torch.long and x.dim() == 2:
-            return i
-    raise PreconditionError(f"{spec}: taylor importance needs a (batch, seq) token input to compute the loss")
-
-
-def _logits(out: object, spec: str) -> torch.Tensor:
-    flat, _ = torch.utils._pytree.tree_flatten(out)
-    for t in flat:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3:
-            return t
-    raise PreconditionError(f"{spec}: taylor importance needs the graph to return (batch, seq, vocab) logits")

@@ -17,13 +17,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import fx
 
 from passforge.ir.graph import get_attr, set_tensor_attr
 from passforge.passes.base import Context, PreconditionError
 from passforge.passes.prune.groups import Group
-from passforge.passes.quantize.calibrate import calibration_inputs
+from passforge.passes.quantize.calibrate import calibration_inputs, next_token_loss, token_slot
 
 MAX_STEP_FRACTION = 0.875  # never silence more than 7/8 of a group in the scan
 SCAN_STEPS = 16  # a group's scan measures at most this many sizes (steps of whole multiples)
@@ -94,8 +93,8 @@ class _silenced:
         for s in self.slices:
             tensor = get_attr(self.gm, s.name)
             self.originals.setdefault(s.name, tensor)
-            index = (s.offset + self.units[:, None] * s.unit + torch.arange(s.unit)).flatten()
-            set_tensor_attr(self.gm, s.name, tensor.index_fill(s.dim, index.to(tensor.device), 0))
+            index = s.elements(self.units.to(tensor.device))
+            set_tensor_attr(self.gm, s.name, tensor.index_fill(s.dim, index, 0))
 
     def __exit__(self, *exc: object) -> None:
         for name, tensor in self.originals.items():
@@ -105,15 +104,7 @@ class _silenced:
 @torch.no_grad()
 def _loss(gm: fx.GraphModule, inputs: list[tuple[object, ...]], spec: str) -> float:
     """Mean next-token cross-entropy of the graph's logits over the input windows."""
-    total = 0.0
-    for args in inputs:
-        tokens = next((x for x in args if isinstance(x, torch.Tensor) and x.dtype == torch.long and x.dim() == 2),
-                      None)
-        flat, _ = torch.utils._pytree.tree_flatten(gm(*args))
-        logits = next((t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3),
-                      None)
-        if tokens is None or logits is None:
-            raise PreconditionError(f"{spec}: schedule=sensitivity needs a token input and (batch, seq, vocab) "
-                                    "logits to measure the loss")
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten()))
-    return total / len(inputs)
+    slot = token_slot(inputs[0])
+    if slot is None:
+        raise PreconditionError(f"{spec}: schedule=sensitivity needs a (batch, seq) token input to measure the loss")
+    return sum(float(next_token_loss(gm(*args), args[slot], spec)) for args in inputs) / len(inputs)

@@ -42,15 +42,13 @@ def pack(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def unpack(values: torch.Tensor, bitmask: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
     """The dense tensor of ``shape`` that :func:`pack` made ``(values, bitmask)`` from."""
-    numel = 1
-    for size in shape:
-        numel *= size
-    bits = (bitmask.to(torch.int32)[:, None] // _BIT_WEIGHTS.to(bitmask.device)) % 2  # (bytes, 8)
-    present = bits.reshape(-1)[:numel].bool()
-    if int(present.sum()) != values.numel():
+    numel = math.prod(shape)
+    bits = ((bitmask.to(torch.int32)[:, None] // _BIT_WEIGHTS.to(bitmask.device)) % 2).reshape(-1)  # (bytes*8,)
+    present = bits[:numel].bool()
+    if int(present.sum()) != values.numel() or bool(bits[numel:].any()):
         raise ValueError(
-            f"bitmask marks {int(present.sum())} entries but {values.numel()} values were given: not a pair "
-            "made by pack()"
+            f"bitmask marks {int(present.sum())} entries (and {int(bits[numel:].sum())} padding bits) for "
+            f"{values.numel()} values: not a pair made by pack()"
         )
     dense = torch.zeros(numel, dtype=values.dtype, device=values.device)
     dense[present] = values
@@ -145,7 +143,6 @@ def load_compressed(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def _unpack_checked(path: object, name: str, stored: dict[str, torch.Tensor], shape: list[int]) -> torch.Tensor:
     """One packed weight, after checking that its entries fit together (else a ValueError naming it)."""
     values, bitmask = stored.pop(f"{name}.values", None), stored.pop(f"{name}.bitmask", None)
-    problem = None
     if values is None or bitmask is None:
         problem = "its values or bitmask are missing"
     elif not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
@@ -155,12 +152,11 @@ def _unpack_checked(path: object, name: str, stored: dict[str, torch.Tensor], sh
     elif values.dim() != 1:
         problem = "its values are not 1-D"
     else:
-        bits = ((bitmask[:, None].to(torch.int32) & _BIT_WEIGHTS) != 0).flatten()
-        if int(bits.sum()) != values.numel() or bits[math.prod(shape):].any():
-            problem = f"its bitmask marks {int(bits.sum())} entries for {values.numel()} values"
-    if problem:
-        raise ValueError(f"{path}: damaged passforge compressed checkpoint: '{name}': {problem}")
-    return unpack(values, bitmask, shape)
+        try:
+            return unpack(values, bitmask, shape)
+        except ValueError as exc:
+            problem = str(exc)
+    raise ValueError(f"{path}: damaged passforge compressed checkpoint: '{name}': {problem}")
 
 
 def _dense(tensor: torch.Tensor) -> torch.Tensor:

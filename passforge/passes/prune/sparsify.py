@@ -54,7 +54,7 @@ from passforge.passes.base import Context, Pass, PassError, PassResult
 from passforge.passes.prune.sparse_format import SPARSIFIED_META, packed_nbytes, sparsified_weights
 from passforge.passes.quantize.calibrate import calibration_inputs, memo_get, memo_put, observe
 from passforge.passes.quantize.gptq import inverse_hessian_factor
-from passforge.passes.quantize.insert import _name_matches, linear_operands
+from passforge.passes.quantize.insert import linear_operands, name_matches
 from passforge.passes.registry import register
 
 aten = torch.ops.aten
@@ -154,7 +154,7 @@ class Sparsify(Pass):
             if not (type(tensor) in (torch.Tensor, torch.nn.Parameter) and tensor.is_floating_point()
                     and tensor.dim() == 2 and readers[_storage(tensor)] == 1):
                 continue  # not a plain float matrix, or tied to another name (an embedding)
-            if any(_name_matches(weight.target, p) for p in skips):
+            if any(name_matches(weight.target, p) for p in skips):
                 skipped += 1
                 continue
             if not bool(torch.isfinite(tensor).all()):

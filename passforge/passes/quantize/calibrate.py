@@ -12,9 +12,10 @@ their example values (positions, an empty KV cache). A graph without one cannot 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from passforge.passes.base import Context, PreconditionError
@@ -35,16 +36,32 @@ class _Observing(fx.Interpreter):
         return value
 
 
+def token_slot(inputs: Sequence[object]) -> int | None:
+    """Index of the first ``(batch, seq)`` int64 input — the token ids calibration windows replace — or None."""
+    return next(
+        (i for i, x in enumerate(inputs) if isinstance(x, torch.Tensor) and x.dtype == torch.long and x.dim() == 2),
+        None,
+    )
+
+
+def next_token_loss(output: object, tokens: torch.Tensor, pass_spec: str) -> torch.Tensor:
+    """Mean cross-entropy of a graph's ``(batch, seq, vocab)`` logits (its first such output) against the
+    next tokens; the loss that loss-aware passes (Taylor importance, the sensitivity scan) differentiate or
+    compare."""
+    flat, _ = torch.utils._pytree.tree_flatten(output)
+    logits = next((t for t in flat if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() == 3), None)
+    if logits is None:
+        raise PreconditionError(f"{pass_spec}: needs the graph to return (batch, seq, vocab) logits for the loss")
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+
 def calibration_inputs(ctx: Context, pass_spec: str, windows: int) -> list[tuple[object, ...]]:
     """Up to ``windows`` input tuples: ``ctx.calib_inputs`` when set, else the example inputs with the token
     input replaced by consecutive, non-overlapping windows of ``ctx.calib_tokens``."""
     if ctx.calib_inputs:
         return list(ctx.calib_inputs[:windows])
     example = tuple(ctx.example_inputs)
-    slot = next(
-        (i for i, x in enumerate(example) if isinstance(x, torch.Tensor) and x.dtype == torch.long and x.dim() == 2),
-        None,
-    )
+    slot = token_slot(example)
     if slot is None:
         raise PreconditionError(
             f"{pass_spec}: calibration feeds token windows to the graph, but none of its example inputs is a "

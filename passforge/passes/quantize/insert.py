@@ -154,8 +154,8 @@ class Quantize(Pass):
             tensor = get_attr(gm, weight.target)
             if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and tensor.dim() == 2):
                 continue
-            if any(_name_matches(weight.target, p) for p in skips) or (
-                only and not any(_name_matches(weight.target, p) for p in only)
+            if any(name_matches(weight.target, p) for p in skips) or (
+                only and not any(name_matches(weight.target, p) for p in only)
             ):
                 skipped += 1
                 continue
@@ -237,7 +237,7 @@ def linear_operands(node: fx.Node) -> tuple[object, object, object]:
     )
 
 
-def _name_matches(name: str, pattern: str) -> bool:
+def name_matches(name: str, pattern: str) -> bool:
     """A glob matches a qualified name or any trailing part of it: ``lm_head*`` matches ``lm_head.weight``
     and ``model.lm_head.weight`` (the same layer seen through a wrapper)."""
     parts = name.split(".")
