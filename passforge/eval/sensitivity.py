@@ -9,8 +9,9 @@
 
 Time-bounded: every evaluation checks the clock; when ``time_budget_s`` is spent the search stops with the
 best candidate so far (the fewest skipped layers within budget, else the lowest perplexity). After every
-evaluation the state — ranking, candidates tried, best — is written atomically to ``out`` (JSON), so an
-interrupted search leaves its best answer behind. Layers the ranking did not reach count as the most
+evaluation the state — ranking, candidates tried, best — is written atomically to ``out`` (JSON), so a
+killed search leaves its best answer behind; Ctrl-C stops it the same way as the clock (``interrupted``) and
+returns the best so far. Layers the ranking did not reach count as the most
 sensitive (kept in float) — the safe guess.
 """
 
@@ -53,6 +54,7 @@ class SensitivityResult:
     candidates: list[Candidate] = field(default_factory=list)
     best: Candidate | None = None
     stopped_early: bool = False
+    interrupted: bool = False  # by Ctrl-C (stopped_early too)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2)
@@ -91,12 +93,15 @@ def sensitivity_search(
     layers = passes[0].targets(gm, passes[0].scheme)[0]
     names = list(dict.fromkeys(weight.target for _, weight in layers))
     measured: dict[str, float] = {}
-    for i, name in enumerate(names):
-        if time.monotonic() > deadline:
-            result.stopped_early = True
-            break
-        measured[name] = ppl_of(run(with_quantize(only=name))) / result.float_ppl - 1
-        on_progress(f"[{i + 1}/{len(names)}] {name}: {100 * measured[name]:+.3f}%")
+    try:
+        for i, name in enumerate(names):
+            if time.monotonic() > deadline:
+                result.stopped_early = True
+                break
+            measured[name] = ppl_of(run(with_quantize(only=name))) / result.float_ppl - 1
+            on_progress(f"[{i + 1}/{len(names)}] {name}: {100 * measured[name]:+.3f}%")
+    except KeyboardInterrupt:
+        result.stopped_early = result.interrupted = True
     result.ranking = sorted(measured.items(), key=lambda item: -item[1])
     result.unranked = [n for n in names if n not in measured]
     order = result.unranked + [name for name, _ in result.ranking]  # most sensitive (or unknown) first
@@ -115,15 +120,18 @@ def sensitivity_search(
         return candidate
 
     low, high = 0, len(order)  # invariant: skipping `high` meets the budget (all float: +0%)
-    while low < high:
-        if time.monotonic() > deadline:
-            result.stopped_early = True
-            break
-        k = (low + high) // 2
-        if evaluate(k).increase <= max_increase:
-            high = k
-        else:
-            low = k + 1
+    try:
+        while low < high and not result.interrupted:
+            if time.monotonic() > deadline:
+                result.stopped_early = True
+                break
+            k = (low + high) // 2
+            if evaluate(k).increase <= max_increase:
+                high = k
+            else:
+                low = k + 1
+    except KeyboardInterrupt:
+        result.stopped_early = result.interrupted = True
     if not result.stopped_early and order and (result.best is None or result.best.increase > max_increase):
         evaluate(len(order))  # every tried k missed the budget: the answer is to keep all of them in float
     _save(result, out)

@@ -1,10 +1,14 @@
-"""Post-pass checks: the graph lints, every ``meta["val"]`` tells the truth, and lossless means lossless.
+"""Post-pass checks: the graph lints, every ``meta["val"]`` tells the truth, quantization scales are usable,
+and lossless means lossless.
 
-Run by the pass manager's verification hook after every pass; a failure rolls the pass back.
+Run by the pass manager's verification hook after every pass; a failure rolls the pass back. When outputs
+moved too far, :func:`first_divergence` names the first value (and its layer) that moved, so the error says
+where in the model the pass went wrong, not only that it did.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -67,6 +71,111 @@ def _same_value(recorded: object, actual: object) -> bool:
     return True  # symbolic ints and Python scalars: nothing further to compare
 
 
+def check_quant_params(gm: fx.GraphModule) -> None:
+    """Every scale a quantize/dequantize node or quantized kernel reads — an argument its schema names
+    ``*scale*``, stored or constant — is finite and positive: a NaN, Inf or zero scale turns a layer's
+    outputs into NaN or zeros, and saved it would ship a broken model that still loads."""
+    for node in gm.graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not _reads_quant_scales(schema.name):
+            continue
+        for argument, value in zip(schema.arguments, node.args):
+            if "scale" not in argument.name:
+                continue
+            tensor = get_attr(gm, str(value.target)) if isinstance(value, fx.Node) and value.op == "get_attr" else value
+            if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+                bad = ~torch.isfinite(tensor) | (tensor <= 0)
+                if bool(bad.any()):
+                    raise VerificationError(
+                        f"node '{node.name}' ({node.target}) reads {argument.name} '{_label(value)}' with "
+                        f"{int(bad.sum())} of {tensor.numel()} values NaN, Inf or <= 0 ({_layer(node)})"
+                    )
+            elif isinstance(tensor, float) and not (math.isfinite(tensor) and tensor > 0):
+                raise VerificationError(
+                    f"node '{node.name}' ({node.target}) has {argument.name} = {tensor} ({_layer(node)})"
+                )
+
+
+def _reads_quant_scales(op: str) -> bool:
+    """Q/DQ ops and passforge's quantized kernels; not ``passforge::attention``, whose ``scale`` is softmax's."""
+    return op.startswith("quantized_decomposed::") or (op.startswith("passforge::") and op != "passforge::attention")
+
+
+def first_divergence(
+    before: fx.GraphModule, after: fx.GraphModule, inputs: Sequence[object], bound: float
+) -> str | None:
+    """The first value (in ``after``'s order) that both graphs compute under one name and that moved by more
+    than ``bound`` of its own scale or became NaN/Inf — where a pass that broke the outputs went wrong — as
+    ``"first moved: node 'x' (layer ...) ..."``; None when no shared value moved (the change is in new nodes).
+    Keeps ``before``'s floating values in memory: meant for the failure path only."""
+    shared = {node.name for node in after.graph.nodes} & {node.name for node in before.graph.nodes}
+    recorded: dict[str, torch.Tensor] = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> object:
+            value = super().run_node(node)
+            if node.name in shared and isinstance(value, torch.Tensor) and value.is_floating_point():
+                recorded[node.name] = value
+            return value
+
+    class Compare(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> object:
+            value = super().run_node(node)
+            want = recorded.get(node.name)
+            if (want is not None and isinstance(value, torch.Tensor) and value.shape == want.shape
+                    and value.is_floating_point()):
+                moved = _moved(want, value)
+                if math.isinf(moved) or moved > bound:
+                    what = "became NaN/Inf" if math.isinf(moved) else f"moved by {moved:.1%} of its scale"
+                    raise _Found(f"first moved: node '{node.name}' ({node.target}, {_layer(node)}) {what}")
+            return value
+
+    try:
+        with torch.inference_mode():
+            Record(before).run(*inputs)
+            Compare(after).run(*inputs)
+    except _Found as found:
+        return str(found)
+    except Exception:  # noqa: BLE001 - localisation is a courtesy on a failure path: never mask the real error
+        return None
+    return None
+
+
+class _Found(Exception):
+    pass
+
+
+def _moved(want: torch.Tensor, got: torch.Tensor) -> float:
+    """Largest change relative to ``want``'s largest finite magnitude; inf where NaN/Inf appeared."""
+    want, got = want.float(), got.float()
+    if bool((~torch.isfinite(got) & torch.isfinite(want)).any()):
+        return math.inf
+    finite = torch.isfinite(want) & torch.isfinite(got)
+    if not bool(finite.any()):
+        return 0.0
+    scale = want[finite].abs().max().clamp_min(torch.finfo(torch.float32).tiny)
+    return ((got[finite] - want[finite]).abs().max() / scale).item()
+
+
+def _layer(node: fx.Node) -> str:
+    """The module a node came from (``layers.3.mlp.down_proj``), for error messages. Nodes a pass added
+    (a weight's quantize → dequantize) have no module: the nearest consumer that has one (the linear) names it."""
+    frontier, seen = [node], {node}
+    for _ in range(4):
+        for candidate in frontier:
+            stack = candidate.meta.get("nn_module_stack")
+            if stack:
+                path = list(stack.values())[-1][0]
+                return f"layer '{path}'" if path else "top-level module"
+        frontier = [user for n in frontier for user in n.users if user not in seen]
+        seen.update(frontier)
+    return "no layer recorded"
+
+
+def _label(value: object) -> str:
+    return str(value.target) if isinstance(value, fx.Node) and value.op == "get_attr" else str(value)
+
+
 def check_outputs_close(
     expected: Sequence[torch.Tensor],
     actual: Sequence[torch.Tensor],
@@ -100,10 +209,8 @@ def check_lossy_outputs(
         new_bad = ~torch.isfinite(got) & torch.isfinite(want)
         if bool(new_bad.any()):
             raise VerificationError(f"output {i} has {int(new_bad.sum())} new NaN/Inf values")
-        finite = torch.isfinite(want) & torch.isfinite(got)
-        if max_rel_err is not None and bool(finite.any()):
-            scale = want[finite].abs().max().float().clamp_min(torch.finfo(torch.float32).tiny)
-            moved = ((got[finite].float() - want[finite].float()).abs().max() / scale).item()
+        if max_rel_err is not None:
+            moved = _moved(want, got)
             if moved > max_rel_err:
                 raise VerificationError(
                     f"output {i} moved by {moved:.1%} of its scale; the pass allows at most {max_rel_err:.0%}"

@@ -55,7 +55,8 @@ class Context:
     instead of token windows (the ``torch.compile`` backend records a graph's first real calls there, which
     also calibrates graphs that take no tokens). ``teacher`` is the graph the pipeline started from — the
     original model — which ``distill`` (its default teacher) and the profiler may read; nothing modifies it
-    (:meth:`PassManager.run` sets it to the caller's graph when unset).
+    (:meth:`PassManager.run` sets it to the caller's graph when unset). ``interrupted`` is set by a pass that
+    stopped its own loop early on Ctrl-C and kept its best result: the manager stops the pipeline after it.
     """
 
     example_inputs: tuple[object, ...] = ()
@@ -67,6 +68,7 @@ class Context:
     role: Literal["forward", "prefill", "decode"] = "forward"
     memo: dict[str, object] = field(default_factory=dict)
     teacher: fx.GraphModule | None = None
+    interrupted: bool = False
 
 
 @dataclass

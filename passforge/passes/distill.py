@@ -152,6 +152,7 @@ class Distill(Pass):
         _check_outputs_match(student, teacher, self.spec)
         run = _Training(self, student, teacher, data, names, gm)
         run.train()
+        ctx.interrupted = ctx.interrupted or run.interrupted
         notes = [
             f"held-out perplexity {run.history[0][1]:.3f} → {run.best_ppl:.3f} (best at step {run.best_step} of "
             f"{run.steps_run}; teacher {run.teacher_ppl():.3f}; {data.held.numel()} calibration tokens held out, "
@@ -471,6 +472,7 @@ class _Training:
         self.numel = sum(t.numel() for t in self.masters.values())
         self.best = None  # None: the starting weights
         self.best_ppl, self.best_step, self.steps_run = math.inf, 0, 0
+        self.interrupted = False
         self.history: list[tuple[int, float]] = []
         self.stop_reason = ""
 
@@ -498,32 +500,37 @@ class _Training:
         self._evaluate(0)
         bar = tqdm(range(1, o.steps + 1), desc="distill", unit="step", leave=False, disable=None)
         misses = 0
-        for step in bar:
-            optimizer.zero_grad(set_to_none=True)
-            chunks = list(self.data.batches(o.batch_size, generator))
-            loss_sum = 0.0
-            for tokens in chunks:
-                loss = self._loss(self.data.inputs(tokens)) / len(chunks)
-                loss.backward()
-                loss_sum += loss.item()
-            torch.nn.utils.clip_grad_norm_(list(self.masters.values()), GRAD_CLIP)
-            optimizer.step()
-            schedule.step()
-            with torch.no_grad():
-                for key, keep in self.masks.items():  # sparsify's zeros stay zero
-                    self.masters[key].mul_(keep)
-            self.steps_run = step
-            bar.set_postfix(loss=f"{loss_sum:.4f}", ppl=f"{self.history[-1][1]:.3f}", refresh=False)
-            if step % o.eval_every and step != o.steps:
-                continue
-            if self._evaluate(step):
-                misses = 0
-            else:
-                misses += 1
-                if misses >= o.patience and step != o.steps:
-                    self.stop_reason = (f"stopped early at step {step}: held-out perplexity did not improve in "
-                                        f"{misses} evaluations (every {o.eval_every} steps)")
-                    break
+        try:
+            for step in bar:
+                optimizer.zero_grad(set_to_none=True)
+                chunks = list(self.data.batches(o.batch_size, generator))
+                loss_sum = 0.0
+                for tokens in chunks:
+                    loss = self._loss(self.data.inputs(tokens)) / len(chunks)
+                    loss.backward()
+                    loss_sum += loss.item()
+                torch.nn.utils.clip_grad_norm_(list(self.masters.values()), GRAD_CLIP)
+                optimizer.step()
+                schedule.step()
+                with torch.no_grad():
+                    for key, keep in self.masks.items():  # sparsify's zeros stay zero
+                        self.masters[key].mul_(keep)
+                self.steps_run = step
+                bar.set_postfix(loss=f"{loss_sum:.4f}", ppl=f"{self.history[-1][1]:.3f}", refresh=False)
+                if step % o.eval_every and step != o.steps:
+                    continue
+                if self._evaluate(step):
+                    misses = 0
+                else:
+                    misses += 1
+                    if misses >= o.patience and step != o.steps:
+                        self.stop_reason = (f"stopped early at step {step}: held-out perplexity did not improve in "
+                                            f"{misses} evaluations (every {o.eval_every} steps)")
+                        break
+        except KeyboardInterrupt:  # keep the best evaluation so far; the manager stops the pipeline after this pass
+            self.interrupted = True
+            self.stop_reason = (f"interrupted (Ctrl-C) after {self.steps_run} steps: kept the best evaluated "
+                                f"weights (step {self.best_step})")
         bar.close()
         self.stop_reason = self.stop_reason or f"ran all {o.steps} steps"
 
@@ -562,6 +569,6 @@ class _Training:
         self.history.append((step, ppl))
         if not math.isfinite(ppl) or ppl >= self.best_ppl:  # a diverged (NaN/inf) step is never the best
             return False
-        self.best_ppl, self.best_step = ppl, step
-        self.best = {key: master.detach().clone() for key, master in self.masters.items()} if step else None
+        best = {key: master.detach().clone() for key, master in self.masters.items()} if step else None
+        self.best, self.best_ppl, self.best_step = best, ppl, step  # together: a Ctrl-C never splits them
         return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -9,8 +10,16 @@ from torch import fx
 
 from passforge.ir.graph import num_compute_nodes
 from passforge.ir.serialize import safe_filename, write_text_atomic
-from passforge.ir.verify import check_lossy_outputs, check_meta, check_outputs_close, lint
-from passforge.passes.base import Context, Pass
+from passforge.ir.verify import (
+    VerificationError,
+    check_lossy_outputs,
+    check_meta,
+    check_outputs_close,
+    check_quant_params,
+    first_divergence,
+    lint,
+)
+from passforge.passes.base import Context, Pass, output_scale
 from passforge.passes.manager import Hook, PassRecord
 
 
@@ -23,10 +32,11 @@ def run_graph(gm: fx.GraphModule, inputs: tuple[object, ...]) -> list[torch.Tens
 
 
 class VerifyHook(Hook):
-    """After each pass: lint, ``meta["val"]`` consistency, then a run on ``ctx.example_inputs`` (when there are
-    any): a lossless pass must keep outputs within its declared ``rtol``/``atol``; a lossy pass must still
-    run, keep the output types, add no NaN/Inf and stay within its declared ``max_rel_err`` (a collapse
-    guard; its accuracy cost is the profiler's to measure).
+    """After each pass: lint, ``meta["val"]`` consistency, usable quantization scales, then a run on
+    ``ctx.example_inputs`` (when there are any): a lossless pass must keep outputs within its declared
+    ``rtol``/``atol``; a lossy pass must still run, keep the output types, add no NaN/Inf and stay within its
+    declared ``max_rel_err`` (a collapse guard; its accuracy cost is the profiler's to measure). When outputs
+    moved too far, the error names the first value and layer that moved (:func:`first_divergence`).
     """
 
     def __init__(self, *, numerics: bool = True) -> None:
@@ -37,15 +47,24 @@ class VerifyHook(Hook):
     ) -> None:
         lint(after)
         check_meta(after)
+        check_quant_params(after)
         if not (self.numerics and ctx.example_inputs):
             return
         expected = run_graph(before, ctx.example_inputs)
         actual = run_graph(after, ctx.example_inputs)
-        if pass_.lossy:
-            check_lossy_outputs(expected, actual, max_rel_err=pass_.max_rel_err)
-        else:
-            rtol, atol = pass_.tolerance(before, expected)
-            check_outputs_close(expected, actual, rtol=rtol, atol=atol)
+        try:
+            if pass_.lossy:
+                bound = math.inf if pass_.max_rel_err is None else pass_.max_rel_err
+                check_lossy_outputs(expected, actual, max_rel_err=pass_.max_rel_err)
+            else:
+                rtol, atol = pass_.tolerance(before, expected)
+                bound = rtol + atol / max(output_scale(expected), torch.finfo(torch.float32).tiny)
+                check_outputs_close(expected, actual, rtol=rtol, atol=atol)
+        except VerificationError as exc:
+            where = first_divergence(before, after, ctx.example_inputs, bound)
+            if where is None:
+                raise
+            raise VerificationError(f"{exc}; {where}") from exc
 
 
 class DumpHook(Hook):

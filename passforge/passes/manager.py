@@ -8,6 +8,11 @@ shared — passes never mutate tensors in place). If the pass raises, or a hook'
 verifier does when the graph is broken), the snapshot is restored, the record says ``rolled_back``, a
 reproducer is written when the context names a folder for it, and the pipeline stops (``on_error="stop"``,
 raising :class:`PassFailure`) or carries on without the pass (``on_error="skip"``).
+
+Ctrl-C is not a failure but it is handled the same way: the running pass is rolled back and
+:class:`PipelineInterrupted` carries the graph after the passes that completed, so the caller can keep it. A
+pass with a long loop of its own (``distill``'s training) may instead stop early on Ctrl-C, keep its best
+result and set ``ctx.interrupted``: the manager then stops after that pass, with the pass kept.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from passforge.ir.graph import PASS_META, copy_graph_module, propagate_meta
 from passforge.passes.base import Context, Pass, PassError
 from passforge.passes.spec import format_pipeline, parse_pipeline
 
-Status = Literal["ok", "rolled_back", "skipped"]
+Status = Literal["ok", "rolled_back", "skipped", "interrupted"]
 OnError = Literal["stop", "skip"]
 
 
@@ -59,6 +64,20 @@ class PassFailure(PassError):
     def __init__(self, message: str, *, pass_spec: str, before: Sequence[str], partial: PipelineResult) -> None:
         super().__init__(message, pass_spec=pass_spec, before=before)
         self.partial = partial
+
+
+class PipelineInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a pipeline. ``partial`` holds the graph after the last pass that completed (the one that
+    was running is rolled back, unless it stopped itself and kept its best result: see the module docstring).
+    ``optimized`` is filled by :func:`passforge.api.optimize` with that graph ready to save."""
+
+    def __init__(self, message: str, *, partial: PipelineResult) -> None:
+        super().__init__(message)
+        self.partial = partial
+        self.optimized: object | None = None
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 class Hook:
@@ -130,6 +149,11 @@ class PassManager:
             memo = dict(ctx.memo)  # what a pass remembers for the model's other graphs is rolled back with it
             try:
                 work = self._run_one(pass_, work, snapshot, ctx, record)
+            except KeyboardInterrupt:
+                ctx.memo.clear()
+                ctx.memo.update(memo)
+                record.status, result.graph = "interrupted", snapshot
+                raise PipelineInterrupted(_interrupted_message(result), partial=result) from None
             except Exception as exc:
                 work = snapshot
                 ctx.memo.clear()
@@ -153,6 +177,9 @@ class PassManager:
                         partial=result,
                     ) from exc
             result.graph = work
+            if ctx.interrupted:  # the pass stopped itself on Ctrl-C and kept its best result
+                ctx.interrupted = False
+                raise PipelineInterrupted(_interrupted_message(result), partial=result)
         self._finish(result, ctx)
         return result
 
@@ -190,6 +217,14 @@ def _complete_meta(gm: fx.GraphModule, pass_name: str, existing: set[fx.Node]) -
     if missing_val:
         for node, val in propagate_meta(gm).items():
             node.meta.setdefault("val", val)
+
+
+def _interrupted_message(result: PipelineResult) -> str:
+    done = [r.spec for r in result.records if r.status == "ok"]
+    last = result.records[-1] if result.records else None
+    stopped = ("" if last is None else f"; '{last.spec}' was rolled back" if last.status == "interrupted"
+               else f"; '{last.spec}' stopped early and kept its best result")
+    return f"interrupted after {len(done)} of the pipeline's passes ({', '.join(done) or 'none'}){stopped}"
 
 
 def _failure_message(pass_: Pass, before: Sequence[str], exc: BaseException, reproducer: str | None) -> str:

@@ -53,6 +53,24 @@ def test_an_exhausted_time_budget_stops_and_keeps_what_it_has(llama_graph, token
     assert json.loads(out.read_text())["stopped_early"] is True
 
 
+def test_ctrl_c_stops_the_search_with_the_best_so_far(llama_graph, tokens, tmp_path):
+    """Ctrl-C during the third ranking step: the two layers measured stay ranked, no bisection runs, the
+    state is on disk and the result says it was interrupted."""
+    out, seen = tmp_path / "sens.json", []
+
+    def progress(message: str) -> None:
+        seen.append(message)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    result = sensitivity_search(llama_graph, _ctx(tokens), RECIPE, seq_len=16, eval_windows=2, out=out,
+                                on_progress=progress)
+    assert result.interrupted and result.stopped_early
+    assert len(result.ranking) == 2 and len(result.unranked) == WEIGHTS - 2 and result.candidates == []
+    saved = json.loads(out.read_text())
+    assert saved["interrupted"] is True and len(saved["ranking"]) == 2
+
+
 def test_bad_recipes_and_budgets(llama_graph, tokens):
     with pytest.raises(SpecError, match="starts with quantize"):
         sensitivity_search(llama_graph, _ctx(tokens), "cleanup", seq_len=16)

@@ -3,7 +3,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from passforge.ir.verify import VerificationError, check_lossy_outputs, check_meta, check_outputs_close, lint
+from passforge.ir.graph import get_attr, set_tensor_attr
+from passforge.ir.verify import (
+    VerificationError,
+    check_lossy_outputs,
+    check_meta,
+    check_outputs_close,
+    check_quant_params,
+    first_divergence,
+    lint,
+)
+from passforge.passes.base import Context
+from passforge.passes.manager import PassManager
 
 
 def test_clean_graph_verifies(llama_graph):
@@ -51,3 +62,27 @@ def test_lossy_outputs_guard():
         check([torch.tensor([2.0, -1.0])], [torch.tensor([1.0, -1.0])], max_rel_err=0.1)
     with pytest.raises(VerificationError, match="passes keep the interface"):
         check([torch.ones(2)], [torch.ones(2, dtype=torch.bfloat16)], max_rel_err=None)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), 0.0, -1.0])
+def test_unusable_scales_are_named_with_their_layer(llama_graph, tokens, bad):
+    quantized = PassManager.parse("quantize(scheme=w8)").run(llama_graph, Context(example_inputs=(tokens,))).graph
+    check_quant_params(quantized)  # as quantize made them: usable (a zero row gets scale 1, not 0)
+    scale = "layers_1_feed_forward_down_proj_weight_scale"
+    broken = get_attr(quantized, scale).clone()
+    broken[3] = bad
+    set_tensor_attr(quantized, scale, broken)
+    layer = r"\(layer 'layers.1.feed_forward.down_proj'\)"
+    with pytest.raises(VerificationError, match=r"1 of \d+ values NaN, Inf or <= 0 " + layer):
+        check_quant_params(quantized)
+
+
+def test_first_divergence_names_the_layer_that_went_wrong(llama_graph, tokens):
+    """Layer 1's down_proj weight scaled 1000x: every later value moves too, but the first one that moved is
+    that weight (then its projection), in that layer."""
+    after = PassManager([]).run(llama_graph).graph
+    weight = "layers.1.feed_forward.down_proj.weight"
+    set_tensor_attr(after, weight, get_attr(after, weight) * 1000)
+    where = first_divergence(llama_graph, after, (tokens,), bound=0.5)
+    assert where is not None and "layer 'layers.1.feed_forward.down_proj'" in where, where
+    assert first_divergence(llama_graph, llama_graph, (tokens,), bound=0.0) is None  # nothing moved

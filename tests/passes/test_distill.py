@@ -353,3 +353,27 @@ def test_invalid_options_fail_at_construction(options):
 def test_spec_round_trip():
     spec = "distill(steps=50,loss=kl+hidden,temperature=2.0,teacher=/tmp/t.pt2)"
     assert PassManager.parse(spec).spec == spec
+
+
+def test_ctrl_c_during_training_keeps_the_best_evaluated_weights(lm, monkeypatch):
+    """Ctrl-C in step 3 (evaluations after steps 1 and 2): the pass keeps the best evaluated weights, says
+    so, and the pipeline stops after it with the distilled graph as its partial result."""
+    from passforge.passes import distill as distill_module
+    from passforge.passes.manager import PipelineInterrupted
+
+    calls, loss = [], distill_module._Training._loss
+
+    def interrupted_loss(self, args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return loss(self, args)
+
+    monkeypatch.setattr(distill_module._Training, "_loss", interrupted_loss)
+    student = _noisy(lm[1])
+    with pytest.raises(PipelineInterrupted) as info:
+        _run(student, "distill(steps=10,lr=1e-3,eval_every=1,batch_size=1),cast", lm)
+    record = info.value.partial.records[0]
+    assert [r.spec for r in info.value.partial.records] == [record.spec]  # cast never ran
+    assert any("interrupted (Ctrl-C) after 2 steps" in note for note in record.notes), record.notes
+    assert record.modified == (_kl(lm, info.value.partial.graph) != _kl(lm, student))

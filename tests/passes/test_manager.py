@@ -11,7 +11,7 @@ from passforge.ir.graph import PASS_META, count_calls
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.cleanup import Cleanup
 from passforge.passes.hooks import DumpHook, VerifyHook
-from passforge.passes.manager import Hook, PassFailure, PassManager
+from passforge.passes.manager import Hook, PassFailure, PassManager, PipelineInterrupted
 from passforge.passes.registry import register
 from passforge.passes.repro import replay
 
@@ -67,6 +67,31 @@ class RememberThenExplode(Pass):
         raise ValueError("boom")
 
 
+@register
+@dataclass(frozen=True)
+class CtrlC(Pass):
+    """Test pass: the user presses Ctrl-C while it runs (after it started changing the graph and the memo)."""
+
+    name: ClassVar[str] = "test-ctrl-c"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        ctx.memo["test:half-done"] = 1
+        next(n for n in gm.graph.nodes if n.target is aten.add.Tensor).target = aten.sub.Tensor
+        raise KeyboardInterrupt
+
+
+@register
+@dataclass(frozen=True)
+class StopsItselfOnCtrlC(Pass):
+    """Test pass with its own loop that, on Ctrl-C, stops early keeping its best result (as distill does)."""
+
+    name: ClassVar[str] = "test-stops-on-ctrl-c"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        ctx.interrupted = True
+        return PassResult(gm, modified=False, notes=["interrupted: kept the best so far"])
+
+
 def _ctx(tokens: torch.Tensor, **kw: object) -> Context:
     return Context(example_inputs=(tokens,), **kw)
 
@@ -82,6 +107,7 @@ def test_corrupting_pass_is_rolled_back_with_a_reproducer(llama_graph, tokens, t
     message = str(failure)
     assert "pass 'test-corrupt' failed and was rolled back" in message
     assert "passes before it: cleanup" in message and "output 0 changed" in message
+    assert "first moved: node 'add" in message  # where: the first add the pass turned into a sub
     partial = failure.partial
     assert [r.status for r in partial.records] == ["ok", "rolled_back"]
     assert count_calls(partial.graph, aten.add.Tensor) == adds  # the graph before the pass is kept
@@ -153,3 +179,22 @@ def test_hooks_see_every_pass_in_order_and_new_nodes_are_stamped(llama_graph, to
 def test_on_error_must_be_known():
     with pytest.raises(ValueError, match="on_error"):
         PassManager([], on_error="retry")  # type: ignore[arg-type]
+
+
+def test_ctrl_c_rolls_the_running_pass_back_and_hands_over_what_completed(llama_graph, tokens):
+    ctx = _ctx(tokens, memo={"kept": 1})
+    with pytest.raises(PipelineInterrupted) as info:
+        PassManager.parse("cleanup,test-ctrl-c,cast", hooks=[VerifyHook()]).run(llama_graph, ctx)
+    partial = info.value.partial
+    assert [r.status for r in partial.records] == ["ok", "interrupted"]  # cast never ran
+    assert "after 1 of the pipeline's passes (cleanup); 'test-ctrl-c' was rolled back" in str(info.value)
+    assert ctx.memo == {"kept": 1}
+    torch.testing.assert_close(partial.graph(tokens), llama_graph(tokens))  # the half-done rewrite is gone
+
+
+def test_a_pass_that_stops_itself_on_ctrl_c_is_kept_and_ends_the_pipeline(llama_graph, tokens):
+    ctx = _ctx(tokens)
+    with pytest.raises(PipelineInterrupted, match="'test-stops-on-ctrl-c' stopped early and kept its best") as info:
+        PassManager.parse("test-stops-on-ctrl-c,cast", hooks=[VerifyHook()]).run(llama_graph, ctx)
+    assert [r.status for r in info.value.partial.records] == ["ok"]
+    assert not ctx.interrupted  # consumed: the model's next graph runs its pipeline normally
