@@ -115,16 +115,19 @@ def _cast_parameters(gm: fx.GraphModule, low: torch.dtype) -> int:
 
 
 def _restore_output_dtypes(graph: fx.Graph, original: dict[fx.Node, torch.dtype | None]) -> int:
-    """Outputs that were fp32 at capture leave the graph as fp32 again (callers see the same types)."""
+    """Outputs leave the graph in the dtype they had before the pass (callers see the same types): fp32 ones
+    that became low precision, and — in a model already in bf16/fp16 — low ones that an fp32 op (a norm,
+    softmax) now computes in fp32."""
     output = next(n for n in graph.nodes if n.op == "output")
     inserted = 0
 
     def restore(arg: fx.Node) -> fx.Node:
         nonlocal inserted
-        if original.get(arg, _dtype_of(arg)) == torch.float32 and _dtype_of(arg) != torch.float32:
+        want = original.get(arg, _dtype_of(arg))
+        if want is not None and want.is_floating_point and _dtype_of(arg) != want:
             inserted += 1
             with graph.inserting_before(output):
-                return _to_copy(graph, arg, torch.float32)
+                return _to_copy(graph, arg, want)
         return arg
 
     output.args = fx.node.map_arg(output.args, restore)

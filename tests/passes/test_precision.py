@@ -133,3 +133,17 @@ def test_ops_that_need_one_dtype_get_fp32():
     result = _cast(capture(model, (x, index)), (x, index))
     assert result.records[0].status == "ok"
     torch.testing.assert_close(result.graph(x, index), model(x, index), rtol=0.02, atol=0.02)
+
+
+def test_cast_of_a_bf16_model_keeps_its_bf16_outputs():
+    """Found by the fuzzer (passforge.tools.fuzz): in a model already in bf16, a LayerNorm output now computed
+    in fp32 left the graph as fp32 — the interface changed and the verifier rolled cast back. Outputs keep the
+    dtype they had, whichever it was."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)).to(torch.bfloat16).eval()
+    x = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    ctx = Context(example_inputs=(x,))
+    result = PassManager.parse("cast", hooks=[VerifyHook()]).run(capture(model, (x,)), ctx)
+    assert result.records[0].status == "ok" and result.records[0].modified
+    assert result.graph(x).dtype == torch.bfloat16
+    again = PassManager.parse("cast", hooks=[VerifyHook()]).run(result.graph, Context(example_inputs=(x,)))
+    assert again.records[0].modified is False

@@ -286,6 +286,8 @@ class _Walker:
         operands = [a for a in (op.args if op.target is not aten.type_as.default else op.args[:1])
                     if isinstance(a, fx.Node)]
         entry = next((v for v in (op, *operands) if self._tracked(v) is not None), None)
+        if entry is None:  # only type_as's dtype donor carries the channel: it does not reach the result
+            return
         dim, unit = self.group.values[entry]
         from_end = dim - _ndim(entry)  # broadcasting aligns trailing dims
         for value in (op, *operands):

@@ -134,3 +134,26 @@ def test_onnx_import_prunes_like_the_captured_graph(small_llama, tokens, tmp_pat
     pruned = [PassManager(passes, hooks=[VerifyHook()]).run(gm, Context(example_inputs=(tokens,))).graph
               for gm in (imported, capture(small_llama, (tokens,)))]
     torch.testing.assert_close(pruned[0](tokens), pruned[1](tokens), rtol=1e-4, atol=1e-4)
+
+
+class _TypeAsDonor(torch.nn.Module):
+    """``softmax(x.float()).type_as(h)``: ``h`` only donates its dtype (attention's fp32 softmax, cast back)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(8, 8)
+        self.b = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.b(h) + torch.softmax(x.float(), dim=-1).type_as(h)
+
+
+def test_type_as_dtype_donor_does_not_carry_the_channel():
+    """Found by the fuzzer (passforge.tools.fuzz): the walk reached ``type_as`` through its dtype donor and
+    raised KeyError: None; the donor's channels do not reach the result, so the group stops there."""
+    gm = capture(_TypeAsDonor().eval(), (torch.randn(2, 8),))
+    assert any(n.target is torch.ops.aten.type_as.default for n in gm.graph.nodes)
+    first = find_groups(gm)[0]
+    assert first.name == "a.weight" and not first.blocked and first.units == 8
+    assert [s.name for s in first.consumers] == ["b.weight"]

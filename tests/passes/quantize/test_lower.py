@@ -244,3 +244,33 @@ def test_scaled_mm_is_the_fp8_candidate_on_cuda(small_llama, tokens):
     decisions = _decisions(result.graph)
     assert len(decisions) == LINEARS - 1 and {d["backend"] for d in decisions} == {"aten._scaled_mm"}
     assert all(set(d["timings_ms"]) == {"fp8_linear", "dequantize+linear"} for d in decisions)
+
+
+def test_a_second_guarded_run_leaves_the_layers_the_first_kept(llama_graph, tokens, monkeypatch):
+    """Found by the fuzzer (passforge.tools.fuzz, w8a8-static on a random model): a layer the guard kept was
+    timed again by a second run — with other timings (noise, or fewer linears sharing the activation quantize
+    once some were lowered) — and lowered then: not idempotent. The first decision stands; guard=false still
+    lowers it."""
+    import passforge.passes.quantize.lower as lower
+
+    folded = _run(llama_graph, "quantize,fold-quant", (tokens,)).graph
+    monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.KEEP, "timings_ms": {}})
+    first = _run(folded, "lower-quant", (tokens,))
+    assert first.records[0].stats == {"lowered": 0, "kept": LINEARS - 1, "float": 0}
+    monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.KERNEL, "timings_ms": {}})
+    again = _run(first.graph, "lower-quant", (tokens,)).records[0]
+    assert again.modified is False and again.stats == {"lowered": 0, "kept": 0, "float": 0}
+    forced = _run(first.graph, "lower-quant(guard=false)", (tokens,)).records[0]
+    assert forced.stats == {"lowered": LINEARS - 1, "kept": 0, "float": 0}
+
+
+def test_a_linear_feeding_another_linear_is_lowered_in_one_run():
+    """Found by the fuzzer: with w8a8, lowering a linear whose output is the next linear's activation left the
+    next one's lowering reading the replaced node, which brought the first linear back unlowered (still
+    correct, but a second run lowered it: not idempotent)."""
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)).eval()
+    x = torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(0))
+    result = _run(capture(model, (x,)), "quantize(scheme=w8a8,skip=''),fold-quant,lower-quant(guard=false)", (x,))
+    assert result.records[-1].stats == {"lowered": 2, "kept": 0, "float": 0}
+    assert count_calls(result.graph, torch.ops.aten.linear.default) == 0
+    assert _run(result.graph, "lower-quant(guard=false)", (x,)).records[0].modified is False
