@@ -24,13 +24,20 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from passforge.ir.capture import CaptureError, capture
+from passforge.ir.capture import CaptureError, capture, check_reference_run
 from passforge.ir.graph import dynamic_shapes_of, example_inputs_of
-from passforge.ir.serialize import load_graph, save_graph, staging_folder, swap_in_folder, write_text_atomic
-from passforge.models.registry import ModelError, ModelSource, read_tokens, resolve
+from passforge.ir.serialize import (
+    load_graph,
+    save_graph,
+    staging_folder,
+    swap_in_folder,
+    unwritable_reason,
+    write_text_atomic,
+)
+from passforge.models.registry import ModelError, ModelSource, check_token_ids, read_tokens, resolve
 from passforge.passes.base import Context, PreconditionError
 from passforge.passes.hooks import DumpHook, VerifyHook
-from passforge.passes.manager import Hook, OnError, PassFailure, PassManager, PipelineResult
+from passforge.passes.manager import Hook, OnError, PassFailure, PassManager, PipelineInterrupted, PipelineResult
 from passforge.runtime.executor import Executor, GenerationStats, InputError, KVGenerator, resolve_device
 from passforge.runtime.kv_cache import donate_kv_cache, ring_kv_cache
 from passforge.runtime.profile import ProfileHook
@@ -188,14 +195,19 @@ def _load_tokenizer(folder: Path, manifest: dict[str, object]) -> dict[str, obje
     return {}
 
 
-def check_output_folder(target: Path, source: ModelSource | None = None) -> None:
-    """Refuse an output folder that holds the input model or anything passforge did not write there.
+def check_output_folder(
+    target: Path, source: ModelSource | None = None, *, model: str | os.PathLike[str] | None = None
+) -> None:
+    """Refuse an output folder that holds the input model (``source``'s file, or ``model`` when it names an
+    existing file), anything passforge did not write there, or that cannot be created.
 
     Called before the work starts (by the CLI) and again when saving, so a long run never ends by deleting a
-    user's files: ``--out .`` in a project folder is an error, not a wipe.
+    user's files (``--out .`` in a project folder is an error, not a wipe) or on a path it cannot write.
     """
     target = target.resolve()
     model_file = (source.pt2_path or source.onnx_path) if source is not None else None
+    if model_file is None and model is not None and Path(model).is_file():
+        model_file = Path(model)
     if model_file is not None:
         model_path = model_file.resolve()
         if model_path == target or target in model_path.parents:
@@ -210,6 +222,9 @@ def check_output_folder(target: Path, source: ModelSource | None = None) -> None
                 f"output folder {target} holds files passforge did not write ({', '.join(foreign[:5])}); "
                 "choose a new or empty --out"
             )
+    problem = unwritable_reason(target)
+    if problem is not None:
+        raise ModelError(f"output folder {target}: {problem}; choose another --out")
 
 
 def load(directory: str | os.PathLike[str], *, device: str | torch.device | None = None) -> Optimized:
@@ -264,7 +279,8 @@ def optimize(
     ``.onnx`` file the file's symbolic dims stay dynamic; ``dynamic_shapes=False`` fixes them at the example's size.
     ``hooks`` are added to the forward graph's pass manager; ``on_stage`` is told each stage as it begins.
     Raises :class:`passforge.passes.manager.PassFailure` (with the partial result) when a pass fails under
-    ``on_error="stop"``.
+    ``on_error="stop"``, and :class:`~passforge.passes.manager.PipelineInterrupted` on Ctrl-C, its ``optimized``
+    holding the graph after the passes that completed (``.save()`` it to keep it).
     """
     manager = PassManager.parse(pipeline, on_error=on_error)  # parse first: a bad spec fails before any work
     dev = resolve_device(device)
@@ -280,6 +296,7 @@ def optimize(
     else:
         gm = capture(source.module, source.example_inputs, dynamic_shapes=dynamic_shapes, name=source.name)
     example = source.example_inputs or example_inputs_of(gm)
+    check_reference_run(gm, example, source.name)  # bad inputs or NaN weights: said so, not blamed on a pass
     ctx = Context(
         example_inputs=example,
         device=dev,
@@ -287,6 +304,8 @@ def optimize(
         eval_tokens=data_tokens(source, eval_data, source.eval_text),
         repro_dir=Path(repro_dir) if repro_dir else None,
     )
+    check_token_ids(ctx.calib_tokens, gm, calib_data)  # data tokenized for another model: said so, before any pass
+    check_token_ids(ctx.eval_tokens, gm, eval_data)
     all_hooks: list[Hook] = [VerifyHook()]
     if dump_dir:
         all_hooks.append(DumpHook(dump_dir))
@@ -294,7 +313,13 @@ def optimize(
         all_hooks.append(ProfileHook(lm=source.is_lm))
     all_hooks.extend(hooks)
     manager.hooks = all_hooks
-    result = manager.run(gm, ctx)
+    try:
+        result = manager.run(gm, ctx)
+    except PipelineInterrupted as interrupted:  # Ctrl-C: hand the caller what completed, ready to save
+        report = build_report(interrupted.partial, model=source.name, device=dev)
+        report["interrupted"] = str(interrupted)
+        interrupted.optimized = Optimized(interrupted.partial.graph, report, example, device=dev, source=source)
+        raise
     report = build_report(result, model=source.name, device=dev)
     optimized = Optimized(result.graph, report, example, device=dev, source=source)
     if generation and source.kv_model is not None:
@@ -302,6 +327,12 @@ def optimize(
         try:
             forward_status = [r.status for r in result.records]
             report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error, forward_status)
+        except KeyboardInterrupt:  # the forward pipeline completed: keep it, without generate()
+            optimized.prefill = optimized.decode = None
+            report["interrupted"] = report["generation"] = "interrupted while building the generation graphs"
+            stopped = PipelineInterrupted(report["interrupted"], partial=result)
+            stopped.optimized = optimized
+            raise stopped from None
         except (CaptureError, PassFailure, GenerationMismatch) as exc:  # keep the forward graph, without generate()
             if isinstance(exc, PassFailure) and not isinstance(exc.__cause__, PreconditionError):
                 raise  # a pass broke: the failure policy decides, as for the forward graph

@@ -18,11 +18,15 @@ to try, instead of a raw export traceback.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import linecache
+import logging
 import os
+import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import fx
@@ -56,7 +60,7 @@ def capture(
     modes = {module: module.training for module in model.modules()}
     model.eval()
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_export():
             warnings.simplefilter("ignore")
             exported = torch.export.export(model, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
     except Exception as exc:
@@ -65,6 +69,71 @@ def capture(
         for module, training in modes.items():  # each submodule gets its own flag back
             module.training = training
     return from_exported_program(exported, name=label)
+
+
+@contextlib.contextmanager
+def _quiet_export() -> Iterator[None]:
+    """torch.export prints the partial graph of a failed trace to stderr and logs the tracebacks of errors it
+    then raises; :class:`CaptureError` explains the failure instead. What a successful export prints is
+    passed on; torch's log records below CRITICAL are dropped while it runs (warnings included)."""
+    logger = logging.getLogger("torch")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(printed):
+            yield
+    finally:
+        logger.setLevel(level)
+    print(printed.getvalue(), end="", file=sys.stderr)  # reached on success only
+
+
+def check_reference_run(gm: fx.GraphModule, example_inputs: Sequence[object], label: str) -> None:
+    """Run the captured graph once on its example inputs, before any pass. Inputs the model cannot take (an
+    int64 tensor into a linear: export's fake tensors let some through) and NaN outputs (NaN weights) would
+    otherwise surface as the first pass failing verification; they are the model's or the inputs' problem,
+    and said so here.
+
+    Raises :class:`CaptureError` when the graph does not run, ``ModelError`` when a parameter holds NaN/Inf
+    (a broken checkpoint: quantization scales and every pass's checks would be meaningless; buffers may hold
+    -inf on purpose, attention masks) or an output holds NaN (every pass is verified against these outputs,
+    and NaN equals nothing).
+    """
+    from passforge.models.registry import ModelError
+
+    broken = [name for name, tensor in gm.named_parameters()
+              if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
+    if broken:
+        raise ModelError(
+            f"{label}: parameters holding NaN/Inf: {', '.join(broken[:5])}{' and more' if len(broken) > 5 else ''}; "
+            "fix the checkpoint (e.g. torch.nan_to_num) before optimizing it"
+        )
+    try:
+        with torch.inference_mode():
+            outputs = gm(*example_inputs)
+    except Exception as exc:
+        raise CaptureError(
+            f"{label}: the captured graph does not run on its example inputs ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:300] if str(exc) else ''}).\n"
+            "  try: give example inputs with the dtypes and shapes forward() expects (token ids: int64 (B, T))."
+        ) from exc
+    flat, _ = torch.utils._pytree.tree_flatten(outputs)
+    bad = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.isnan().any()]
+    if not bad:
+        return
+    weights = [
+        name for name, tensor in (*gm.named_parameters(), *gm.named_buffers())
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all())
+    ]  # fmt: skip
+    where = (
+        f"weights holding NaN/Inf: {', '.join(weights[:5])}{' and more' if len(weights) > 5 else ''}"
+        if weights else "no weight holds NaN/Inf, so the example inputs or the arithmetic produce it"
+    )
+    raise ModelError(
+        f"{label}: output {bad[0]} is NaN on the example inputs before any pass ({where}). Every pass is verified "
+        "against these outputs, and NaN matches nothing: fix the weights (e.g. torch.nan_to_num on the "
+        "checkpoint) or give inputs the model computes finite outputs for."
+    )
 
 
 def _refuse_state_mutation(program: torch.export.ExportedProgram, label: str) -> None:
@@ -128,7 +197,8 @@ _REASONS: tuple[tuple[tuple[str, ...], str, str], ...] = (
         "replace the operation with a standard torch op, or register it as a torch.library custom op",
     ),
     (
-        ("size mismatch", "must match the size", "shape", "Expected", "expected"),
+        ("size mismatch", "must match the size", "shape", "Expected", "expected", "positional argument",
+         "must be Tensor", "reduction dim", "same dtype"),
         "the example inputs do not fit the model (wrong shape, dtype or count)",
         "check the example inputs against forward()'s signature (e.g. token ids must be int64 of shape (B, T))",
     ),

@@ -47,7 +47,9 @@ if TYPE_CHECKING:
     import onnx
     import onnx_graphsurgeon as gs
 
-__all__ = ["OnnxImportError", "example_inputs_for", "import_onnx", "language_model_vocab", "load_model"]
+__all__ = [
+    "OnnxImportError", "example_inputs_for", "external_data_files", "import_onnx", "language_model_vocab", "load_model",
+]
 
 MIN_OPSET, MAX_OPSET = 13, 23
 """Opsets read. 17-23 are tested (the range exporters write today); 13-16 use the same op semantics for
@@ -165,6 +167,8 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = True) -> on
         proto = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError) as exc:
         raise OnnxImportError(f"{path}: not an ONNX model ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    if not proto.HasField("graph") or not proto.opset_import:  # an empty file parses as an empty ModelProto
+        raise OnnxImportError(f"{path}: not an ONNX model (no graph or no opset: empty or not ONNX at all)")
     if load_weights and _external_tensors(proto):
         check_external_data(proto, path.parent)
         from onnx.external_data_helper import load_external_data_for_model
@@ -174,6 +178,15 @@ def load_model(path: str | os.PathLike[str], *, load_weights: bool = True) -> on
         except (ValueError, OSError) as exc:  # e.g. a length that does not fit the tensor's dims
             raise OnnxImportError(f"{path}: external data does not match its tensors ({exc})") from exc
     return proto
+
+
+def external_data_files(path: str | os.PathLike[str]) -> set[Path]:
+    """The resolved paths of the external data files an ``.onnx`` file names (read, never written: an output
+    path among them is refused)."""
+    proto = load_model(path, load_weights=False)
+    folder = Path(path).resolve().parent
+    locations = {entry.value for t in _external_tensors(proto) for entry in t.external_data if entry.key == "location"}
+    return {(folder / location).resolve() for location in locations if location and "\0" not in location}
 
 
 def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:

@@ -9,7 +9,10 @@ standard ExportedProgram any PyTorch can load, and loading goes through the same
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -22,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from passforge.ir.capture import CaptureError, from_exported_program
+from passforge.ir.capture import CaptureError, exception_chain, from_exported_program
 
 
 @contextlib.contextmanager
@@ -42,6 +45,33 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str) -> Iterator[None]:
+    """Silence a torch logger that prints a traceback for an error it also raises (the caller explains it)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def unwritable_reason(target: str | os.PathLike[str]) -> str | None:
+    """Why files cannot be created at ``target`` (a file or folder to be written), or None when they can:
+    checked before slow work, so a long run does not end on a path it could never write. The nearest
+    existing ancestor must be a folder this process may write into."""
+    path = Path(target).absolute()
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        return f"{ancestor} is a file, not a folder, so {path} cannot be created"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{os.strerror(errno.EACCES).lower()}: cannot write into {ancestor}"
+    return None
 
 
 def staging_folder(target: Path) -> Path:
@@ -108,12 +138,13 @@ def load_graph(path: str | os.PathLike[str]) -> fx.GraphModule:
     import passforge.kernels.fp8  # graphs may call passforge's fp8 Q/DQ ops
     import passforge.kernels.ops  # noqa: F401 - graphs may call passforge's custom ops and torch's Q/DQ ops
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _quiet_logger("torch.export"):  # it logs the traceback it then raises
             warnings.simplefilter("ignore")
             program = torch.export.load(path)
     except Exception as exc:
+        cause = exception_chain(exc)[-1]
         raise CaptureError(
-            f"{path}: not a readable torch.export archive ({type(exc).__name__}: {str(exc)[:200]}); "
+            f"{path}: not a readable torch.export archive ({type(cause).__name__}: {str(cause)[:200]}); "
             "re-save it with torch.export.save"
         ) from exc
     return from_exported_program(program, name=path.name)
@@ -126,15 +157,29 @@ def refuse_pickled_payloads(path: Path) -> None:
     """Raise unless every tensor in the ``.pt2`` archive is stored as raw bytes.
 
     ``torch.export.load`` unpickles entries flagged ``use_pickle`` (tensor subclasses), custom and opaque
-    objects, and legacy ``.pt`` constant files — each can run arbitrary code. Archives passforge writes have
-    none; an archive from elsewhere that has them is refused before anything is deserialised.
+    objects, and legacy ``.pt`` constant files — each can run arbitrary code — and loads the sample inputs
+    (and legacy weight files) with ``weights_only=True``, retrying with the full unpickler when that fails.
+    Archives passforge writes have none of these, and their sample inputs load ``weights_only``; an archive
+    from elsewhere that has them, or a ``torch.save`` checkpoint renamed ``.pt2``, is refused before anything
+    is deserialised.
     """
     try:
         with zipfile.ZipFile(path) as archive:
             names = archive.namelist()
+            if any(name == "data.pkl" or name.endswith("/data.pkl") for name in names):
+                raise CaptureError(
+                    f"{path}: refusing to load: this is a torch.save checkpoint (a pickle, which can run "
+                    "arbitrary code when loaded), not a torch.export archive. Export the model with "
+                    "torch.export.save, or load its state dict with torch.load(weights_only=True) in code you trust."
+                )
+            if not any(name == "archive_format" or name.endswith("/archive_format") for name in names):
+                raise CaptureError(f"{path}: a zip file but not a torch.export archive (no archive_format entry); "
+                                   "save the model with torch.export.save")
             for name in names:
                 if "/data/constants/" in name and name.endswith((".pt", ".pkl", ".pickle")):
                     _refuse(path, name)
+                if name.endswith((".pt", ".pkl", ".pickle")) and not _loads_weights_only(archive.read(name)):
+                    _refuse(path, name)  # torch.export.load retries these with weights_only=False
                 if name.endswith(("_weights_config.json", "_constants_config.json")):
                     config = json.loads(archive.read(name)).get("config", {})
                     for entry_name, entry in config.items():
@@ -142,6 +187,17 @@ def refuse_pickled_payloads(path: Path) -> None:
                             _refuse(path, entry_name)
     except (zipfile.BadZipFile, json.JSONDecodeError, AttributeError) as exc:
         raise CaptureError(f"{path}: not a readable .pt2 archive ({exc}); re-save it with torch.export.save") from exc
+
+
+def _loads_weights_only(data: bytes) -> bool:
+    """Whether a ``torch.save`` entry (sample inputs, legacy weights) loads without unpickling code: torch's
+    archive reader falls back to a full unpickle when ``weights_only`` loading fails, so such an entry is
+    refused instead."""
+    try:
+        torch.load(io.BytesIO(data), weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure means torch would retry with the full unpickler
+        return False
+    return True
 
 
 def _refuse(path: Path, entry: str) -> None:

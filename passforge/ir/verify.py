@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import fx
 
-from passforge.ir.graph import describe_val, get_attr, propagate_meta, same_shape
+from passforge.ir.graph import describe_val, get_attr, propagate_meta
 
 
 class VerificationError(RuntimeError):
@@ -54,13 +54,24 @@ def check_meta(gm: fx.GraphModule) -> None:
             )
 
 
+def _same_dims(recorded: Sequence[object], actual: Sequence[object]) -> bool:
+    """Dims equal by expression; a data-dependent size (an unbacked symbol, ``nonzero``'s ``u0``) matches any:
+    every propagation names it afresh (``u3``), so the names say nothing about a pass."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return len(recorded) == len(actual) and all(
+        str(r) == str(a) or bool(free_unbacked_symbols(r)) or bool(free_unbacked_symbols(a))
+        for r, a in zip(recorded, actual)
+    )
+
+
 def _same_value(recorded: object, actual: object) -> bool:
     if isinstance(actual, torch.Tensor):
         return (
             isinstance(recorded, torch.Tensor)
             and recorded.dtype == actual.dtype
             and recorded.device.type == actual.device.type
-            and same_shape(recorded, actual)
+            and _same_dims(recorded.shape, actual.shape)
         )
     if isinstance(actual, (list, tuple)):
         return (
@@ -96,6 +107,11 @@ def check_quant_params(gm: fx.GraphModule) -> None:
                 )
 
 
+RECORD_BYTES = 4 << 30
+"""What :func:`first_divergence` may hold of the graph before's values (a 7B model's every activation at
+2k tokens would be tens of GB): past it, only the first values are compared."""
+
+
 def _reads_quant_scales(op: str) -> bool:
     """Q/DQ ops and passforge's quantized kernels; not ``passforge::attention``, whose ``scale`` is softmax's."""
     return op.startswith("quantized_decomposed::") or (op.startswith("passforge::") and op != "passforge::attention")
@@ -107,15 +123,20 @@ def first_divergence(
     """The first value (in ``after``'s order) that both graphs compute under one name and that moved by more
     than ``bound`` of its own scale or became NaN/Inf — where a pass that broke the outputs went wrong — as
     ``"first moved: node 'x' (layer ...) ..."``; None when no shared value moved (the change is in new nodes).
-    Keeps ``before``'s floating values in memory: meant for the failure path only."""
-    shared = {node.name for node in after.graph.nodes} & {node.name for node in before.graph.nodes}
+    Weights are not compared (smoothing rescales them legitimately), the ops that read them are. Keeps up to
+    ``RECORD_BYTES`` of ``before``'s values in memory: meant for the failure path only."""
+    computed = ("call_function", "call_method", "call_module")  # not weights: a pass may rescale them (smoothing)
+    shared = {n.name for n in after.graph.nodes if n.op in computed} & {n.name for n in before.graph.nodes}
     recorded: dict[str, torch.Tensor] = {}
+    budget = [RECORD_BYTES]
 
     class Record(fx.Interpreter):
         def run_node(self, node: fx.Node) -> object:
             value = super().run_node(node)
             if node.name in shared and isinstance(value, torch.Tensor) and value.is_floating_point():
-                recorded[node.name] = value
+                budget[0] -= value.numel() * value.element_size()
+                if budget[0] >= 0:  # past the budget the search covers the graph's first values only
+                    recorded[node.name] = value
             return value
 
     class Compare(fx.Interpreter):
@@ -132,8 +153,9 @@ def first_divergence(
 
     try:
         with torch.inference_mode():
-            Record(before).run(*inputs)
-            Compare(after).run(*inputs)
+            for interpreter in (Record(before), Compare(after)):
+                interpreter.extra_traceback = False  # the message stays one line, with no user source in it
+                interpreter.run(*inputs)
     except _Found as found:
         return str(found)
     except Exception:  # noqa: BLE001 - localisation is a courtesy on a failure path: never mask the real error

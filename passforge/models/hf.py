@@ -129,13 +129,47 @@ def refuse_remote_code(folder: Path) -> None:
 
 
 def _from_pretrained(auto_class: type, folder: Path, dtype: torch.dtype, attn_implementation: str | None) -> object:
+    from safetensors import SafetensorError
+
     refuse_remote_code(folder)
+    refuse_outside_weights(folder)
     options = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    with _quiet_transformers():
-        model = auto_class.from_pretrained(
-            folder, local_files_only=True, use_safetensors=True, dtype=dtype, trust_remote_code=False, **options
-        )
+    try:
+        with _quiet_transformers():
+            model = auto_class.from_pretrained(
+                folder, local_files_only=True, use_safetensors=True, dtype=dtype, trust_remote_code=False, **options
+            )
+    except SafetensorError as exc:  # truncated, corrupt, or another format renamed .safetensors (never unpickled)
+        raise CaptureError(
+            f"{folder}: a *.safetensors weights file is not readable ({exc}); it is truncated, corrupt or not "
+            "safetensors at all. Copy or re-save the weights with model.save_pretrained(dir, safe_serialization=True)."
+        ) from None
     return model.eval()
+
+
+def refuse_outside_weights(folder: Path) -> None:
+    """Every weight file the folder points at — each ``*.safetensors`` (links resolved) and each shard named in a
+    ``*.safetensors.index.json`` weight map — lies inside the folder: a crafted index (``../x.safetensors``, an
+    absolute path) or a link would otherwise make loading read files elsewhere on the machine."""
+    root = folder.resolve()
+
+    def inside(path: Path) -> bool:
+        resolved = path.resolve()
+        return resolved != root and root in resolved.parents
+
+    for file in folder.glob("*.safetensors"):
+        if not inside(file):
+            raise CaptureError(f"{file} links to {file.resolve()}, outside the model folder {root}; refusing it")
+    for index in folder.glob("*.safetensors.index.json"):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
+        except (ValueError, AttributeError) as exc:
+            raise CaptureError(f"{index}: not a readable weight index ({exc})") from None
+        for shard in set(weight_map.values()) if isinstance(weight_map, dict) else ():
+            if not isinstance(shard, str) or "\0" in shard or Path(shard).is_absolute() or not inside(root / shard):
+                raise CaptureError(
+                    f"{index}: shard {shard!r} lies outside the model folder {root}; refusing to read it"
+                )
 
 
 def load_causal_lm(

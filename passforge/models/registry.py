@@ -212,3 +212,26 @@ def _read_token_ids(path: Path) -> torch.Tensor:
     if ids.numel() == 0 or bool((ids < 0).any()):
         raise ModelError(f"{path}: token ids must be non-negative integers (and at least one)")
     return ids.reshape(-1).long()
+
+
+def check_token_ids(tokens: torch.Tensor | None, gm: torch.fx.GraphModule, path: object) -> None:
+    """Refuse token ids the model's embedding table has no row for (data tokenized for another model): they
+    would fail inside the first pass that runs the graph on them, blamed on that pass. The table is the one
+    an input placeholder indexes with ``aten.embedding``; without one nothing is checked."""
+    if tokens is None or tokens.numel() == 0:
+        return
+    rows = None
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.embedding.default:
+            weight, ids = node.args[0], node.args[1]
+            val = weight.meta.get("val") if isinstance(weight, torch.fx.Node) else None
+            if isinstance(ids, torch.fx.Node) and ids.op == "placeholder" and val is not None:
+                rows = int(val.shape[0])
+                break
+    top = int(tokens.max())
+    if rows is not None and top >= rows:
+        raise ModelError(
+            f"{path or 'the data'}: token id {top} is outside the model's vocabulary ({rows} ids, 0..{rows - 1}); "
+            "tokenize the data with this model's tokenizer"
+        )
+

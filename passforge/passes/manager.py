@@ -152,13 +152,17 @@ class PassManager:
             except KeyboardInterrupt:
                 ctx.memo.clear()
                 ctx.memo.update(memo)
-                record.status, result.graph = "interrupted", snapshot
-                raise PipelineInterrupted(_interrupted_message(result), partial=result) from None
+                ctx.interrupted = False
+                record.status, record.modified, result.graph = "interrupted", False, snapshot
+                what = f"'{pass_.spec}' was rolled back"
+                raise PipelineInterrupted(_interrupted_message(result, what), partial=result) from None
             except Exception as exc:
                 work = snapshot
                 ctx.memo.clear()
                 ctx.memo.update(memo)
+                ctx.interrupted = False  # a pass that stopped early and then failed is rolled back like any other
                 record.status = "rolled_back" if self.on_error == "stop" else "skipped"
+                record.modified = False  # what the pass reported went with it
                 record.error = f"{type(exc).__name__}: {exc}"
                 before = [r.spec for r in result.records[:-1] if r.status == "ok"]
                 if ctx.repro_dir is not None:
@@ -179,8 +183,13 @@ class PassManager:
             result.graph = work
             if ctx.interrupted:  # the pass stopped itself on Ctrl-C and kept its best result
                 ctx.interrupted = False
-                raise PipelineInterrupted(_interrupted_message(result), partial=result)
-        self._finish(result, ctx)
+                what = f"'{pass_.spec}' stopped early and kept its best result"
+                raise PipelineInterrupted(_interrupted_message(result, what), partial=result)
+        try:
+            self._finish(result, ctx)
+        except KeyboardInterrupt:  # every pass completed: only the hooks' closing figures (timing) are missing
+            what = "every pass completed, the closing measurements (timing) did not"
+            raise PipelineInterrupted(_interrupted_message(result, what), partial=result) from None
         return result
 
     def _finish(self, result: PipelineResult, ctx: Context) -> None:
@@ -219,12 +228,9 @@ def _complete_meta(gm: fx.GraphModule, pass_name: str, existing: set[fx.Node]) -
             node.meta.setdefault("val", val)
 
 
-def _interrupted_message(result: PipelineResult) -> str:
+def _interrupted_message(result: PipelineResult, what: str) -> str:
     done = [r.spec for r in result.records if r.status == "ok"]
-    last = result.records[-1] if result.records else None
-    stopped = ("" if last is None else f"; '{last.spec}' was rolled back" if last.status == "interrupted"
-               else f"; '{last.spec}' stopped early and kept its best result")
-    return f"interrupted after {len(done)} of the pipeline's passes ({', '.join(done) or 'none'}){stopped}"
+    return f"interrupted after {len(done)} of the pipeline's passes ({', '.join(done) or 'none'}); {what}"
 
 
 def _failure_message(pass_: Pass, before: Sequence[str], exc: BaseException, reproducer: str | None) -> str:

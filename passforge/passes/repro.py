@@ -63,7 +63,15 @@ def _fresh_folder(root: Path, name: str) -> Path:
 
 
 def load_inputs(folder: Path) -> tuple[torch.Tensor, ...]:
-    tensors = safetensors.torch.load_file(str(folder / "inputs.safetensors"))
+    """The reproducer's example inputs (safetensors: never unpickled)."""
+    from passforge.ir.capture import CaptureError
+
+    try:
+        tensors = safetensors.torch.load_file(str(folder / "inputs.safetensors"))
+    except (safetensors.SafetensorError, OSError) as exc:
+        raise CaptureError(f"{folder}/inputs.safetensors: not a readable safetensors file ({exc})") from None
+    if sorted(tensors) != [str(i) for i in range(len(tensors))]:
+        raise CaptureError(f"{folder}/inputs.safetensors: expected tensors named 0, 1, ..., found {sorted(tensors)}")
     return tuple(tensors[str(i)] for i in range(len(tensors)))
 
 
@@ -73,6 +81,10 @@ def replay(folder: str | Path) -> None:
     from passforge.passes.manager import PassManager
 
     folder = Path(folder)
+    if not (folder / "spec.txt").is_file():
+        from passforge.ir.capture import CaptureError
+
+        raise CaptureError(f"{folder}: not a reproducer folder (no spec.txt); pass a folder under OUT/reproducers/")
     spec = (folder / "spec.txt").read_text(encoding="utf-8").strip()
     gm = load_graph(folder / "graph.pt2")
     ctx = Context(example_inputs=load_inputs(folder))

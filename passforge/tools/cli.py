@@ -18,7 +18,7 @@ from pathlib import Path
 from passforge.ir.onnx_export import ATTENTION_FORMS
 from passforge.models.registry import DEFAULT_MODEL
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130  # 130: killed by SIGINT, as shells say
 
 
 class _Parser(argparse.ArgumentParser):
@@ -135,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("passforge: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as exc:
         if os.environ.get("PASSFORGE_TRACEBACK"):
             raise
@@ -145,9 +145,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _optimize(args: argparse.Namespace) -> int:
-    from passforge.api import check_output_folder, optimize
+    from passforge.api import Optimized, check_output_folder, optimize
     from passforge.ir.serialize import write_text_atomic
-    from passforge.passes.manager import PassFailure
+    from passforge.passes.manager import PassFailure, PipelineInterrupted
     from passforge.passes.spec import parse_pipeline
     from passforge.runtime.executor import resolve_device
     from passforge.tools.progress import OptimizeProgress
@@ -155,7 +155,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
     n_passes = len(parse_pipeline(args.pipeline))  # a bad spec or output folder: usage errors before slow work
     out = Path(args.out)
-    check_output_folder(out)
+    check_output_folder(out, model=args.model)
     steps = 2 + n_passes + 1 + 1  # load, capture, the passes, timing, generation graphs
     try:
         with OptimizeProgress(steps) as progress:
@@ -169,6 +169,14 @@ def _optimize(args: argparse.Namespace) -> int:
         report = build_report(failure.partial, model=str(args.model), device=resolve_device(args.device))
         print(render_table(report))
         raise
+    except PipelineInterrupted as interrupted:  # keep what completed beside the output, never over it
+        if not isinstance(interrupted.optimized, Optimized):
+            raise
+        partial = out.resolve().with_name(f"{out.resolve().name}.interrupted")  # `--out .` has no name of its own
+        print(render_table(interrupted.optimized.report))
+        interrupted.optimized.save(partial)
+        print(f"passforge: {interrupted}; saved that graph to {partial} (no model written to {out})", file=sys.stderr)
+        return EXIT_INTERRUPTED
     print(render_table(optimized.report))
     optimized.save(out)
     write_text_atomic(out / "report.html", render_html(optimized.report))
@@ -193,6 +201,8 @@ def _convert(args: argparse.Namespace) -> int:
     ``export_onnx``, which writes atomically."""
     from passforge.api import optimize
     from passforge.ir.onnx_export import ATTENTION_OPSET, MIN_OPSET, export_onnx
+    from passforge.ir.onnx_import import external_data_files
+    from passforge.ir.serialize import unwritable_reason
     from passforge.models.registry import ModelError
     from passforge.passes.spec import parse_pipeline
     from passforge.tools.report import render_table
@@ -207,6 +217,10 @@ def _convert(args: argparse.Namespace) -> int:
         raise ModelError(f"-o {args.out} is the input model; the input is never overwritten, choose another path")
     if args.out.is_dir():
         raise ModelError(f"-o {args.out} is a folder; name the .onnx file to write")
+    if args.out.resolve() in external_data_files(args.model):
+        raise ModelError(f"-o {args.out} holds the input model's weights (external data); choose another path")
+    if (problem := unwritable_reason(args.out)) is not None:
+        raise ModelError(f"-o {args.out}: {problem}; choose another path")
     if args.opset is not None and args.opset < MIN_OPSET:
         raise ModelError(f"--opset {args.opset}: the QDQ forms need opset {MIN_OPSET} or newer")
     if args.attention == "onnx" and args.opset is not None and args.opset < ATTENTION_OPSET:
@@ -335,14 +349,15 @@ def _sensitivity(args: argparse.Namespace) -> int:
     for name, increase in result.ranking[: args.top]:
         print(f"  {100 * increase:+8.3f}%  {name}")
     if result.stopped_early:
-        print(f"time budget spent: {len(result.unranked)} layer(s) unranked (kept in float), best so far below")
+        why = "interrupted (Ctrl-C)" if result.interrupted else "time budget spent"
+        print(f"{why}: {len(result.unranked)} layer(s) unranked (kept in float), best so far below")
     best = result.best
     if best is not None:
         verdict = "within" if best.increase <= result.max_increase else "NOT within"
         print(f"\nbest: skip {len(best.skip)} layer(s), {100 * best.increase:+.3f}% ({verdict} the "
               f"{100 * result.max_increase:g}% budget)\n  --pipeline \"{best.pipeline}\"")
     print(f"wrote {args.out}")
-    return EXIT_OK
+    return EXIT_INTERRUPTED if result.interrupted else EXIT_OK
 
 
 def _replay(args: argparse.Namespace) -> int:

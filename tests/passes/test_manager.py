@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import fx
 
-from passforge.ir.graph import PASS_META, count_calls
+from passforge.ir.graph import PASS_META, count_calls, get_attr, set_tensor_attr
 from passforge.passes.base import Context, Pass, PassResult
 from passforge.passes.cleanup import Cleanup
 from passforge.passes.hooks import DumpHook, VerifyHook
@@ -90,6 +90,33 @@ class StopsItselfOnCtrlC(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         ctx.interrupted = True
         return PassResult(gm, modified=False, notes=["interrupted: kept the best so far"])
+
+
+@register
+@dataclass(frozen=True)
+class BlowUpOneLayer(Pass):
+    """Test lossy pass that breaks one layer (its down projection scaled 1000x), past its collapse guard."""
+
+    name: ClassVar[str] = "test-lossy-blow-up"
+    lossy: ClassVar[bool] = True
+    max_rel_err: ClassVar[float | None] = 0.5
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        weight = "layers.1.feed_forward.down_proj.weight"
+        set_tensor_attr(gm, weight, get_attr(gm, weight) * 1000)
+        return PassResult(gm, modified=True)
+
+
+@register
+@dataclass(frozen=True)
+class StopsThenFails(Pass):
+    """Test pass that stops early on Ctrl-C and then fails: it is rolled back like any failing pass."""
+
+    name: ClassVar[str] = "test-stops-then-fails"
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        ctx.interrupted = True
+        raise ValueError("boom")
 
 
 def _ctx(tokens: torch.Tensor, **kw: object) -> Context:
@@ -198,3 +225,29 @@ def test_a_pass_that_stops_itself_on_ctrl_c_is_kept_and_ends_the_pipeline(llama_
         PassManager.parse("test-stops-on-ctrl-c,cast", hooks=[VerifyHook()]).run(llama_graph, ctx)
     assert [r.status for r in info.value.partial.records] == ["ok"]
     assert not ctx.interrupted  # consumed: the model's next graph runs its pipeline normally
+
+
+def test_a_lossy_collapse_is_rolled_back_naming_the_layer(llama_graph, tokens):
+    pm = PassManager.parse("test-lossy-blow-up,cleanup", hooks=[VerifyHook()], on_error="skip")
+    result = pm.run(llama_graph, _ctx(tokens))
+    assert [r.status for r in result.records] == ["skipped", "ok"]
+    error = result.records[0].error
+    assert "the pass allows at most 50%" in error and "layer 'layers.1.feed_forward.down_proj'" in error, error
+    assert not result.records[0].modified  # what the pass reported went with it
+
+
+def test_a_pass_that_stops_then_fails_is_rolled_back_not_kept(llama_graph, tokens):
+    ctx = _ctx(tokens)
+    result = PassManager.parse("test-stops-then-fails,cleanup", on_error="skip").run(llama_graph, ctx)
+    assert [r.status for r in result.records] == ["skipped", "ok"]  # no PipelineInterrupted claiming it was kept
+    assert not ctx.interrupted
+
+
+def test_ctrl_c_in_the_closing_measurements_keeps_every_pass(llama_graph, tokens):
+    class SlowFinish(Hook):
+        def finish(self, result, ctx):
+            raise KeyboardInterrupt
+
+    with pytest.raises(PipelineInterrupted, match="every pass completed, the closing measurements") as info:
+        PassManager.parse("cleanup,cast", hooks=[SlowFinish()]).run(llama_graph, _ctx(tokens))
+    assert [r.status for r in info.value.partial.records] == ["ok", "ok"]

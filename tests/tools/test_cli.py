@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from passforge.tools.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, main
+from passforge.tools.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 
 FIELDS = {"name", "spec", "status", "time_s", "nodes", "params", "param_bytes", "latency_ms", "peak_mem_bytes",
           "max_abs_err", "kl", "ppl"}
@@ -71,6 +71,25 @@ def test_failing_pass_exits_1_and_names_a_reproducer(tmp_path, capsys):
     repro = tmp_path / "out" / "reproducers" / "test-corrupt-0"
     assert (repro / "graph.pt2").is_file()
     assert main(["replay", str(repro)]) == EXIT_FAILURE  # the failure replays with one command
+
+
+def test_ctrl_c_saves_what_completed_beside_the_output(tmp_path, capsys):
+    """The user's --out is not written (it would look finished); the passes that completed go to
+    OUT.interrupted, which loads and runs."""
+    import tests.passes.test_manager  # noqa: F401 - registers test-ctrl-c
+    from passforge.api import load
+
+    out = tmp_path / "out"
+    code = main(["optimize", "tiny", "--seq-len", "16", "--no-profile", "--pipeline", "cleanup,test-ctrl-c,cast",
+                 "--out", str(out)])
+    assert code == EXIT_INTERRUPTED
+    err = capsys.readouterr().err
+    assert "interrupted after 1 of the pipeline's passes (cleanup)" in err and f"{out}.interrupted" in err
+    assert not out.exists()
+    saved = load(tmp_path / "out.interrupted")
+    assert saved.report["interrupted"].startswith("interrupted after 1")
+    assert [r["status"] for r in saved.report["passes"]] == ["ok", "interrupted"]
+    saved(*saved.example_inputs)
 
 
 def test_passes_lists_options_and_docs(capsys):
