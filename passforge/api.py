@@ -327,8 +327,7 @@ def optimize(
         try:
             forward_status = [r.status for r in result.records]
             report["generation"] = _add_generation_graphs(optimized, source, pipeline, ctx, on_error, forward_status)
-        except KeyboardInterrupt:  # the forward pipeline completed: keep it, without generate()
-            optimized.prefill = optimized.decode = None
+        except KeyboardInterrupt:  # the forward pipeline completed: keep it (the step graphs are set last, if at all)
             report["interrupted"] = report["generation"] = "interrupted while building the generation graphs"
             stopped = PipelineInterrupted(report["interrupted"], partial=result)
             stopped.optimized = optimized

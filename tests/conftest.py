@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,6 +25,16 @@ class TiedEmbeddingHead(torch.nn.Module):
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.head(self.emb(ids)), self.head.weight
+
+
+class Tripwire:
+    """Unpickling this creates ``marker``: a loader that unpickles (and so could run code) leaves evidence."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[Path]]:
+        return Path.touch, (self.marker,)
 
 
 @pytest.fixture(autouse=True)

@@ -72,19 +72,26 @@ def capture(
 
 
 @contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.CRITICAL) -> Iterator[None]:
+    """Raise a library logger's threshold to ``level`` for the block, then put it back: torch logs the
+    traceback of errors it then raises (passforge explains them itself) and notes about other libraries."""
+    logger = logging.getLogger(name)
+    previous = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(previous)
+
+
+@contextlib.contextmanager
 def _quiet_export() -> Iterator[None]:
     """torch.export prints the partial graph of a failed trace to stderr and logs the tracebacks of errors it
     then raises; :class:`CaptureError` explains the failure instead. What a successful export prints is
     passed on; torch's log records below CRITICAL are dropped while it runs (warnings included)."""
-    logger = logging.getLogger("torch")
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
     printed = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(printed):
-            yield
-    finally:
-        logger.setLevel(level)
+    with quiet_logger("torch"), contextlib.redirect_stderr(printed):
+        yield
     print(printed.getvalue(), end="", file=sys.stderr)  # reached on success only
 
 

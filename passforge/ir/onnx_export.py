@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 import torch
 from torch import fx
 
-from passforge.ir.capture import exception_chain
+from passforge.ir.capture import exception_chain, quiet_logger
 from passforge.ir.graph import dynamic_shapes_of, example_inputs_of, op_name
 from passforge.ir.serialize import atomic_path
 
@@ -185,15 +185,9 @@ def _import_exporters() -> tuple[ModuleType, ModuleType, ModuleType, ModuleType,
 def _quiet_torch_onnx() -> Iterator[None]:
     """Hide torch.onnx's start-up notes that concern other libraries (torchvision ops it could not
     register); real problems reach the caller as exceptions."""
-    logger = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logger.setLevel(level)
+    with quiet_logger("torch.onnx._internal.exporter._registration", logging.ERROR), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 _BEFORE_LOWERING = (

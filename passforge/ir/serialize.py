@@ -12,7 +12,6 @@ import contextlib
 import errno
 import io
 import json
-import logging
 import os
 import re
 import shutil
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import fx
 
-from passforge.ir.capture import CaptureError, exception_chain, from_exported_program
+from passforge.ir.capture import CaptureError, exception_chain, from_exported_program, quiet_logger
 
 
 @contextlib.contextmanager
@@ -45,18 +44,6 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str) -> Iterator[None]:
-    """Silence a torch logger that prints a traceback for an error it also raises (the caller explains it)."""
-    logger = logging.getLogger(name)
-    level = logger.level
-    logger.setLevel(logging.CRITICAL)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def unwritable_reason(target: str | os.PathLike[str]) -> str | None:
@@ -138,7 +125,7 @@ def load_graph(path: str | os.PathLike[str]) -> fx.GraphModule:
     import passforge.kernels.fp8  # graphs may call passforge's fp8 Q/DQ ops
     import passforge.kernels.ops  # noqa: F401 - graphs may call passforge's custom ops and torch's Q/DQ ops
     try:
-        with warnings.catch_warnings(), _quiet_logger("torch.export"):  # it logs the traceback it then raises
+        with warnings.catch_warnings(), quiet_logger("torch.export"):  # it logs the traceback it then raises
             warnings.simplefilter("ignore")
             program = torch.export.load(path)
     except Exception as exc:

@@ -128,14 +128,15 @@ def first_divergence(
     computed = ("call_function", "call_method", "call_module")  # not weights: a pass may rescale them (smoothing)
     shared = {n.name for n in after.graph.nodes if n.op in computed} & {n.name for n in before.graph.nodes}
     recorded: dict[str, torch.Tensor] = {}
-    budget = [RECORD_BYTES]
+    budget = RECORD_BYTES
 
     class Record(fx.Interpreter):
         def run_node(self, node: fx.Node) -> object:
+            nonlocal budget
             value = super().run_node(node)
             if node.name in shared and isinstance(value, torch.Tensor) and value.is_floating_point():
-                budget[0] -= value.numel() * value.element_size()
-                if budget[0] >= 0:  # past the budget the search covers the graph's first values only
+                budget -= value.numel() * value.element_size()
+                if budget >= 0:  # past the budget the search covers the graph's first values only
                     recorded[node.name] = value
             return value
 

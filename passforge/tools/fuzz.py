@@ -399,33 +399,42 @@ def _floats(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t.detach().double() for t in tensors]
 
 
+def _interface_error(label: str, want: Sequence[torch.Tensor], got: Sequence[torch.Tensor]) -> str | None:
+    """Why ``got`` does not stand in for ``want`` before any tolerance applies: another output count, shape
+    or dtype, or NaN/Inf where ``want`` is finite."""
+    if len(want) != len(got):
+        return f"{label}: {len(want)} outputs became {len(got)}"
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w.shape != g.shape or w.dtype != g.dtype:
+            return f"{label}: output {i} changed from {w.dtype}{list(w.shape)} to {g.dtype}{list(g.shape)}"
+        if w.is_floating_point() and bool((~torch.isfinite(g) & torch.isfinite(w)).any()):
+            return f"{label}: output {i} gained NaN/Inf"
+    return None
+
+
 def step_error(step: _Accepted) -> str | None:
     """Why an accepted pass should not have been accepted (None: within its declared bound)."""
-    if len(step.before) != len(step.after):
-        return f"{step.pass_.spec}: {len(step.before)} outputs became {len(step.after)}"
+    label = step.pass_.spec
+    if (problem := _interface_error(label, step.before, step.after)) is not None:
+        return problem
     for i, (want, got) in enumerate(zip(step.before, step.after)):
-        if want.shape != got.shape or want.dtype != got.dtype:
-            return f"{step.pass_.spec}: output {i} changed from {want.dtype}{list(want.shape)} to " \
-                   f"{got.dtype}{list(got.shape)}"
         if not want.is_floating_point():
             if not torch.equal(want, got) and step.tolerance is not None:
-                return f"{step.pass_.spec}: integer output {i} changed"
+                return f"{label}: integer output {i} changed"
             continue
         w, g = want.double(), got.double()
         finite = torch.isfinite(w)
-        if bool((~torch.isfinite(g) & finite).any()):
-            return f"{step.pass_.spec}: output {i} gained NaN/Inf"
         if step.tolerance is not None:
             rtol, atol = step.tolerance
             excess = (g - w).abs() - (atol + rtol * w.abs())
             if bool((excess[finite] > 0).any()):
-                return f"{step.pass_.spec}: output {i} moved by {float((g - w)[finite].abs().max()):.3g}, beyond " \
+                return f"{label}: output {i} moved by {float((g - w)[finite].abs().max()):.3g}, beyond " \
                        f"its declared rtol={rtol}, atol={atol}"
         elif step.pass_.max_rel_err is not None and bool(finite.any()):
             scale = max(float(w[finite].abs().max()), torch.finfo(torch.float32).tiny)
             moved = float((g - w)[finite].abs().max()) / scale
             if moved > step.pass_.max_rel_err:
-                return f"{step.pass_.spec}: output {i} moved by {moved:.1%} of its scale, beyond max_rel_err " \
+                return f"{label}: output {i} moved by {moved:.1%} of its scale, beyond max_rel_err " \
                        f"{step.pass_.max_rel_err}"
     return None
 
@@ -464,22 +473,17 @@ def derived_bound(
 
 def _final_error(original: Sequence[torch.Tensor], final: Sequence[torch.Tensor],
                  bound: Sequence[torch.Tensor] | None) -> str | None:
-    if len(original) != len(final):
-        return f"the final graph returns {len(final)} outputs, the model {len(original)}"
+    if (problem := _interface_error("the final graph", original, final)) is not None or bound is None:
+        return problem
     for i, (want, got) in enumerate(zip(original, final)):
-        if want.shape != got.shape or want.dtype != got.dtype:
-            return f"final output {i} is {got.dtype}{list(got.shape)}, the model's {want.dtype}{list(want.shape)}"
         if not want.is_floating_point():
             continue
         w, g = want.double(), got.double()
         finite = torch.isfinite(w)
-        if bool((~torch.isfinite(g) & finite).any()):
-            return f"final output {i} has NaN/Inf where the model's has none"
-        if bound is not None:
-            excess = (g - w).abs() - bound[i] * (1 + 1e-9) - 1e-12
-            if bool((excess[finite] > 0).any()):
-                worst = float(excess[finite].max())
-                return f"final output {i} is {worst:.3g} beyond the bound derived from the passes that ran"
+        excess = (g - w).abs() - bound[i] * (1 + 1e-9) - 1e-12
+        if bool((excess[finite] > 0).any()):
+            worst = float(excess[finite].max())
+            return f"final output {i} is {worst:.3g} beyond the bound derived from the passes that ran"
     return None
 
 

@@ -20,6 +20,7 @@ from passforge.models.hf import capture_hf
 from passforge.passes.base import Context
 from passforge.passes.hooks import VerifyHook
 from passforge.passes.manager import PassManager
+from tests.conftest import Tripwire
 
 transformers = pytest.importorskip("transformers")
 
@@ -127,21 +128,11 @@ def test_folder_without_config_json(tmp_path):
         capture_hf(tmp_path)
 
 
-class _Tripwire:
-    """Unpickling this creates a marker file, so a loader that unpickles ``.bin`` weights leaves evidence."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[Path]]:
-        return Path.touch, (self.marker,)
-
-
 def test_pickled_bin_weights_are_refused_unread(tmp_path):
     # config.json must exist, otherwise the missing config is reported before the weights are looked at.
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
     marker = tmp_path / "unpickled"
-    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(_Tripwire(marker)))
+    (tmp_path / "pytorch_model.bin").write_bytes(pickle.dumps(Tripwire(marker)))
     with pytest.raises(CaptureError, match="safetensors"):
         capture_hf(tmp_path)
     assert not marker.exists()

@@ -32,17 +32,8 @@ pytest.importorskip("onnx_graphsurgeon", reason="ONNX import needs onnx-graphsur
 
 from onnx import TensorProto, helper  # noqa: E402
 
+from tests.conftest import Tripwire  # noqa: E402
 from tests.tools.test_convert import _mlp  # noqa: E402 - the 2-linear ONNX model convert's tests use
-
-
-class _Tripwire:
-    """Unpickling this creates ``marker``: a loader that unpickles leaves evidence."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self) -> tuple[object, tuple[Path]]:
-        return Path.touch, (self.marker,)
 
 
 class _Linear(torch.nn.Module):
@@ -213,7 +204,7 @@ def _with_entry(src: Path, dst: Path, suffix: str, data: bytes) -> Path:
 
 def _pickled(marker: Path) -> bytes:
     buffer = io.BytesIO()
-    torch.save({"weight": torch.zeros(2), "payload": _Tripwire(marker)}, buffer)
+    torch.save({"weight": torch.zeros(2), "payload": Tripwire(marker)}, buffer)
     return buffer.getvalue()
 
 
@@ -238,20 +229,25 @@ def test_a_pickled_sample_input_inside_a_real_archive_is_refused_unread(tmp_path
     load_graph(good)  # the untouched archive loads
 
 
+def _gpt2_folder(folder: Path) -> Path:
+    """A Hugging Face folder with a one-layer GPT-2 config and no weights yet."""
+    folder.mkdir()
+    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_embd": 8, "n_head": 2,
+              "vocab_size": 32, "n_positions": 16}  # fmt: skip
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
 @pytest.mark.parametrize("content", ["pickle", "truncated", "empty"])
 def test_bad_safetensors_in_a_hugging_face_folder_are_a_clear_failure(tmp_path, capsys, content):
     pytest.importorskip("transformers")
     from safetensors.torch import save_file
 
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_embd": 8, "n_head": 2,
-              "vocab_size": 32, "n_positions": 16}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = _gpt2_folder(tmp_path / "hf")
     marker = tmp_path / "unpickled"
     weights = folder / "model.safetensors"
     if content == "pickle":
-        weights.write_bytes(pickle.dumps(_Tripwire(marker)))
+        weights.write_bytes(pickle.dumps(Tripwire(marker)))
     else:
         save_file({"transformer.wte.weight": torch.zeros(32, 8)}, weights)
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2] if content == "truncated" else b"")
@@ -272,11 +268,7 @@ def test_hugging_face_weights_outside_the_folder_are_refused_unread(tmp_path, ca
     outside.mkdir()
     secret = outside / "secret.safetensors"
     save_file({"transformer.wte.weight": torch.full((32, 8), 7.0)}, secret)
-    folder = tmp_path / "hf"
-    folder.mkdir()
-    config = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 1, "n_embd": 8, "n_head": 2,
-              "vocab_size": 32, "n_positions": 16}  # fmt: skip
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = _gpt2_folder(tmp_path / "hf")
     if escape == "link":
         (folder / "model.safetensors").symlink_to(secret)
     else:
@@ -296,7 +288,7 @@ def test_replay_refuses_pickled_inputs_unread(tmp_path, capsys):
     (repro / "spec.txt").write_text("cleanup\n")
     _saved_linear(repro / "graph.pt2")
     marker = tmp_path / "unpickled"
-    (repro / "inputs.safetensors").write_bytes(pickle.dumps(_Tripwire(marker)))
+    (repro / "inputs.safetensors").write_bytes(pickle.dumps(Tripwire(marker)))
     assert main(["replay", str(repro)]) == EXIT_FAILURE
     assert "inputs.safetensors: not a readable safetensors file" in _one_error_line(capsys.readouterr().err, "failed")
     assert not marker.exists()
