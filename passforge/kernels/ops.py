@@ -231,12 +231,16 @@ def quantize_per_token_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     one ``aminmax`` pass (torch's qparams depend only on each row's min and max, so they are computed by
     torch's own op on the (M, 2) extremes), then torch's float64 arithmetic on one buffer in place.
     Returns ``(q (M, K) int8, scales (M, 1) f64, zero points (M, 1) i64)``."""
-    low, high = torch.aminmax(x, dim=-1, keepdim=True)
-    scales, zero_points = torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric(
-        torch.cat([low, high], dim=-1), torch.int8
-    )
+    scales, zero_points = _per_token_qparams(x)
     q = x.to(torch.float64).mul_(1.0 / scales).add_(zero_points).round_().clamp_(-128, 127).to(torch.int8)
     return q, scales, zero_points
+
+
+def _per_token_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    low, high = torch.aminmax(x, dim=-1, keepdim=True)
+    return torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric(
+        torch.cat([low, high], dim=-1), torch.int8
+    )
 
 
 def quantize_per_tensor_int8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
@@ -302,6 +306,67 @@ def _(
     from passforge.kernels.int8_gemm import int8_static_linear as triton_int8_static_linear
 
     return triton_int8_static_linear(x, x_scale, x_zero_point, w, w_scales, bias)
+
+
+def _int8_dynamic_linear_for_inductor(
+    x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``passforge::int8_dynamic_linear`` in ATen ops only (see :data:`INDUCTOR_DECOMPOSITIONS`)."""
+    rows = x.reshape(-1, x.shape[-1])
+    x_scales, x_zero_points = _per_token_qparams(rows)  # the quantizer of quantize_per_token_int8, out of place
+    qx = (rows.to(torch.float64) * (1.0 / x_scales) + x_zero_points).round().clamp(-128, 127).to(torch.int8)
+    acc = torch._int_mm(qx, w.t()) - x_zero_points.to(torch.int32) * w.sum(dim=1, dtype=torch.int32)
+    return _int8_epilogue(acc, x_scales.to(torch.float32) * scales.to(torch.float32), x, w, bias)
+
+
+def _int8_static_linear_for_inductor(
+    x: torch.Tensor,
+    x_scale: float,
+    x_zero_point: int,
+    w: torch.Tensor,
+    w_scales: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``passforge::int8_static_linear`` in ATen ops only (see :data:`INDUCTOR_DECOMPOSITIONS`)."""
+    scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # quantize_per_tensor_int8, out of place
+    qx = (scaled.round() + x_zero_point).clamp(-128, 127).to(torch.int8)
+    acc = torch._int_mm(qx, w.t())
+    if x_zero_point:
+        acc = acc - x_zero_point * w.sum(dim=1, dtype=torch.int32)
+    return _int8_epilogue(acc, x_scale * w_scales.to(torch.float32), x, w, bias)
+
+
+def _int8_epilogue(
+    acc: torch.Tensor, scale: torch.Tensor, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """``acc * scale`` (one multiply by the combined scale) in x's dtype, shaped like x, plus the bias.
+
+    One multiply, not ``acc * s_x * s_w``: with ``freezing=True`` inductor rewrites the two-multiply pattern
+    after a ``_int_mm`` on a constant weight into oneDNN's int8 linear with int8 activations, which on CPUs
+    where oneDNN has no int8 × int8 kernel (AVX-512 VNNI takes uint8 × int8) runs its reference loop: 8.5 s
+    instead of 3.8 ms for one 768 → 2048 layer at M=512 (benchmarks/int8_inductor_probe.py)."""
+    out = (acc.to(torch.float32) * scale).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    return out + bias if bias is not None else out
+
+
+INDUCTOR_DECOMPOSITIONS = {
+    torch.ops.passforge.int8_dynamic_linear.default: _int8_dynamic_linear_for_inductor,
+    torch.ops.passforge.int8_static_linear.default: _int8_static_linear_for_inductor,
+    # torch's own ATen implementation of the op (an extern call to inductor otherwise: 11 ms of llama-100m's
+    # 512-token prefill), so the per-token ranges fuse with the norm that produces the activations
+    torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default: (
+        torch.ao.quantization.fx._decomposed._choose_qparams_per_token_asymmetric_impl
+    ),
+}
+"""The int8 activation ops as the ATen ops their CPU implementations run, for inductor to compile on CPU.
+
+As opaque ops, inductor calls them as extern kernels and every activation makes a round trip through memory
+around each one: the norm's output is written, read by the op's quantizer, the int8 copy written and read by
+the GEMM, its int32 result dequantized into a fresh buffer, read again by the residual add or SiLU that follows.
+Decomposed, inductor fuses the quantizer into the norm before it (one kernel writes the int8 activations) and
+the dequantizing epilogue into the ops after it; ``torch._int_mm`` stays the GEMM (oneDNN, VNNI/AMX). The
+results equal the ops' up to fp32 rounding of the scale product (the epilogue multiplies by ``s_x * s_w``
+once), before the cast to the activation dtype. CUDA keeps the ops: their Triton kernels fuse all of this."""
 
 
 def fp8_token_scale(x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ Inference graphs (grad disabled, or no input requiring grad) become the IR every
 4. the pipeline runs with the verifier (a pass that breaks the graph is rolled back and named; with
    ``on_error="skip"``, the default here, compilation carries on without it);
 5. the result runs on passforge's runtime or, with ``inductor=True``, is handed to inductor: passforge's
-   passes plus inductor's code generation (passforge's custom ops run as extern kernels).
+   passes plus inductor's code generation (passforge's custom ops run as extern kernels, except the int8
+   activation linears on CPU, which reach inductor as the ATen ops they run so it fuses around them).
 
 Graph breaks give several graphs, each compiled on its own; a new shape dynamo recompiles for is one more
 call to the backend. Training graphs (grad enabled and an input requiring grad) go through AOT autograd's
@@ -429,10 +430,25 @@ def _inductor_runner(graph: fx.GraphModule) -> Callable[..., Sequence[torch.Tens
 def _inductor_build(graph: fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., Sequence[torch.Tensor]]:
     """inductor's build of ``graph`` for ``inputs``' sizes (for a static graph, dynamo guards them: one build
     serves every call). ``freezing``: inductor folds the (already frozen) weights into its kernels and
-    prepacks them for oneDNN / MKL, as torch.compile's own CPU inference setting does."""
-    from torch._inductor import compile as inductor_compile
+    prepacks them for oneDNN / MKL, as torch.compile's own CPU inference setting does. passforge's int8
+    activation ops on CPU reach inductor as the ATen ops they run (``INDUCTOR_DECOMPOSITIONS``), so their
+    quantizers and epilogues fuse with the ops around them."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
 
-    return inductor_compile(graph, inputs, options={"freezing": True})
+    from passforge.kernels.ops import INDUCTOR_DECOMPOSITIONS
+
+    decompositions = select_decomp_table()
+    if _on_cpu(graph, INDUCTOR_DECOMPOSITIONS):
+        decompositions = {**decompositions, **INDUCTOR_DECOMPOSITIONS}
+    return compile_fx(graph, inputs, config_patches={"freezing": True}, decompositions=decompositions)
+
+
+def _on_cpu(graph: fx.GraphModule, targets: Mapping[object, object]) -> bool:
+    """Whether every call of one of ``targets`` in ``graph`` computes on the CPU (on CUDA the ops' Triton
+    kernels already fuse what decomposing would give inductor)."""
+    devices = {n.args[0].meta["val"].device.type for n in graph.graph.nodes if n.target in targets}
+    return devices == {"cpu"}
 
 
 class CompiledGraph:

@@ -289,3 +289,60 @@ def test_scaled_mm_unsupported_says_why():
         assert scaled_mm_unsupported(x, (32, 64)) is None
         assert "multiples of 16" in scaled_mm_unsupported(x, (40, 64))
         assert "cast(dtype=bf16)" in scaled_mm_unsupported(x.float(), (32, 64))
+
+
+def _int8_activation_call(op: str, dtype: torch.dtype, zero_point: int, bias: bool) -> tuple[object, tuple]:
+    """(op, args) for one int8-activation linear with a bias or not; static: a calibrated range's scale and
+    the given zero point."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(2, 24, 64, generator=g) * 3 + 0.5).to(dtype)
+    w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
+    scales = torch.rand(48, generator=g) / 50
+    b = torch.randn(48, generator=g).to(dtype) if bias else None
+    if op == "dynamic":
+        return torch.ops.passforge.int8_dynamic_linear.default, (x, w, scales, b)
+    return torch.ops.passforge.int8_static_linear.default, (x, 0.07, zero_point, w, scales, b)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("op", "zero_point"), [("dynamic", 0), ("static", 0), ("static", -9)])
+def test_inductor_decompositions_compute_what_the_ops_compute(op, zero_point, dtype, bias):
+    """The ATen form inductor compiles on CPU equals the op up to fp32 rounding of the scale product: the same
+    int8 operands and int32 sums, then ``acc * (s_x * s_w)`` instead of ``acc * s_x * s_w`` — at most one fp32
+    ulp apart before the cast, so at most one ulp of the output dtype after it (plus the bias add's rounding)."""
+    from passforge.kernels.ops import INDUCTOR_DECOMPOSITIONS
+
+    target, args = _int8_activation_call(op, dtype, zero_point, bias)
+    want = target(*args)
+    got = INDUCTOR_DECOMPOSITIONS[target](*args)
+    assert got.shape == want.shape == (2, 24, 48) and got.dtype == want.dtype == dtype
+    ulp = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, want, rtol=2 * ulp, atol=2 * ulp * want.abs().max().item())
+
+
+@pytest.mark.parametrize(("op", "zero_point"), [("dynamic", 0), ("static", 0), ("static", -9)])
+def test_inductor_decompositions_trace_to_functional_aten_around_one_int_mm(op, zero_point):
+    """What inductor receives: one ``_int_mm``, no passforge op left, no extern qparams op (its ATen
+    arithmetic fuses with the ops around it), nothing in place (AOT autograd rejects mutations at this stage),
+    and a single multiply on the GEMM's result — two (``acc * s_x * s_w``) is the pattern inductor's freezing
+    turns into oneDNN's int8-activation linear, thousands of times slower on CPUs without int8 × int8 kernels."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from passforge.kernels.ops import INDUCTOR_DECOMPOSITIONS
+
+    target, args = _int8_activation_call(op, torch.bfloat16, zero_point, bias=False)
+    traced = make_fx(lambda *a: target(*a), decomposition_table=INDUCTOR_DECOMPOSITIONS)(*args)
+    calls = [n for n in traced.graph.nodes if n.op == "call_function"]
+    names = [str(n.target) for n in calls]
+    assert names.count("aten._int_mm.default") == 1
+    assert not [name for name in names if "passforge" in name or "quantized_decomposed" in name]
+    assert not [n for n in calls if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    (int_mm,) = [n for n in calls if n.target is torch.ops.aten._int_mm.default]
+    epilogue, multiplies = int_mm, 0
+    while len(epilogue.users) == 1 and multiplies < 3:  # follow the int32 result to the output's dtype cast
+        (epilogue,) = epilogue.users
+        multiplies += epilogue.target is torch.ops.aten.mul.Tensor
+        if epilogue.target is torch.ops.aten._to_copy.default and epilogue.kwargs.get("dtype") == torch.bfloat16:
+            break
+    assert multiplies == 1

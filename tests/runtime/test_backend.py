@@ -235,15 +235,29 @@ def test_bad_options_are_clear_errors() -> None:
         passforge_backend(gm, [torch.randn(1, 2)], options={"on_error": "ignore"})
 
 
-def test_inductor_generates_code_for_the_optimized_graph() -> None:
+@pytest.mark.parametrize(
+    ("pipeline", "int_mm"),
+    [("cleanup,quantize(scheme=w8)", 0), ("cleanup,quantize(scheme=w8a8),fold-quant,lower-quant(guard=false)", 2)],
+)
+def test_inductor_generates_code_for_the_optimized_graph(pipeline: str, int_mm: int) -> None:
+    """Fake-quant graphs lower through inductor's Q/DQ lowerings; passforge's int8-activation ops reach it as
+    the ATen ops they run on CPU (``INDUCTOR_DECOMPOSITIONS``), so its post-grad graph holds ``_int_mm`` calls
+    and no passforge op for it to call as an extern."""
     model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16)).eval()
-    compiled, before = _compile(model, pipeline="cleanup,quantize(scheme=w8)", inductor=True)
+    compiled, before = _compile(model, pipeline=pipeline, inductor=True)
     x = torch.randn(4, 16)
-    with torch.no_grad():
+    seen: list[str] = []
+
+    def record(graph: torch.fx.Graph) -> None:
+        seen.extend(str(n.target) for n in graph.nodes if n.op == "call_function")
+
+    with torch.no_grad(), torch._inductor.config.patch(post_grad_custom_post_pass=record, fx_graph_cache=False):
         want, got = model(x), compiled(x)
     assert 0 < float((got - want).abs().max() / want.abs().max()) < 5e-2
     (graph,) = _new(before)
     assert not isinstance(graph.runnable, torch.fx.GraphModule)  # inductor's compiled callable runs it
+    assert seen.count("aten._int_mm.default") == int_mm
+    assert not [target for target in seen if target.startswith("passforge.")]
 
 
 def test_hf_generate_with_a_static_cache_gives_eager_greedy_tokens() -> None:
