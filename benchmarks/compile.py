@@ -46,6 +46,7 @@ from passforge.models.registry import read_tokens
 W8A8 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8a8),fold-quant,lower-quant"
 STATIC = "cleanup,fuse-attention,cast(dtype=bf16),smooth-quant,quantize(scheme=w8a8-static),fold-quant,lower-quant"
 W4 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w4),fold-quant,lower-quant"
+W8 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8),fold-quant,lower-quant"
 BF16 = "cleanup,fuse-attention,cast(dtype=bf16)"
 
 # label -> (prefill pipeline, decode pipeline, hand to inductor)
@@ -53,6 +54,7 @@ BACKEND_ROWS: dict[str, tuple[str, str, bool]] = {
     "passforge backend bf16 + fuse-attention, inductor": (BF16, BF16, True),
     "passforge backend w8a8 / w4 + bf16 + fuse-attention, inductor": (W8A8, W4, True),
     "passforge backend smooth + w8a8-static / w4 + bf16 + fuse-attention, inductor": (STATIC, W4, True),
+    "passforge backend smooth + w8a8-static / w8 + bf16 + fuse-attention, inductor": (STATIC, W8, True),
     "passforge backend w8a8 / w4 + bf16 + fuse-attention, passforge runtime": (W8A8, W4, False),
 }
 

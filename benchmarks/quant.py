@@ -77,6 +77,10 @@ PIPELINES = {
     "passforge fused + w4 g128 + bf16":
         "cleanup,cast(dtype=bf16),fuse-linears,quantize(scheme=w4),fold-quant,lower-quant",
     "passforge bf16 + fuse-attention": "cleanup,fuse-attention,cast(dtype=bf16)",
+    "passforge w8 + bf16 + fuse-attention":
+        "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8),fold-quant,lower-quant",
+    "passforge w8 + bf16 + fuse-attention, lm_head too":
+        "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8,skip=''),fold-quant,lower-quant",
     "passforge w4 g128 + bf16 + fuse-attention":
         "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w4),fold-quant,lower-quant",
     "passforge smooth + w8a8-static (decode w4) + bf16 + fuse-attention": "cleanup,fuse-attention,cast(dtype=bf16),"
