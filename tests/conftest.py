@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,14 @@ class Tripwire:
 
     def __reduce__(self) -> tuple[object, tuple[Path]]:
         return Path.touch, (self.marker,)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (README's test command runs two workers): one intra-op thread per worker, so two
+    workers on two cores do not oversubscribe them. Most of the suite is single-threaded Python (capture,
+    export, graph passes); the workers overlap it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
