@@ -114,12 +114,21 @@ class LowerQuant(Pass):
         fraction = flips + ((4 if activations else 2) * BF16_ULP if low else 0.0)
         return 0.0, fraction * output_scale(expected)
 
+    def _decided(self, node: fx.Node) -> bool:
+        """Whether an earlier guarded run already decided this layer with every candidate this run offers: it
+        is not timed again (idempotent: timings vary). A ``prefer=speed`` run reconsiders what a
+        ``prefer=size`` run kept, since it also offers the float weight."""
+        decision = node.meta.get(KERNEL_META)
+        if decision is None:
+            return False
+        return not (self.prefer == "speed" and decision.get("prefer", "size") == "size")
+
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         from passforge.kernels.ops import backend, scaled_mm_unsupported  # importing it registers the ops
 
-        eligible = [  # a layer an earlier guarded run kept is not timed again (idempotent: timings vary)
+        eligible = [
             (node, lowering) for node in gm.graph.nodes
-            if not (self.guard and KERNEL_META in node.meta) and (lowering := _match(gm, node)) is not None
+            if not (self.guard and self._decided(node)) and (lowering := _match(gm, node)) is not None
         ]
         readers = Counter(lowering.x_quantize for _, lowering in eligible if lowering.x_quantize is not None)
         counts = dict.fromkeys(CANDIDATES, 0)
@@ -144,6 +153,7 @@ class LowerQuant(Pass):
                 allow_float = self.prefer == "speed" and kind in WEIGHT_ONLY
                 decision = _choose(x, weight_shape, ctx.device, kind, group_size, shared, allow_float=allow_float)
             decision["backend"] = backend(kernel, x.meta["val"], weight_shape, group_size)  # what the op runs here
+            decision["prefer"] = self.prefer
             node.meta[KERNEL_META] = decision
             counts[decision["kernel"]] += 1
             if "timings_ms" in decision:

@@ -264,6 +264,25 @@ def test_a_second_guarded_run_leaves_the_layers_the_first_kept(llama_graph, toke
     assert forced.stats == {"lowered": LINEARS - 1, "kept": 0, "float": 0}
 
 
+def test_a_prefer_speed_run_reconsiders_what_a_prefer_size_run_kept(llama_graph, tokens, monkeypatch):
+    """``prefer=speed`` offers a candidate ``prefer=size`` does not (the float weight), so a layer the size run
+    kept is decided again; a second speed run then leaves it alone, and a size run after it too."""
+    import passforge.passes.quantize.lower as lower
+
+    folded = _run(llama_graph, "quantize,fold-quant", (tokens,)).graph
+    monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.KEEP, "timings_ms": {}})
+    kept = _run(folded, "lower-quant", (tokens,)).graph
+    monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.FLOAT, "timings_ms": {}})
+    speed = _run(kept, "lower-quant(prefer=speed)", (tokens,))
+    assert speed.records[0].stats == {"lowered": 0, "kept": 0, "float": LINEARS - 1}
+    monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.KEEP, "timings_ms": {}})
+    kept_by_speed = _run(folded, "lower-quant(prefer=speed)", (tokens,)).graph
+    for spec in ("lower-quant(prefer=speed)", "lower-quant"):
+        monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.KERNEL, "timings_ms": {}})
+        again = _run(kept_by_speed, spec, (tokens,)).records[0]
+        assert again.modified is False and again.stats == {"lowered": 0, "kept": 0, "float": 0}, spec
+
+
 def test_a_linear_feeding_another_linear_is_lowered_in_one_run():
     """Found by the fuzzer: with w8a8, lowering a linear whose output is the next linear's activation left the
     next one's lowering reading the replaced node, which brought the first linear back unlowered (still
