@@ -95,6 +95,12 @@ def _quiet_export() -> Iterator[None]:
     print(printed.getvalue(), end="", file=sys.stderr)  # reached on success only
 
 
+def _out_of_memory(exc: BaseException) -> bool:
+    """An allocation failure: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU allocator's
+    RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or "can't allocate memory" in str(exc)
+
+
 def check_reference_run(gm: fx.GraphModule, example_inputs: Sequence[object], label: str) -> None:
     """Run the captured graph once on its example inputs, before any pass. Inputs the model cannot take (an
     int64 tensor into a linear: export's fake tensors let some through) and NaN outputs (NaN weights) would
@@ -119,6 +125,13 @@ def check_reference_run(gm: fx.GraphModule, example_inputs: Sequence[object], la
         with torch.inference_mode():
             outputs = gm(*example_inputs)
     except Exception as exc:
+        if _out_of_memory(exc):
+            raise CaptureError(
+                f"{label}: running the captured graph once on its example inputs ran out of memory "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}).\n"
+                "  try: shorter example inputs (the sequence length sets the activations' size), a smaller batch, "
+                "or a device with more memory (--device)."
+            ) from exc
         raise CaptureError(
             f"{label}: the captured graph does not run on its example inputs ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:300] if str(exc) else ''}).\n"

@@ -126,6 +126,26 @@ def test_untraceable_models_and_mismatched_inputs_are_capture_errors(capfd, mode
     assert "Traceback" not in err and "def forward" not in err  # torch's partial graph and logged tracebacks
 
 
+@pytest.mark.parametrize(
+    "error",
+    [MemoryError(), torch.OutOfMemoryError("CUDA out of memory"),
+     RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 68719476736 bytes")],
+    ids=["MemoryError", "cuda-oom", "cpu-allocator"],
+)
+def test_running_out_of_memory_on_the_example_inputs_is_not_blamed_on_them(error):
+    """The reference run before any pass: an allocation failure says memory and what to shrink, not that the
+    inputs do not fit the model (the message every other failure there gets)."""
+    from passforge.ir.capture import check_reference_run
+
+    class Allocates(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise error
+
+    with pytest.raises(CaptureError, match="ran out of memory") as info:
+        check_reference_run(Allocates(), (torch.randn(2),), "model")
+    assert "try: shorter example inputs" in str(info.value) and "dtypes and shapes" not in str(info.value)
+
+
 def test_data_dependent_output_shapes_are_not_blamed_on_a_pass():
     """``nonzero`` has an output size known only at run time (an unbacked symbol)."""
 
