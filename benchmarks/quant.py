@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from passforge.api import optimize
 from passforge.ir.graph import example_inputs_of, param_stats, tensor_attrs
 from passforge.models.llama import PRESETS, DecodeStep, Llama, LlamaConfig, build
+from passforge.runtime.executor import direct_cpu_calls
 from passforge.runtime.kv_cache import donate_kv_cache
 from passforge.runtime.profile import interleaved_latency_ms
 
@@ -322,9 +323,10 @@ def passforge_pipeline(spec: str) -> Callable[[Setup], Variant]:
         # valid in any vocabulary of 256 or more)
         opt = optimize(setup.model, (setup.tokens,), pipeline=spec, profile=False, calib_data=bundled_calib_path())
         weights = dict(tensor_attrs(opt.graph))
-        decode, _ = donate_kv_cache(opt.decode)  # as generate() runs it: the cache updated in place
+        decode, _ = donate_kv_cache(opt.decode)  # as generate() runs it: the cache updated in place,
         return Variant(
-            prefill=opt.graph, decode=decode, cache=tuple(example_inputs_of(opt.decode)[2:]),
+            prefill=direct_cpu_calls(opt.graph), decode=direct_cpu_calls(decode),  # and the ops called directly
+            cache=tuple(example_inputs_of(opt.decode)[2:]),
             weight_bytes=param_stats(opt.graph)[1], disk_bytes=saved_bytes(weights),
             read_bytes_per_token=graph_read_bytes(opt.decode),
         )

@@ -62,6 +62,7 @@ from passforge.passes.base import Context, Pass
 from passforge.passes.hooks import VerifyHook
 from passforge.passes.manager import OnError, PassManager, PipelineResult
 from passforge.passes.spec import parse_pipeline
+from passforge.runtime.executor import direct_cpu_calls
 
 
 class BackendError(ValueError):
@@ -512,7 +513,9 @@ class CompiledGraph:
         elif self.opts.inductor:
             self.runnable = _inductor_build(_for_inductor(graph), user)
         else:
-            self.runnable = _donate_updates(graph, len(self.binding.mutated))
+            runnable = _donate_updates(graph, len(self.binding.mutated))
+            on_cpu = all(t.device.type == "cpu" for t in user)
+            self.runnable = direct_cpu_calls(runnable) if on_cpu else runnable  # as passforge's Executor runs it
         self.recorded.clear()
 
     def _load_cached(self) -> fx.GraphModule | None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
-from passforge.ir.graph import describe_val, to_device
+from passforge.ir.graph import copy_graph_module, describe_val, to_device
 from passforge.runtime.kv_cache import RingCache
 
 
@@ -33,12 +33,33 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return device
 
 
+def direct_cpu_calls(gm: fx.GraphModule) -> fx.GraphModule:
+    """For running on CPU only: a copy of ``gm`` whose passforge op calls are plain calls of the ops' CPU
+    implementations (``kernels.ops.CPU_KERNELS``), skipping the dispatcher's per-call cost::
+
+        %y = passforge.int8_weight_linear.default(%x, %w, %s, None)   →   %y = _int8_weight_linear_cpu(%x, %w, %s, None)
+
+    Same functions, same results; ``gm`` itself (what is saved, exported, compiled) is left as it is."""
+    from passforge.kernels.ops import CPU_KERNELS
+
+    if not any(node.target in CPU_KERNELS for node in gm.graph.nodes):
+        return gm
+    direct = copy_graph_module(gm)
+    for node in direct.graph.nodes:
+        if node.target in CPU_KERNELS:
+            node.target = CPU_KERNELS[node.target]
+    direct.recompile()
+    return direct
+
+
 class Executor:
     """A graph bound to a device: ``Executor(gm, "cuda")(tokens)``."""
 
     def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None) -> None:
         self.device = resolve_device(device)
         self.gm = to_device(gm, self.device)
+        if self.device.type == "cpu":
+            self.gm = direct_cpu_calls(self.gm)
         self._expected = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
 
     def check_inputs(self, inputs: Sequence[object]) -> None:

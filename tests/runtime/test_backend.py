@@ -13,6 +13,7 @@ from torch import nn
 
 import passforge.kernels.ops  # noqa: F401 - registers passforge::attention
 from passforge.ir.graph import count_calls
+from passforge.kernels.attention import attention_cpu
 from passforge.models.llama import Llama
 from passforge.passes.spec import parse_pipeline
 from passforge.runtime import backend
@@ -72,6 +73,8 @@ def test_lossless_pipeline_matches_eager_and_the_passes_ran(small_llama: Llama, 
     assert [r.status for r in graph.result.records] == ["ok", "ok"]
     assert count_calls(graph.graph, ATTENTION) == SMALL.n_layers
     assert count_calls(graph.graph, aten.scaled_dot_product_attention.default) == 0
+    # passforge's runtime runs it on CPU as its Executor does: the op's implementation called directly
+    assert count_calls(graph.runnable, ATTENTION) == 0 and count_calls(graph.runnable, attention_cpu) == SMALL.n_layers
     names = {n.target for n in graph.graph.graph.find_nodes(op="get_attr")}
     assert "weights.layers.0.attention.q_proj.weight" in names  # frozen weights keep their module names
 
