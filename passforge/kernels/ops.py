@@ -362,11 +362,6 @@ def _int8_epilogue(
 INDUCTOR_DECOMPOSITIONS = {
     torch.ops.passforge.int8_dynamic_linear.default: _int8_dynamic_linear_for_inductor,
     torch.ops.passforge.int8_static_linear.default: _int8_static_linear_for_inductor,
-    # torch's own ATen implementation of the op (an extern call to inductor otherwise: 11 ms of llama-100m's
-    # 512-token prefill), so the per-token ranges fuse with the norm that produces the activations
-    torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default: (
-        torch.ao.quantization.fx._decomposed._choose_qparams_per_token_asymmetric_impl
-    ),
 }
 """The int8 activation ops as the ATen ops their CPU implementations run, for inductor to compile on CPU.
 
@@ -374,9 +369,13 @@ As opaque ops, inductor calls them as extern kernels and every activation makes 
 around each one: the norm's output is written, read by the op's quantizer, the int8 copy written and read by
 the GEMM, its int32 result dequantized into a fresh buffer, read again by the residual add or SiLU that follows.
 Decomposed, inductor fuses the quantizer into the norm before it (one kernel writes the int8 activations) and
-the dequantizing epilogue into the ops after it; ``torch._int_mm`` stays the GEMM (oneDNN, VNNI/AMX). The
-results equal the ops' up to fp32 rounding of the scale product (the epilogue multiplies by ``s_x * s_w``
-once), before the cast to the activation dtype. CUDA keeps the ops: their Triton kernels fuse all of this."""
+the dequantizing epilogue into the ops after it; ``torch._int_mm`` stays the GEMM (oneDNN, VNNI/AMX). The int8
+operands and int32 sums are the ops' exactly; the float results differ by fp32 rounding of the scale product
+(the epilogue multiplies by ``s_x * s_w`` once) and, in bf16/fp16, by inductor fusing the bias add without
+rounding in between: within an ulp or two of the activation dtype. The per-token ranges
+(``choose_qparams_per_token_asymmetric``) stay one extern op: decomposed, inductor computes their bf16
+arithmetic in fp32, and a quarter of the scales, zero points and int8 activations came out different.
+CUDA keeps the ops: their Triton kernels fuse all of this."""
 
 
 def fp8_token_scale(x: torch.Tensor) -> torch.Tensor:

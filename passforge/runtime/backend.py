@@ -448,8 +448,8 @@ def _inductor_build(graph: fx.GraphModule, inputs: list[torch.Tensor]) -> Callab
 def _on_cpu(graph: fx.GraphModule, targets: Mapping[object, object]) -> bool:
     """Whether every call of one of ``targets`` in ``graph`` computes on the CPU (on CUDA the ops' Triton
     kernels already fuse what decomposing would give inductor)."""
-    devices = {n.args[0].meta["val"].device.type for n in graph.graph.nodes if n.target in targets}
-    return devices == {"cpu"}
+    values = [n.args[0].meta.get("val") for n in graph.graph.nodes if n.target in targets]
+    return bool(values) and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in values)
 
 
 class CompiledGraph:
@@ -514,7 +514,7 @@ class CompiledGraph:
             self.runnable = _inductor_build(_for_inductor(graph), user)
         else:
             runnable = _donate_updates(graph, len(self.binding.mutated))
-            on_cpu = all(t.device.type == "cpu" for t in user)
+            on_cpu = {t.device.type for t in (*user, *dict(tensor_attrs(graph)).values())} <= {"cpu"}
             self.runnable = direct_cpu_calls(runnable) if on_cpu else runnable  # as passforge's Executor runs it
         self.recorded.clear()
 

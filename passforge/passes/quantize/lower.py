@@ -114,21 +114,22 @@ class LowerQuant(Pass):
         fraction = flips + ((4 if activations else 2) * BF16_ULP if low else 0.0)
         return 0.0, fraction * output_scale(expected)
 
-    def _decided(self, node: fx.Node) -> bool:
+    def _decided(self, node: fx.Node, lowering: Lowering) -> bool:
         """Whether an earlier guarded run already decided this layer with every candidate this run offers: it
-        is not timed again (idempotent: timings vary). A ``prefer=speed`` run reconsiders what a
-        ``prefer=size`` run kept, since it also offers the float weight."""
+        is not timed again (idempotent: timings vary). A ``prefer=speed`` run reconsiders a weight-only layer
+        a ``prefer=size`` run kept, since it also offers the float weight there (and nowhere else)."""
         decision = node.meta.get(KERNEL_META)
         if decision is None:
             return False
-        return not (self.prefer == "speed" and decision.get("prefer", "size") == "size")
+        new_candidate = self.prefer == "speed" and decision.get("prefer", "size") == "size"
+        return not (new_candidate and decision["kernel"] == KEEP and lowering.kind in WEIGHT_ONLY)
 
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         from passforge.kernels.ops import backend, scaled_mm_unsupported  # importing it registers the ops
 
         eligible = [
             (node, lowering) for node in gm.graph.nodes
-            if not (self.guard and self._decided(node)) and (lowering := _match(gm, node)) is not None
+            if (lowering := _match(gm, node)) is not None and not (self.guard and self._decided(node, lowering))
         ]
         readers = Counter(lowering.x_quantize for _, lowering in eligible if lowering.x_quantize is not None)
         counts = dict.fromkeys(CANDIDATES, 0)

@@ -281,6 +281,13 @@ def test_a_prefer_speed_run_reconsiders_what_a_prefer_size_run_kept(llama_graph,
         monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.KERNEL, "timings_ms": {}})
         again = _run(kept_by_speed, spec, (tokens,)).records[0]
         assert again.modified is False and again.stats == {"lowered": 0, "kept": 0, "float": 0}, spec
+    # near miss: w8a8 layers get no float candidate, so a speed run has nothing new to offer them
+    folded_w8a8 = _run(llama_graph, "quantize(scheme=w8a8),fold-quant", (tokens,)).graph
+    monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.KEEP, "timings_ms": {}})
+    kept_w8a8 = _run(folded_w8a8, "lower-quant", (tokens,)).graph
+    monkeypatch.setattr(lower, "_choose", lambda *args, **kw: {"kernel": lower.DYNAMIC, "timings_ms": {}})
+    again = _run(kept_w8a8, "lower-quant(prefer=speed)", (tokens,)).records[0]
+    assert again.modified is False and again.stats == {"lowered": 0, "kept": 0, "float": 0}
 
 
 def test_a_linear_feeding_another_linear_is_lowered_in_one_run():
