@@ -95,6 +95,11 @@ def _quiet_export() -> Iterator[None]:
     print(printed.getvalue(), end="", file=sys.stderr)  # reached on success only
 
 
+def _names(names: Sequence[str]) -> str:
+    """The first five names, and whether there are more (for one-line error messages)."""
+    return ", ".join(names[:5]) + (" and more" if len(names) > 5 else "")
+
+
 def _out_of_memory(exc: BaseException) -> bool:
     """An allocation failure: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU allocator's
     RuntimeError ("DefaultCPUAllocator: can't allocate memory")."""
@@ -118,7 +123,7 @@ def check_reference_run(gm: fx.GraphModule, example_inputs: Sequence[object], la
               if tensor.is_floating_point() and not bool(tensor.isfinite().all())]
     if broken:
         raise ModelError(
-            f"{label}: parameters holding NaN/Inf: {', '.join(broken[:5])}{' and more' if len(broken) > 5 else ''}; "
+            f"{label}: parameters holding NaN/Inf: {_names(broken)}; "
             "fix the checkpoint (e.g. torch.nan_to_num) before optimizing it"
         )
     try:
@@ -146,7 +151,7 @@ def check_reference_run(gm: fx.GraphModule, example_inputs: Sequence[object], la
         if tensor.is_floating_point() and not bool(tensor.isfinite().all())
     ]  # fmt: skip
     where = (
-        f"weights holding NaN/Inf: {', '.join(weights[:5])}{' and more' if len(weights) > 5 else ''}"
+        f"weights holding NaN/Inf: {_names(weights)}"
         if weights else "no weight holds NaN/Inf, so the example inputs or the arithmetic produce it"
     )
     raise ModelError(

@@ -150,19 +150,14 @@ class PassManager:
             try:
                 work = self._run_one(pass_, work, snapshot, ctx, record)
             except KeyboardInterrupt:
-                ctx.memo.clear()
-                ctx.memo.update(memo)
-                ctx.interrupted = False
-                record.status, record.modified, result.graph = "interrupted", False, snapshot
+                _roll_back(ctx, memo, record)
+                record.status, result.graph = "interrupted", snapshot
                 what = f"'{pass_.spec}' was rolled back"
                 raise PipelineInterrupted(_interrupted_message(result, what), partial=result) from None
             except Exception as exc:
                 work = snapshot
-                ctx.memo.clear()
-                ctx.memo.update(memo)
-                ctx.interrupted = False  # a pass that stopped early and then failed is rolled back like any other
+                _roll_back(ctx, memo, record)  # a pass that stopped early and then failed too
                 record.status = "rolled_back" if self.on_error == "stop" else "skipped"
-                record.modified = False  # what the pass reported went with it
                 record.error = f"{type(exc).__name__}: {exc}"
                 before = [r.spec for r in result.records[:-1] if r.status == "ok"]
                 if ctx.repro_dir is not None:
@@ -226,6 +221,15 @@ def _complete_meta(gm: fx.GraphModule, pass_name: str, existing: set[fx.Node]) -
     if missing_val:
         for node, val in propagate_meta(gm).items():
             node.meta.setdefault("val", val)
+
+
+def _roll_back(ctx: Context, memo: dict[str, object], record: PassRecord) -> None:
+    """Undo what a pass left outside its graph: what it remembered for the model's other graphs, its
+    stopped-early flag, and what it reported as modified."""
+    ctx.memo.clear()
+    ctx.memo.update(memo)
+    ctx.interrupted = False
+    record.modified = False
 
 
 def _interrupted_message(result: PipelineResult, what: str) -> str:

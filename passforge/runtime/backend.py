@@ -446,8 +446,9 @@ def _inductor_build(graph: fx.GraphModule, inputs: list[torch.Tensor]) -> Callab
 
 
 def _on_cpu(graph: fx.GraphModule, targets: Mapping[object, object]) -> bool:
-    """Whether every call of one of ``targets`` in ``graph`` computes on the CPU (on CUDA the ops' Triton
-    kernels already fuse what decomposing would give inductor)."""
+    """Whether every call of one of ``targets`` in ``graph`` computes on the CPU, by its first operand: where
+    the int8 ops are decomposed for inductor and passforge's ops are called directly (on CUDA the ops run
+    their Triton kernels)."""
     values = [n.args[0].meta.get("val") for n in graph.graph.nodes if n.target in targets]
     return bool(values) and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in values)
 
@@ -513,9 +514,11 @@ class CompiledGraph:
         elif self.opts.inductor:
             self.runnable = _inductor_build(_for_inductor(graph), user)
         else:
+            from passforge.kernels.ops import CPU_KERNELS
+
             runnable = _donate_updates(graph, len(self.binding.mutated))
-            on_cpu = {t.device.type for t in (*user, *dict(tensor_attrs(graph)).values())} <= {"cpu"}
-            self.runnable = direct_cpu_calls(runnable) if on_cpu else runnable  # as passforge's Executor runs it
+            on_cpu = _on_cpu(graph, CPU_KERNELS)  # then called directly, as passforge's Executor runs it
+            self.runnable = direct_cpu_calls(runnable) if on_cpu else runnable
         self.recorded.clear()
 
     def _load_cached(self) -> fx.GraphModule | None:
