@@ -1,36 +1,51 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (for a session lent a GPU; < 8 minutes): install, GPU-path tests, then benchmarks.
-# It uses the machine's own CUDA build of torch (no pin). Output goes to stdout and, when $OUT is set, to files.
-set -euo pipefail
+# The one prepared GPU check, for a session lent a GPU (8 minutes at most; about 6 when no step hits its cap):
+# the Triton kernels' tests compiled, the kernel and attention benchmarks, the CLI on CUDA, then the whole suite
+# with a GPU present.
+#   bash benchmarks/gpu_check.sh          (SKIP_ATTENTION=1 leaves out the attention benchmark)
+# It uses the machine's own CUDA build of torch (no pin) and runs from the checkout (PYTHONPATH; the editable
+# install below only registers the entry points: the machine has no network). A package the machine lacks
+# travels as a wheel in .whl/ (git-ignored; name it in the device call's carry), installed to /tmp/site; the
+# ONNX tests need onnx-graphsurgeon there:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl onnx-graphsurgeon==0.6.1
+# Each step writes to $OUT as it goes (unbuffered), so a step cut off by its timeout still reports.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/passforge-gpu}"
 mkdir -p "$OUT"
-python3 -m pip install --quiet --no-deps -e . 2>&1 | tail -2 || true
-python3 -m pip install --quiet safetensors rich tqdm matplotlib pytest triton 2>&1 | tail -2 || true  # no network: what is there
-python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), torch.cuda.get_device_name(0))"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH="/tmp/site"
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+# The torch.compile backend is found by name through the package's entry point: that needs an install (offline:
+# the machine's own setuptools). Without it the backend tests fail with InvalidBackend (seen 2026-11-27).
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2 || true
+PYTEST=(python3 -m pytest -o addopts= -p no:cacheprovider -p no:benchmark --tb=short -rfE --timeout 120)
 
-# Most valuable first (device time is short): the Triton kernels have never been compiled on a GPU.
-# Worst case: 120 + 75 + 90 + 60 + 30 + 45 + 60 s = 8 minutes plus the installs.
+{ date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; nproc
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+      torch.cuda.get_device_name(0), torch.cuda.get_device_capability())"; } 2>&1 | tee "$OUT/env.txt"
 
-# 1. Triton kernels, compiled (on CPU the same tests run them under TRITON_INTERPRET; with a GPU tests/kernels'
-#    conftest leaves it unset): their tests, then kernel vs reference vs cuBLAS bf16 times at decode and prefill
-#    shapes of llama-100m and llama-7b. The first call per shape autotunes (not timed).
-python3 -c "import triton; print('triton', triton.__version__)"
-timeout 120 env -u TRITON_INTERPRET python3 -m pytest -q tests/kernels 2>&1 | tail -5 | tee "$OUT/kernel-tests.txt" || true
-timeout 75 python3 benchmarks/kernels.py --quick | tee "$OUT/kernels.md" || true
+# 1. The Triton kernels compiled for the first time (on CPU the same tests run under TRITON_INTERPRET; with a
+#    GPU tests/kernels' conftest leaves it unset), spread over workers since each config compiles.
+timeout 90 "${PYTEST[@]}" -q -n 8 --dist load tests/kernels 2>&1 | tee "$OUT/kernel-tests.txt"
 
-# 1b. Attention: Triton forward TFLOP/s vs SDPA flash / cuDNN / efficient, flash-decoding vs SDPA, sliding window.
-timeout 90 python3 benchmarks/attention_gpu.py --quick | tee "$OUT/attention.md" || true
+# 2. Kernel vs reference vs cuBLAS bf16 at decode and prefill shapes of llama-100m and llama-7b (the first
+#    call per shape autotunes, untimed); attention: Triton forward vs SDPA backends, flash-decoding.
+timeout 120 python3 benchmarks/kernels.py --quick 2>&1 | tee "$OUT/kernels.md"
+if [[ "${SKIP_ATTENTION:-0}" != 1 ]]; then
+    timeout 60 python3 benchmarks/attention_gpu.py --quick 2>&1 | tee "$OUT/attention.md"
+fi
 
-# 2. The lowering on CUDA (speed guard, int8 / int4 / static / fp8 ops through lower-quant) and the runtime.
-timeout 60 python3 -m pytest -q -x tests/passes/quantize/test_lower.py tests/passes/quantize/test_lower_static.py \
-    tests/runtime 2>&1 | tail -5 | tee "$OUT/tests.txt" || true
-# 2b. 2:4 weights swapped to torch's semi-structured sparse tensors, and pruning with CUDA tensors.
-timeout 30 python3 -m pytest -q tests/passes/prune -k "cuda or semi_structured" 2>&1 | tail -5 \
-    | tee "$OUT/sparse-tests.txt" || true
-
-# 3. The default pipeline on the bundled LM and a quantized one on the ~100M preset, on CUDA.
-timeout 45 python3 -m passforge.tools.cli optimize --device cuda --out "$OUT/tiny-lm" | tee "$OUT/tiny-lm.txt" || true
-timeout 60 python3 -m passforge.tools.cli optimize llama-100m --device cuda --seq-len 512 --out "$OUT/llama-100m" \
+# 3. A quantized pipeline on the ~100M preset, end to end on CUDA, through the CLI.
+timeout 75 python3 -m passforge.tools.cli optimize llama-100m --device cuda --seq-len 512 --out /tmp/llama-100m \
     --pipeline "cleanup,cast(dtype=bf16),quantize(scheme=w8a8,decode_scheme=w4),fold-quant,lower-quant" \
-    | tee "$OUT/llama-100m.txt" || true
+    2>&1 | tee "$OUT/cli.txt"
+# 4. Everything else with CUDA present: the lowering's CUDA candidates, 2:4 semi-structured weights, the
+#    runtime, and the whole suite on this machine's torch (older than CI's pin; pyproject's range admits it).
+#    -v: each test's result is in the log even if the step is cut off.
+timeout 150 "${PYTEST[@]}" -v -n 14 --dist loadfile --ignore=tests/kernels tests 2>&1 | tee "$OUT/tests.txt"
+
+exit 0

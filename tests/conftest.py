@@ -80,6 +80,17 @@ def bundled_lm_and_text() -> tuple[torch.nn.Module, torch.Tensor]:
     return model, torch.tensor(encode(bundled.eval_text()[:16384]))
 
 
+def cpu_scaled_mm_takes_row_scales() -> bool:
+    """Some PyTorch releases' CPU ``_scaled_mm`` take per-tensor scales only (2.11 does; 2.13 takes rows): the
+    tests that run passforge's row-wise call on the CPU skip there."""
+    e4m3 = torch.ones(16, 16).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(e4m3, e4m3.t(), torch.ones(16, 1), torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except RuntimeError:
+        return False
+    return True
+
+
 def held_out_ppl(model_fn, ids: torch.Tensor) -> float:
     """Perplexity over 64 non-overlapping 128-byte windows (8 KiB) of held-out text."""
     from passforge.eval.perplexity import perplexity

@@ -14,7 +14,8 @@ from collections.abc import Iterator
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.utils import _pytree as pytree
 from torch.utils._sympy.numbers import int_oo
 
 PASS_META = "passforge.pass"
@@ -185,7 +186,18 @@ def to_device(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
             set_tensor_attr(moved, name, new)
         else:
             setattr(owner, leaf, new)
+    for node in moved.graph.nodes:  # what the nodes claim follows, else verification sees two devices
+        if "val" in node.meta:
+            node.meta["val"] = pytree.tree_map_only(FakeTensor, lambda val: _fake_on(val, device), node.meta["val"])
     return moved
+
+
+def _fake_on(val: FakeTensor, device: torch.device) -> FakeTensor:
+    """``val`` as its fake mode would make it on ``device`` (same symbolic shape; no memory anywhere)."""
+    if val.device == device:
+        return val
+    with val.fake_mode:
+        return val.to(device)
 
 
 def dynamic_shapes_of(gm: fx.GraphModule) -> tuple[dict[int, object] | None, ...] | None:

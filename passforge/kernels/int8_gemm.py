@@ -55,8 +55,13 @@ def _quantize_per_token_kernel(
     x_ptr, q_ptr, scale_ptr, zero_point_ptr,
     K, stride_xm, stride_qm,
     QMIN: tl.constexpr, QMAX: tl.constexpr, EPS: tl.constexpr, BLOCK_K: tl.constexpr,
+    RECIPROCAL_DIVIDE: tl.constexpr,
 ):
-    """One program per token: x[row] (K,) -> q[row] (K,) int8, scale[row] f32, zero_point[row] int32."""
+    """One program per token: x[row] (K,) -> q[row] (K,) int8, scale[row] f32, zero_point[row] int32.
+
+    RECIPROCAL_DIVIDE: how torch divides the range by the Python float 255 on x's device. CUDA multiplies by
+    the fp32 reciprocal (aten's true-divide by a CPU scalar), the CPU divides; the two differ by an ulp at times.
+    """
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride_xm
     DTYPE: tl.constexpr = x_ptr.dtype.element_ty
@@ -70,7 +75,11 @@ def _quantize_per_token_kernel(
     min_neg = tl.min(low, axis=0)
     max_pos = tl.max(high, axis=0)
 
-    scale = _rounded(tl.math.div_rn(_rounded(max_pos - min_neg, DTYPE), QMAX - QMIN + 0.0), DTYPE)
+    spread = _rounded(max_pos - min_neg, DTYPE)
+    if RECIPROCAL_DIVIDE:
+        scale = _rounded(spread * tl.math.div_rn(tl.full((), 1.0, tl.float32), QMAX - QMIN + 0.0), DTYPE)
+    else:
+        scale = _rounded(tl.math.div_rn(spread, QMAX - QMIN + 0.0), DTYPE)
     scale = _rounded(tl.maximum(scale, EPS), DTYPE)
     descaled_min = _rounded(tl.math.div_rn(min_neg, scale), DTYPE)
     descaled_max = _rounded(tl.math.div_rn(max_pos, scale), DTYPE)
@@ -147,7 +156,7 @@ def _int8_gemm_kernel(
         k_mask = offs_k < K - k
         a = tl.load(a_ptrs, mask=m_mask[:, None] & k_mask[None, :], other=0)
         b = tl.load(b_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # explicit: Triton 3.6 wants acc's dtype here
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
@@ -176,10 +185,13 @@ _int8_gemm_tuned = triton.autotune(
 # -------------------------------------------------------------------------------------------------- launchers
 
 
-def quantize_per_token(x: torch.Tensor, *, block_k: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_per_token(
+    x: torch.Tensor, *, block_k: int = 1024, reciprocal_divide: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x (M, K) f32/f16/bf16 -> (q (M, K) int8, scales (M,) f32, zero points (M,) int32), asymmetric per token,
-    exactly as ``choose_qparams_per_token_asymmetric`` + ``quantize_per_token`` (scales are values of x's dtype,
-    so fp32 holds them exactly)."""
+    exactly as ``choose_qparams_per_token_asymmetric`` + ``quantize_per_token`` compute them on x's device
+    (scales are values of x's dtype, so fp32 holds them exactly). ``reciprocal_divide`` (default: x on CUDA)
+    picks CUDA's rule for the range / 255 step; tests set it to check that rule under the interpreter."""
     if x.dim() != 2 or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"quantize_per_token: expected x (M, K) f32/f16/bf16, got {tuple(x.shape)} {x.dtype}")
     x = x if x.stride(1) == 1 else x.contiguous()
@@ -191,7 +203,9 @@ def quantize_per_token(x: torch.Tensor, *, block_k: int = 1024) -> tuple[torch.T
         block_k = min(block_k, triton.next_power_of_2(max(cols, 16)))
         _quantize_per_token_kernel[(rows,)](
             x, q, scales, zero_points, cols, x.stride(0), q.stride(0),
-            QMIN=QMIN, QMAX=QMAX, EPS=FP32_EPS, BLOCK_K=block_k, num_warps=4, enable_fp_fusion=False,
+            QMIN=QMIN, QMAX=QMAX, EPS=FP32_EPS, BLOCK_K=block_k, RECIPROCAL_DIVIDE=(
+                x.device.type == "cuda" if reciprocal_divide is None else reciprocal_divide),
+            num_warps=4, enable_fp_fusion=False,
         )
     return q, scales, zero_points
 
@@ -300,10 +314,11 @@ def int8_gemm_reference(
     q_x: torch.Tensor, w: torch.Tensor, x_scales: torch.Tensor | float, x_zero_points: torch.Tensor | int,
     w_scales: torch.Tensor, w_row_sums: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """What :func:`int8_gemm` computes, in PyTorch (the int32 GEMM as an int64 matmul on any device)."""
+    """What :func:`int8_gemm` computes, in PyTorch on any device. The int32 GEMM runs as a float64 matmul (CUDA has
+    no integer matmul): every product and partial sum is an integer below 2^53, so it is exact."""
     rows = q_x.shape[0]
     x_scales = torch.as_tensor(x_scales, dtype=torch.float32, device=q_x.device).expand(rows)
     x_zero_points = torch.as_tensor(x_zero_points, device=q_x.device).expand(rows)
-    acc = q_x.long() @ w.long().t() - x_zero_points.long()[:, None] * w_row_sums.long()[None, :]
+    acc = q_x.double() @ w.double().t() - x_zero_points.double()[:, None] * w_row_sums.double()[None, :]
     out = acc.float() * (x_scales.float()[:, None] * w_scales.float()[None, :])
     return (out + bias.float() if bias is not None else out).to(out_dtype)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from passforge.kernels.ops import int8_weight_linear_reference, pack_int4
+from tests.conftest import cpu_scaled_mm_takes_row_scales
 
 
 def test_int4_pack_round_trip():
@@ -158,6 +159,7 @@ def _fp8_float64(x, w, w_scale, bias):
     return torch.nn.functional.linear(dqx, w.double() * w_scale.double(), bias.double())
 
 
+@pytest.mark.skipif(not cpu_scaled_mm_takes_row_scales(), reason="this PyTorch's CPU _scaled_mm has no row scales")
 @pytest.mark.parametrize("tokens", [1, 24])
 def test_fp8_scaled_mm_call_on_cpu(tokens):
     """The ``torch._scaled_mm`` call itself — operand layouts, (M, 1) and (1, N) fp32 scales, fused bias, bf16

@@ -59,6 +59,21 @@ def test_quantize_per_token_is_bit_exact(dtype, device):
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+def test_quantize_per_token_follows_cuda_division_rule(device):
+    """On CUDA torch divides the range by the Python float 255 as a multiply by its fp32 reciprocal, which is an
+    ulp off true division for some rows: the kernel's CUDA rule, checked here under the interpreter too, and
+    shown to differ from the CPU rule on some of these rows (else this test would not tell the rules apart).
+    Both expectations are computed on the CPU, where tensor / 255 is a true division."""
+    g = _generator()
+    x = torch.randn(256, 64, generator=g) * 10 ** torch.empty(256, 1).uniform_(-3, 3, generator=g)
+    _, scales, _ = int8_gemm.quantize_per_token(x.to(device), block_k=64, reciprocal_divide=True)
+    spread = x.amax(-1).clamp_min(0) - x.amin(-1).clamp_max(0)
+    eps = torch.finfo(torch.float32).eps
+    cuda_rule = (spread * (torch.tensor(1.0) / 255)).clamp_min(eps)
+    assert torch.equal(scales.cpu(), cuda_rule)
+    assert not torch.equal(scales.cpu(), (spread / 255).clamp_min(eps))
+
+
 @pytest.mark.parametrize("tile", [_tile(16, 32, 64), _tile(32, 64, 32)])
 @pytest.mark.parametrize("rows", [1, 19])
 @pytest.mark.parametrize("out_dtype", FLOATS)

@@ -29,7 +29,8 @@ def _mlp(path: Path, *, op: str = "Relu") -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8])],
         [numpy_helper.from_array(w.astype(np.float32), name) for name, w in weights.items()],
     )  # fmt: skip
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString())
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)  # onnx's default
+    path.write_bytes(model.SerializeToString())  # IR version may be newer than an installed ORT reads (1.30: 13)
     return path
 
 

@@ -341,7 +341,8 @@ def _external(folder: Path, location: str) -> Path:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])], [tensor],
     )  # fmt: skip
     path = folder / "model.onnx"
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]).SerializeToString())
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)  # onnx's default
+    path.write_bytes(model.SerializeToString())  # IR version may be newer than an installed ORT reads (1.30: 13)
     return path
 
 

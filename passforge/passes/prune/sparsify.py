@@ -278,10 +278,25 @@ def to_semi_structured(gm: fx.GraphModule) -> tuple[int, str]:
             refused.append(f"'{name}': {str(exc).splitlines()[0]}")
             continue
         swapped += 1
+    if swapped:
+        views_as_reshapes(gm)
     note = f"to_semi_structured: {swapped} of {len(names)} 2:4 weights now SparseSemiStructuredTensor"
     if refused:
         note += f"; kept dense ({len(refused)}), e.g. {refused[0]}"
     return swapped, note
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> int:
+    """Turn ``gm``'s ``aten.view`` calls into ``aten.reshape`` (which copies only where a view cannot be taken);
+    returns how many. Export writes ``view`` where its trace saw contiguous tensors, but a linear on a
+    SparseSemiStructuredTensor returns its output transposed in memory, and a later view of it fails (seen on
+    an H100: "view size is not compatible with input tensor's size and stride")."""
+    views = [node for node in gm.graph.nodes if node.op == "call_function" and node.target is aten.view.default]
+    for node in views:
+        node.target = aten.reshape.default
+    if views:
+        gm.recompile()
+    return len(views)
 
 
 def _lowest(score: torch.Tensor, ratio: float, pattern: Pattern, *, per_row: bool) -> torch.Tensor:

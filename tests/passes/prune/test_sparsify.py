@@ -27,6 +27,7 @@ from passforge.passes.prune.sparsify import (
     magnitude_prune,
     sparsegpt_prune,
     to_semi_structured,
+    views_as_reshapes,
     wanda_prune,
 )
 from tests.conftest import SMALL, TiedEmbeddingHead, held_out_ppl
@@ -317,6 +318,31 @@ def test_semi_structured_lowering_on_cpu_is_a_no_op_with_a_reason(small):
     swapped, note = to_semi_structured(gm)
     assert swapped == 0 and "needs fp16/bf16 on CUDA" in note
     assert all(get_attr(gm, name) is w for name, w in before.items())
+    assert op_counts(gm)["aten.view.default"] > 0  # nothing swapped: the graph is left as it was
+
+
+def test_views_become_reshapes_for_layouts_the_trace_did_not_see(small):
+    """After the swap a linear's output may be transposed in memory; reshape takes those, view does not. Every
+    view goes, the output is bit-identical, a second call finds nothing, and a graph traced on a contiguous
+    input then takes a transposed one that its view refused."""
+    _, tokens, llama_graph = small
+    gm = copy_graph_module(llama_graph)
+    views = op_counts(gm)["aten.view.default"]
+    assert views_as_reshapes(gm) == views > 0
+    assert op_counts(gm)["aten.view.default"] == 0 and op_counts(gm)["aten.reshape.default"] >= views
+    assert torch.equal(gm(tokens), llama_graph(tokens))
+    assert views_as_reshapes(gm) == 0
+
+    class Flatten(torch.nn.Module):
+        def forward(self, x):
+            return x.view(-1) * 2
+
+    flat = capture(Flatten(), (torch.randn(4, 6),))
+    transposed = torch.randn(6, 4).t()
+    with pytest.raises(RuntimeError, match="view size is not compatible"):
+        flat(transposed)
+    assert views_as_reshapes(flat) == 1
+    assert torch.equal(flat(transposed), transposed.reshape(-1) * 2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="semi-structured sparse kernels need CUDA")

@@ -15,6 +15,7 @@ from passforge.passes.base import Context
 from passforge.passes.hooks import VerifyHook
 from passforge.passes.manager import PassManager
 from passforge.passes.quantize.lower import KERNEL_META
+from tests.conftest import cpu_scaled_mm_takes_row_scales
 
 aten, qd, passforge_ops = torch.ops.aten, torch.ops.quantized_decomposed, torch.ops.passforge
 LINEARS = 2 * 7 + 1  # q, k, v, o, gate, up, down per layer + lm_head (left in float by quantize's default skip)
@@ -191,6 +192,7 @@ def test_fp8_guard_keeps_the_graph_where_there_is_no_fp8_gemm(llama_graph, token
     assert all("e4m3[" in note and "fp8_linear not offered" in note for note in record.notes)
 
 
+@pytest.mark.skipif(not cpu_scaled_mm_takes_row_scales(), reason="this PyTorch's CPU _scaled_mm has no row scales")
 def test_fp8_scaled_mm_path_stays_within_the_pass_bound(llama_graph, tokens, monkeypatch):
     """The ``torch._scaled_mm`` path, run by PyTorch's CPU ``_scaled_mm`` (an emulation of the same row-wise
     arithmetic) by declaring it supported here: on a bf16 graph VerifyHook holds the lowering to the pass's fp8
