@@ -38,6 +38,7 @@ from passforge.models.registry import ModelError, ModelSource, check_token_ids, 
 from passforge.passes.base import Context, PreconditionError
 from passforge.passes.hooks import DumpHook, VerifyHook
 from passforge.passes.manager import Hook, OnError, PassFailure, PassManager, PipelineInterrupted, PipelineResult
+from passforge.runtime.compiled_decode import CompiledDecodeStep, per_layer_cache_graph
 from passforge.runtime.executor import Executor, GenerationStats, InputError, KVGenerator, resolve_device
 from passforge.runtime.kv_cache import donate_kv_cache, ring_kv_cache
 from passforge.runtime.profile import ProfileHook
@@ -75,30 +76,51 @@ class Optimized:
         return self.source is not None and self.source.encode is not None and self.source.decode is not None
 
     def generate(
-        self, prompt: str | torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0
+        self, prompt: str | torch.Tensor, max_new_tokens: int = 32, *, temperature: float = 0.0,
+        compiled_decode: bool = False,
     ) -> tuple[str | torch.Tensor, GenerationStats]:
         """Continue ``prompt`` (text, or int64 ids (1, T)) with the KV-cache graphs; returns (same kind, stats).
-        Text goes through the model's tokenizer: byte-level for passforge's LMs, the folder's for Hugging Face."""
+        Text goes through the model's tokenizer: byte-level for passforge's LMs, the folder's for Hugging Face.
+
+        ``compiled_decode``: run the decode step compiled by inductor (``runtime.compiled_decode``): seconds of
+        compiling at the first call, then fewer, fused kernels per token; bf16 results differ from the
+        op-by-op step by rounding. Where the step cannot be compiled so, a warning says why and it runs as is."""
         if isinstance(prompt, str) and not self.has_tokenizer:
             raise InputError("this model has no tokenizer; pass the prompt as token ids, int64 (1, T)")
         ids = torch.tensor([self.source.encode(prompt)]) if isinstance(prompt, str) else prompt
-        tokens, stats = self._generator.generate(ids, max_new_tokens, temperature=temperature)
+        generator = self._compiled_generator if compiled_decode else self._generator
+        tokens, stats = generator.generate(ids, max_new_tokens, temperature=temperature)
         return (self.source.decode(tokens[0].tolist()) if isinstance(prompt, str) else tokens), stats
 
     @functools.cached_property
     def _generator(self) -> KVGenerator:
-        """Built once: the graphs are placed on the device once, not per generate() call. The generator owns
-        its caches, so decode updates them in place where the graph allows, and keeps only sinks + window slots
-        when all attention is sliding-window (``runtime.kv_cache``)."""
+        return self._build_generator(compiled_decode=False)
+
+    @functools.cached_property
+    def _compiled_generator(self) -> KVGenerator:
+        return self._build_generator(compiled_decode=True)
+
+    def _build_generator(self, *, compiled_decode: bool) -> KVGenerator:
+        """Built once per kind: the graphs are placed on the device once, not per generate() call. The
+        generator owns its caches, so decode updates them in place where the graph allows, and keeps only
+        sinks + window slots when all attention is sliding-window (``runtime.kv_cache``)."""
         if self.prefill is None or self.decode is None:
             raise RuntimeError(
                 "this model has no prefill/decode graphs; generate() needs a passforge LLaMA model or a Hugging Face "
                 "causal LM, optimized with generation=True"
             )
         decode, ring, _ = ring_kv_cache(self.decode)  # local-attention: a cache of sinks + window slots
-        decode, _ = donate_kv_cache(decode)
+        decode, not_donated = donate_kv_cache(decode)
+        step = Executor(decode, self.device)
+        if compiled_decode:
+            reason = not_donated or per_layer_cache_graph(decode)[1]
+            if reason is None:
+                step = Executor(decode, self.device, runner=CompiledDecodeStep)
+            else:
+                warnings.warn(f"generate(compiled_decode=True): running the decode step uncompiled: {reason}",
+                              stacklevel=3)
         return KVGenerator(
-            Executor(self.prefill, self.device), Executor(decode, self.device), ring=ring,
+            Executor(self.prefill, self.device), step, ring=ring,
             max_seq_len=self.max_seq_len, prefill_len=int(example_inputs_of(self.prefill)[0].shape[1]),
         )
 

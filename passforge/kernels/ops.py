@@ -360,6 +360,7 @@ def _int8_epilogue(
 
 
 INDUCTOR_DECOMPOSITIONS = {
+    torch.ops.passforge.int8_weight_linear.default: _int8_weight_linear_cpu,
     torch.ops.passforge.int8_dynamic_linear.default: _int8_dynamic_linear_for_inductor,
     torch.ops.passforge.int8_static_linear.default: _int8_static_linear_for_inductor,
 }

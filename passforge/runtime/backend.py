@@ -63,6 +63,7 @@ from passforge.passes.hooks import VerifyHook
 from passforge.passes.manager import OnError, PassManager, PipelineResult
 from passforge.passes.spec import parse_pipeline
 from passforge.runtime.executor import direct_cpu_calls
+from passforge.runtime.inductor import computes_on_cpu, inductor_compile
 
 
 class BackendError(ValueError):
@@ -422,35 +423,10 @@ def _inductor_runner(graph: fx.GraphModule) -> Callable[..., Sequence[torch.Tens
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         build = builds.get(key)
         if build is None:
-            build = builds[key] = _inductor_build(graph, list(inputs))
+            build = builds[key] = inductor_compile(graph, list(inputs))
         return build(*inputs)
 
     return run
-
-
-def _inductor_build(graph: fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., Sequence[torch.Tensor]]:
-    """inductor's build of ``graph`` for ``inputs``' sizes (for a static graph, dynamo guards them: one build
-    serves every call). ``freezing``: inductor folds the (already frozen) weights into its kernels and
-    prepacks them for oneDNN / MKL, as torch.compile's own CPU inference setting does. passforge's int8
-    activation ops on CPU reach inductor as the ATen ops they run (``INDUCTOR_DECOMPOSITIONS``), so their
-    quantizers and epilogues fuse with the ops around them."""
-    from torch._inductor.compile_fx import compile_fx
-    from torch._inductor.decomposition import select_decomp_table
-
-    from passforge.kernels.ops import INDUCTOR_DECOMPOSITIONS
-
-    decompositions = select_decomp_table()
-    if _on_cpu(graph, INDUCTOR_DECOMPOSITIONS):
-        decompositions = {**decompositions, **INDUCTOR_DECOMPOSITIONS}
-    return compile_fx(graph, inputs, config_patches={"freezing": True}, decompositions=decompositions)
-
-
-def _on_cpu(graph: fx.GraphModule, targets: Mapping[object, object]) -> bool:
-    """Whether every call of one of ``targets`` in ``graph`` computes on the CPU, by its first operand: where
-    the int8 ops are decomposed for inductor and passforge's ops are called directly (on CUDA the ops run
-    their Triton kernels)."""
-    values = [n.args[0].meta.get("val") for n in graph.graph.nodes if n.target in targets]
-    return bool(values) and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in values)
 
 
 class CompiledGraph:
@@ -512,12 +488,12 @@ class CompiledGraph:
         if self.opts.inductor and self.dynamic_dims:
             self.runnable = _inductor_runner(_for_inductor(graph))
         elif self.opts.inductor:
-            self.runnable = _inductor_build(_for_inductor(graph), user)
+            self.runnable = inductor_compile(_for_inductor(graph), user)
         else:
             from passforge.kernels.ops import CPU_KERNELS
 
             runnable = _donate_updates(graph, len(self.binding.mutated))
-            on_cpu = _on_cpu(graph, CPU_KERNELS)  # then called directly, as passforge's Executor runs it
+            on_cpu = computes_on_cpu(graph, CPU_KERNELS)  # then called directly, as passforge's Executor runs it
             self.runnable = direct_cpu_calls(runnable) if on_cpu else runnable
         self.recorded.clear()
 

@@ -8,7 +8,7 @@ without autograd.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -55,11 +55,18 @@ def direct_cpu_calls(gm: fx.GraphModule) -> fx.GraphModule:
 class Executor:
     """A graph bound to a device: ``Executor(gm, "cuda")(tokens)``."""
 
-    def __init__(self, gm: fx.GraphModule, device: str | torch.device | None = None) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, device: str | torch.device | None = None, *,
+        runner: Callable[[fx.GraphModule], Callable[..., object]] | None = None,
+    ) -> None:
+        """``runner``: what runs the graph once it is on the device (e.g. ``runtime.compiled_decode``'s
+        compiled step); by default the graph itself, on CPU with passforge's ops called directly."""
         self.device = resolve_device(device)
-        self.gm = to_device(gm, self.device)
-        if self.device.type == "cpu":
-            self.gm = direct_cpu_calls(self.gm)
+        placed = to_device(gm, self.device)
+        if runner is not None:
+            self.gm = runner(placed)
+        else:
+            self.gm = direct_cpu_calls(placed) if self.device.type == "cpu" else placed
         self._expected = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
 
     def check_inputs(self, inputs: Sequence[object]) -> None:

@@ -1,0 +1,100 @@
+"""Hand a passforge graph to inductor: what the torch.compile backend and the compiled decode step share.
+
+Two things make passforge's graphs compile well on CPU:
+
+- ``INDUCTOR_DECOMPOSITIONS`` (``kernels.ops``): the int8 ops reach inductor as the ATen ops their CPU
+  implementations run, so quantizers and epilogues fuse with their neighbours and the GEMMs are extern calls
+  from inductor's generated code, without a custom op's Python dispatch around each one. On CUDA the ops
+  stay (their Triton kernels fuse all of this).
+- int8 weight-only scales stored in the activations' dtype (:func:`scales_in_activation_dtype`): inductor's
+  lowering of ``aten._weight_int8pack_mm`` takes the scales only as a stored tensor, not as the cast that the
+  decomposition computes, and fails otherwise ("LoweringException: AssertionError: Pointwise").
+
+On every device, ``dequantize_per_channel`` without zero points (what the lowering keeps for a layer it does
+not lower) is decomposed too: inductor's lowering of it fails there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import torch
+from torch import fx
+
+import passforge.kernels.ops  # noqa: F401 - registers passforge::int8_weight_linear
+from passforge.ir.graph import add_buffer, copy_graph_module, get_attr
+
+INT8_WEIGHT_LINEAR = torch.ops.passforge.int8_weight_linear.default
+DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+
+
+def computes_on_cpu(graph: fx.GraphModule, targets: Mapping[object, object]) -> bool:
+    """Whether every call of one of ``targets`` in ``graph`` computes on the CPU, by its first operand: where
+    the int8 ops are decomposed for inductor and passforge's ops are called directly (on CUDA the ops run
+    their Triton kernels)."""
+    values = [n.args[0].meta.get("val") for n in graph.graph.nodes if n.target in targets]
+    return bool(values) and all(isinstance(v, torch.Tensor) and v.device.type == "cpu" for v in values)
+
+
+def scales_in_activation_dtype(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy whose ``int8_weight_linear`` scales are stored in their activations' dtype::
+
+        %s = get_attr[q_proj_weight_scale]                 # fp32
+        int8_weight_linear(%x: bf16, %w, %s, None)    →    int8_weight_linear(%x, %w, %s_bf16, None)
+
+    The op casts the scales to x's dtype first on CPU (``_weight_int8pack_mm`` takes them so), so the result is
+    the same; the new tensor is the cast done once. A scale read by layers of different activation dtypes gets
+    one copy per dtype; ``gm`` itself is not changed."""
+    casts = [
+        node for node in gm.graph.nodes
+        if node.target is INT8_WEIGHT_LINEAR and node.args[2].op == "get_attr"
+        and isinstance(node.args[0].meta.get("val"), torch.Tensor)
+        and get_attr(gm, node.args[2].target).dtype != node.args[0].meta["val"].dtype
+    ]  # fmt: skip
+    if not casts:
+        return gm
+    copied = copy_graph_module(gm)
+    nodes = dict(zip(gm.graph.nodes, copied.graph.nodes))
+    made: dict[tuple[str, torch.dtype], fx.Node] = {}
+    for node in (nodes[n] for n in casts):
+        scale, dtype = node.args[2], node.args[0].meta["val"].dtype
+        key = (scale.target, dtype)
+        if key not in made:
+            stem = f"{scale.target.replace('.', '_')}_{str(dtype).removeprefix('torch.')}"
+            with copied.graph.inserting_after(scale):
+                made[key] = add_buffer(copied, stem, get_attr(copied, scale.target).to(dtype))
+            made[key].meta["val"] = scale.meta["val"].to(dtype)
+        node.replace_input_with(scale, made[key])
+    copied.graph.eliminate_dead_code()
+    copied.recompile()
+    return copied
+
+
+def _dequantize_per_channel_without_zero_points(
+    q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, axis: int, quant_min: int,
+    quant_max: int, dtype: torch.dtype, *, out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``dequantize_per_channel`` with no zero points (symmetric weights after ``fold-quant``) as the product
+    torch's implementation computes; inductor's own lowering of the op fails on ``None`` zero points
+    ("'NoneType' object has no attribute 'get_size'"). With zero points the op is left to that lowering."""
+    if zero_points is not None:
+        return NotImplemented
+    shape = [1] * q.dim()
+    shape[axis] = -1
+    return (q * scales.reshape(shape)).to(out_dtype or torch.float32)
+
+
+def inductor_compile(graph: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[..., Sequence[torch.Tensor]]:
+    """inductor's build of ``graph`` for ``inputs``' sizes. ``freezing``: inductor folds the (already frozen)
+    weights into its kernels and prepacks them for oneDNN / MKL, as torch.compile's own CPU inference setting
+    does; on CPU passforge's int8 ops are decomposed (module docstring)."""
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    from passforge.kernels.ops import INDUCTOR_DECOMPOSITIONS
+
+    decompositions = {**select_decomp_table(), DEQUANTIZE_PER_CHANNEL: _dequantize_per_channel_without_zero_points}
+    if computes_on_cpu(graph, INDUCTOR_DECOMPOSITIONS):
+        decompositions = {**decompositions, **INDUCTOR_DECOMPOSITIONS}
+        graph = scales_in_activation_dtype(graph)
+    return compile_fx(graph, list(inputs), config_patches={"freezing": True}, decompositions=decompositions)
