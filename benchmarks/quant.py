@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from passforge.api import optimize
 from passforge.ir.graph import example_inputs_of, param_stats, tensor_attrs
 from passforge.models.llama import PRESETS, DecodeStep, Llama, LlamaConfig, build
+from passforge.runtime.compiled_decode import CompiledDecodeStep
 from passforge.runtime.executor import direct_cpu_calls
 from passforge.runtime.kv_cache import donate_kv_cache
 from passforge.runtime.profile import interleaved_latency_ms
@@ -317,18 +318,20 @@ def bundled_calib_path() -> str:
     return str(files("passforge.models") / "data" / "calib.txt")
 
 
-def passforge_pipeline(spec: str) -> Callable[[Setup], Variant]:
+def passforge_pipeline(spec: str, *, compiled_decode: bool = False) -> Callable[[Setup], Variant]:
     def build_row(setup: Setup) -> Variant:
         # random weights, but calibration-driven passes need text: the bundled calibration text (byte ids,
         # valid in any vocabulary of 256 or more)
         opt = optimize(setup.model, (setup.tokens,), pipeline=spec, profile=False, calib_data=bundled_calib_path())
         weights = dict(tensor_attrs(opt.graph))
         decode, _ = donate_kv_cache(opt.decode)  # as generate() runs it: the cache updated in place,
+        step = CompiledDecodeStep(decode) if compiled_decode else direct_cpu_calls(decode)  # ops called directly
         return Variant(
-            prefill=direct_cpu_calls(opt.graph), decode=direct_cpu_calls(decode),  # and the ops called directly
-            cache=tuple(example_inputs_of(opt.decode)[2:]),
+            prefill=direct_cpu_calls(opt.graph), decode=step, cache=tuple(example_inputs_of(opt.decode)[2:]),
             weight_bytes=param_stats(opt.graph)[1], disk_bytes=saved_bytes(weights),
             read_bytes_per_token=graph_read_bytes(opt.decode),
+            notes=["decode step compiled by inductor (generate(compiled_decode=True)); prep s includes it"]
+            if compiled_decode else [],
         )
 
     return build_row
@@ -345,6 +348,8 @@ ROWS: dict[str, Callable[[Setup], Variant]] = {
     "ORT fp32": ort_fp32,
     "ORT int8 quantize_dynamic": ort_int8,
     **{label: passforge_pipeline(spec) for label, spec in PIPELINES.items()},
+    **{f"{label}, compiled decode": passforge_pipeline(PIPELINES[label], compiled_decode=True) for label in (
+        "passforge w8 + bf16 + fuse-attention, lm_head too", "passforge w4 g128 + bf16 + fuse-attention")},
 }
 
 

@@ -5,7 +5,7 @@ with its Python and dispatcher cost around a few µs of work: on a 2-core CPU a 
 turns the step into a handful of generated C++ kernels around the GEMMs (``runtime.inductor``). What stands
 in its way is the cache: the donated step (``runtime.kv_cache.donate_kv_cache``) writes each layer's slice of
 one stacked cache input in place, and functionalizing writes into views of an input makes inductor rebuild
-the whole stacked cache after every layer's write (measured 4× slower than not compiling). So the compiled
+the whole stacked cache after every layer's write (slower than not compiling at all). So the compiled
 step takes each layer's cache as an input of its own and writes it in place, which inductor keeps in
 place::
 
