@@ -111,16 +111,20 @@ class Optimized:
             )
         decode, ring, _ = ring_kv_cache(self.decode)  # local-attention: a cache of sinks + window slots
         decode, not_donated = donate_kv_cache(decode)
-        step = Executor(decode, self.device)
+        step = None
         if compiled_decode:
             reason = not_donated or per_layer_cache_graph(decode)[1]
             if reason is None:
-                step = Executor(decode, self.device, runner=CompiledDecodeStep)
-            else:
+                try:
+                    step = Executor(decode, self.device, runner=CompiledDecodeStep)
+                except Exception as exc:  # noqa: BLE001 - inductor's failures have many types (a lowering it
+                    # lacks, no C++ compiler, ...); the step still runs uncompiled, and the warning says why
+                    reason = f"inductor could not compile it: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+            if step is None:
                 warnings.warn(f"generate(compiled_decode=True): running the decode step uncompiled: {reason}",
                               stacklevel=3)
         return KVGenerator(
-            Executor(self.prefill, self.device), step, ring=ring,
+            Executor(self.prefill, self.device), step or Executor(decode, self.device), ring=ring,
             max_seq_len=self.max_seq_len, prefill_len=int(example_inputs_of(self.prefill)[0].shape[1]),
         )
 

@@ -1,7 +1,7 @@
 """The one-token decode step compiled by inductor, its KV cache still written in place.
 
 Run op by op, a decode step of the ~100M preset is some 600 ATen calls and 65 custom-op calls per token, each
-with its Python and dispatcher cost around a few µs of work: on a 2-core CPU a third of the step. inductor
+with its Python and dispatcher cost around a few µs of work: a large share of the step on a small CPU. inductor
 turns the step into a handful of generated C++ kernels around the GEMMs (``runtime.inductor``). What stands
 in its way is the cache: the donated step (``runtime.kv_cache.donate_kv_cache``) writes each layer's slice of
 one stacked cache input in place, and functionalizing writes into views of an input makes inductor rebuild
@@ -21,8 +21,6 @@ op-by-op step's by about that rounding (docs/compile.md); fp32 agrees to float r
 """
 
 from __future__ import annotations
-
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import fx
@@ -86,10 +84,13 @@ def _selects(cache: fx.Node) -> list[fx.Node]:
 
 
 class CompiledDecodeStep:
-    """``step(token, pos, k_cache, v_cache) -> (logits, k_cache, v_cache)``, compiled at the first call.
+    """``step(token, pos, k_cache, v_cache) -> (logits, k_cache, v_cache)``, compiled when constructed (from the
+    placeholders' shapes: a decode step's are static), so compiling is never part of a timed step and a graph
+    inductor cannot build fails here, where the caller can fall back.
 
     The caches are updated in place (the returned ones are the caller's tensors) and keep their stacked
-    layout, so a generator switches between this and the donated step freely."""
+    layout, so a generator switches between this and the donated step freely. Compiling allocates one
+    scratch copy of the caches' sizes for the example inputs, freed when it returns."""
 
     def __init__(self, donated: fx.GraphModule) -> None:
         graph, reason = per_layer_cache_graph(donated)
@@ -97,18 +98,23 @@ class CompiledDecodeStep:
             raise ValueError(f"cannot compile this decode step: {reason}")
         self.graph = graph
         output = next(n for n in donated.graph.nodes if n.op == "output").args[0]
-        self._inputs = [n for n in donated.graph.nodes if n.op == "placeholder"]
+        inputs = [n for n in donated.graph.nodes if n.op == "placeholder"]
         returned = [isinstance(v, fx.Node) and v.op == "placeholder" for v in output]
         self._returns_caches = returned
-        self._cache_positions = [self._inputs.index(v) for v, cache in zip(output, returned) if cache]
-        self._compiled: Callable[..., Sequence[torch.Tensor]] | None = None
+        self._cache_positions = [inputs.index(v) for v, cache in zip(output, returned) if cache]
+        examples = [_example(n.meta["val"]) for n in graph.graph.nodes if n.op == "placeholder"]
+        with torch.inference_mode():  # as it runs (the runtime's weights may be inference tensors)
+            self._compiled = inductor_compile(graph, examples)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         caches = [inputs[i] for i in self._cache_positions]
         others = [x for i, x in enumerate(inputs) if i not in self._cache_positions]
         layers = [layer for cache in caches for layer in cache.unbind(0)]
-        if self._compiled is None:  # compile on inputs of the same sizes that alias nothing
-            self._compiled = inductor_compile(self.graph, [*others, *(torch.empty_like(t) for t in layers)])
         results = iter(self._compiled(*others, *layers))
         caches_out = iter(caches)
         return tuple(next(caches_out) if cache else next(results) for cache in self._returns_caches)
+
+
+def _example(val: torch.Tensor) -> torch.Tensor:
+    """A real tensor shaped like a placeholder's fake value (zeros: a position or token id must be valid)."""
+    return torch.zeros(val.shape, dtype=val.dtype, device=val.device)

@@ -11,7 +11,7 @@ Two things make passforge's graphs compile well on CPU:
   decomposition computes, and fails otherwise ("LoweringException: AssertionError: Pointwise").
 
 On every device, ``dequantize_per_channel`` without zero points (what the lowering keeps for a layer it does
-not lower) is decomposed too: inductor's lowering of it fails there.
+not lower) gets explicit zeros (:func:`zero_points_spelled_out`): inductor's lowering of it fails on ``None``.
 """
 
 from __future__ import annotations
@@ -70,18 +70,29 @@ def scales_in_activation_dtype(gm: fx.GraphModule) -> fx.GraphModule:
     return copied
 
 
-def _dequantize_per_channel_without_zero_points(
-    q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None, axis: int, quant_min: int,
-    quant_max: int, dtype: torch.dtype, *, out_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """``dequantize_per_channel`` with no zero points (symmetric weights after ``fold-quant``) as the product
-    torch's implementation computes; inductor's own lowering of the op fails on ``None`` zero points
-    ("'NoneType' object has no attribute 'get_size'"). With zero points the op is left to that lowering."""
-    if zero_points is not None:
-        return NotImplemented
-    shape = [1] * q.dim()
-    shape[axis] = -1
-    return (q * scales.reshape(shape)).to(out_dtype or torch.float32)
+def zero_points_spelled_out(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy whose ``dequantize_per_channel`` calls without zero points (symmetric weights after
+    ``fold-quant``, in a layer the lowering kept) get a zeros tensor instead::
+
+        dequantize_per_channel(%w_int8, %s, None, 0, ...)   →   dequantize_per_channel(%w_int8, %s, %zeros, 0, ...)
+
+    ``(q - 0) * s`` is ``q * s`` exactly. inductor's lowering of the op fails on ``None`` zero points ("'NoneType'
+    object has no attribute 'get_size'"); computing the product in ATen ops instead would let ``freezing`` fold
+    it into an fp32 copy of the weight (4× the bytes, read every step), which the op's own lowering does not."""
+    calls = [n for n in gm.graph.nodes if n.target is DEQUANTIZE_PER_CHANNEL and n.args[2] is None]
+    if not calls:
+        return gm
+    copied = copy_graph_module(gm)
+    nodes = dict(zip(gm.graph.nodes, copied.graph.nodes))
+    for node in (nodes[n] for n in calls):
+        channels = node.args[1].meta["val"].shape[0]
+        with copied.graph.inserting_before(node):
+            zeros = add_buffer(copied, "zero_points", torch.zeros(channels, dtype=torch.int64,
+                                                                  device=node.args[1].meta["val"].device))
+        zeros.meta["val"] = node.args[1].meta["val"].new_zeros(channels, dtype=torch.int64)
+        node.args = (*node.args[:2], zeros, *node.args[3:])
+    copied.recompile()
+    return copied
 
 
 def inductor_compile(graph: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[..., Sequence[torch.Tensor]]:
@@ -93,7 +104,8 @@ def inductor_compile(graph: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> C
 
     from passforge.kernels.ops import INDUCTOR_DECOMPOSITIONS
 
-    decompositions = {**select_decomp_table(), DEQUANTIZE_PER_CHANNEL: _dequantize_per_channel_without_zero_points}
+    decompositions = select_decomp_table()
+    graph = zero_points_spelled_out(graph)
     if computes_on_cpu(graph, INDUCTOR_DECOMPOSITIONS):
         decompositions = {**decompositions, **INDUCTOR_DECOMPOSITIONS}
         graph = scales_in_activation_dtype(graph)
