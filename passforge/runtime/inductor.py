@@ -1,6 +1,6 @@
 """Hand a passforge graph to inductor: what the torch.compile backend and the compiled decode step share.
 
-Two things make passforge's graphs compile well on CPU:
+Three things make passforge's graphs compile well on CPU:
 
 - ``INDUCTOR_DECOMPOSITIONS`` (``kernels.ops``): the int8 ops reach inductor as the ATen ops their CPU
   implementations run, so quantizers and epilogues fuse with their neighbours and the GEMMs are extern calls
@@ -9,6 +9,8 @@ Two things make passforge's graphs compile well on CPU:
 - int8 weight-only scales stored in the activations' dtype (:func:`scales_in_activation_dtype`): inductor's
   lowering of ``aten._weight_int8pack_mm`` takes the scales only as a stored tensor, not as the cast that the
   decomposition computes, and fails otherwise ("LoweringException: AssertionError: Pointwise").
+- int4 weights repacked into this CPU's layout for the build (:func:`int4_in_cpu_layout`), so the int4 linears
+  are ``_weight_int4pack_mm_for_cpu`` calls from the generated code, not custom ops dispatched in Python.
 
 On every device, ``dequantize_per_channel`` without zero points (what the lowering keeps for a layer it does
 not lower) gets explicit zeros (:func:`zero_points_spelled_out`): inductor's lowering of it fails on ``None``.
@@ -25,7 +27,9 @@ import passforge.kernels.ops  # noqa: F401 - registers passforge::int8_weight_li
 from passforge.ir.graph import add_buffer, copy_graph_module, get_attr
 
 INT8_WEIGHT_LINEAR = torch.ops.passforge.int8_weight_linear.default
+INT4_WEIGHT_LINEAR = torch.ops.passforge.int4_weight_linear.default
 DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+aten = torch.ops.aten
 
 
 def computes_on_cpu(graph: fx.GraphModule, targets: Mapping[object, object]) -> bool:
@@ -95,6 +99,54 @@ def zero_points_spelled_out(gm: fx.GraphModule) -> fx.GraphModule:
     return copied
 
 
+def int4_in_cpu_layout(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy whose CPU ``int4_weight_linear`` calls are the ``_weight_int4pack_mm_for_cpu`` call the
+    op makes, on weights already in that kernel's layout::
+
+        int4_weight_linear(%x, %packed, %s, %z, 128, None)
+            →   reshape(_weight_int4pack_mm_for_cpu(reshape(%x, [-1, K]), %tiles, 128, %scales_and_zeros), x's)
+
+    The layout depends on this CPU (``kernels.prepack``), so it is made here, for a build that is never saved,
+    not in the IR. Then inductor calls the kernel from its generated code instead of dispatching the custom
+    op in Python each time, with the same result (the op computes exactly this)."""
+    from passforge.kernels.ops import backend
+    from passforge.kernels.prepack import cpu_int4_layout
+
+    def lowered(node: fx.Node) -> bool:
+        x = node.args[0].meta.get("val")
+        n, k = node.args[1].meta["val"].shape[0], node.args[1].meta["val"].shape[1] * 2
+        return (isinstance(x, torch.Tensor) and all(a.op == "get_attr" for a in node.args[1:4])
+                and backend("int4_weight_linear", x, (n, k), node.args[4]) == "aten._weight_int4pack_mm_for_cpu")
+
+    calls = [n for n in gm.graph.nodes if n.target is INT4_WEIGHT_LINEAR and lowered(n)]
+    if not calls:
+        return gm
+    copied = copy_graph_module(gm)
+    nodes = dict(zip(gm.graph.nodes, copied.graph.nodes))
+    graph = copied.graph
+    for node in (nodes[n] for n in calls):
+        x, packed, scales, zero_points, group_size, bias = node.args
+        x_val = x.meta["val"]
+        n, k = packed.meta["val"].shape[0], packed.meta["val"].shape[1] * 2
+        tiles, scales_and_zeros = cpu_int4_layout(get_attr(copied, packed.target), get_attr(copied, scales.target),
+                                                  get_attr(copied, zero_points.target), x_val.dtype)
+        with graph.inserting_before(node):
+            stem = packed.target.replace(".", "_")
+            tiles_node = add_buffer(copied, f"{stem}_cpu_tiles", tiles)
+            sz_node = add_buffer(copied, f"{stem}_cpu_scales_and_zeros", scales_and_zeros)
+            flat = graph.call_function(aten.reshape.default, (x, [-1, k]))
+            out = graph.call_function(aten._weight_int4pack_mm_for_cpu.default, (flat, tiles_node, group_size, sz_node))
+            out = graph.call_function(aten.reshape.default, (out, [*x_val.shape[:-1], n]))
+            if bias is not None:
+                out = graph.call_function(aten.add.Tensor, (out, bias))
+        out.meta["val"] = node.meta["val"]
+        node.replace_all_uses_with(out)
+        graph.erase_node(node)
+    graph.eliminate_dead_code()
+    copied.recompile()
+    return copied
+
+
 def inductor_compile(graph: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[..., Sequence[torch.Tensor]]:
     """inductor's build of ``graph`` for ``inputs``' sizes. ``freezing``: inductor folds the (already frozen)
     weights into its kernels and prepacks them for oneDNN / MKL, as torch.compile's own CPU inference setting
@@ -105,7 +157,7 @@ def inductor_compile(graph: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> C
     from passforge.kernels.ops import INDUCTOR_DECOMPOSITIONS
 
     decompositions = select_decomp_table()
-    graph = zero_points_spelled_out(graph)
+    graph = int4_in_cpu_layout(zero_points_spelled_out(graph))
     if computes_on_cpu(graph, INDUCTOR_DECOMPOSITIONS):
         decompositions = {**decompositions, **INDUCTOR_DECOMPOSITIONS}
         graph = scales_in_activation_dtype(graph)

@@ -15,7 +15,7 @@ from passforge.passes.base import Context
 from passforge.passes.manager import PassManager
 from passforge.runtime.compiled_decode import CompiledDecodeStep, per_layer_cache_graph
 from passforge.runtime.executor import direct_cpu_calls
-from passforge.runtime.inductor import scales_in_activation_dtype
+from passforge.runtime.inductor import int4_in_cpu_layout, scales_in_activation_dtype
 from passforge.runtime.kv_cache import donate_kv_cache
 
 aten = torch.ops.aten
@@ -109,6 +109,26 @@ def test_int8_scales_follow_the_activation_dtype_for_inductor():
     torch.testing.assert_close(moved(*step), graph(*step), rtol=0, atol=0)
     fp32_graph, _, _ = _decode_graph(W8)
     assert scales_in_activation_dtype(fp32_graph) is fp32_graph
+
+
+def test_int4_weights_go_to_inductor_in_this_cpus_layout():
+    """Each CPU ``int4_weight_linear`` becomes the ``_weight_int4pack_mm_for_cpu`` call the op makes, on weights
+    repacked once: bit-identical outputs, no custom op left, the original graph untouched, a second call a
+    no-op; and inductor's build calls the kernel from its generated code."""
+    from torch._inductor.utils import run_and_get_code
+
+    spec = "cleanup,cast(dtype=bf16),quantize(scheme=w4,group_size=32),fold-quant,lower-quant(guard=false)"
+    graph, step, layers = _decode_graph(spec)
+    int4 = torch.ops.passforge.int4_weight_linear.default
+    assert count_calls(graph, int4) == 7 * layers  # q, k, v, o, gate, up, down; lm_head stays float
+    lowered = int4_in_cpu_layout(graph)
+    assert count_calls(lowered, int4) == 0 and count_calls(graph, int4) == 7 * layers
+    assert count_calls(lowered, aten._weight_int4pack_mm_for_cpu.default) == 7 * layers
+    assert int4_in_cpu_layout(lowered) is lowered
+    with torch.inference_mode():
+        torch.testing.assert_close(lowered(*step), graph(*step), rtol=0, atol=0)
+        _, code = run_and_get_code(CompiledDecodeStep, donate_kv_cache(graph)[0])
+    assert "_weight_int4pack_mm_for_cpu" in "\n".join(code) and "int4_weight_linear" not in "\n".join(code)
 
 
 def test_generate_with_the_compiled_step_gives_the_same_tokens(small_llama, tokens):
