@@ -56,7 +56,7 @@ import torch
 from torch import fx
 
 from passforge.ir.capture import CaptureError, explain_export_failure, from_exported_program
-from passforge.ir.graph import add_buffer, copy_graph_module, get_attr, tensor_attrs
+from passforge.ir.graph import copy_graph_module, get_attr, tensor_attrs
 from passforge.ir.serialize import load_graph, save_graph
 from passforge.passes.base import Context, Pass
 from passforge.passes.hooks import VerifyHook
@@ -486,9 +486,9 @@ class CompiledGraph:
             self._save_cached(graph, user)
         self.graph = graph
         if self.opts.inductor and self.dynamic_dims:
-            self.runnable = _inductor_runner(_for_inductor(graph))
+            self.runnable = _inductor_runner(graph)
         elif self.opts.inductor:
-            self.runnable = inductor_compile(_for_inductor(graph), user)
+            self.runnable = inductor_compile(graph, user)
         else:
             from passforge.kernels.ops import CPU_KERNELS
 
@@ -532,24 +532,6 @@ class CompiledGraph:
                     stacklevel=2,
                 )
         return self.result.graph
-
-
-def _for_inductor(graph: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``graph`` inductor can lower: its ``dequantize_per_channel`` lowering reads the zero points'
-    size, so a symmetric (``zero_points=None``) per-channel Q/DQ gets explicit zeros."""
-    decomposed = torch.ops.quantized_decomposed
-    per_channel = {decomposed.quantize_per_channel.default, decomposed.dequantize_per_channel.default}
-    nodes = [n for n in graph.graph.nodes if n.target in per_channel and n.args[2] is None]
-    if not nodes:
-        return graph
-    graph = copy_graph_module(graph)
-    for node in [n for n in graph.graph.nodes if n.target in per_channel and n.args[2] is None]:
-        scales = node.args[1]
-        zeros = torch.zeros(scales.meta["val"].shape, dtype=torch.int64)
-        with graph.graph.inserting_before(node):
-            node.update_arg(2, add_buffer(graph, "zero_points", zeros))
-    graph.recompile()
-    return graph
 
 
 _IN_PLACE = {

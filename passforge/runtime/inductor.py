@@ -12,8 +12,8 @@ Three things make passforge's graphs compile well on CPU:
 - int4 weights repacked into this CPU's layout for the build (:func:`int4_in_cpu_layout`), so the int4 linears
   are ``_weight_int4pack_mm_for_cpu`` calls from the generated code, not custom ops dispatched in Python.
 
-On every device, ``dequantize_per_channel`` without zero points (what the lowering keeps for a layer it does
-not lower) gets explicit zeros (:func:`zero_points_spelled_out`): inductor's lowering of it fails on ``None``.
+On every device, per-channel Q/DQ without zero points (what the lowering keeps for a layer it does not lower)
+gets explicit zeros (:func:`zero_points_spelled_out`): inductor's lowering of it fails on ``None``.
 """
 
 from __future__ import annotations
@@ -28,7 +28,8 @@ from passforge.ir.graph import add_buffer, copy_graph_module, get_attr
 
 INT8_WEIGHT_LINEAR = torch.ops.passforge.int8_weight_linear.default
 INT4_WEIGHT_LINEAR = torch.ops.passforge.int4_weight_linear.default
-DEQUANTIZE_PER_CHANNEL = torch.ops.quantized_decomposed.dequantize_per_channel.default
+PER_CHANNEL = (torch.ops.quantized_decomposed.quantize_per_channel.default,
+               torch.ops.quantized_decomposed.dequantize_per_channel.default)
 aten = torch.ops.aten
 
 
@@ -75,15 +76,15 @@ def scales_in_activation_dtype(gm: fx.GraphModule) -> fx.GraphModule:
 
 
 def zero_points_spelled_out(gm: fx.GraphModule) -> fx.GraphModule:
-    """``gm``, or a copy whose ``dequantize_per_channel`` calls without zero points (symmetric weights after
-    ``fold-quant``, in a layer the lowering kept) get a zeros tensor instead::
+    """``gm``, or a copy whose per-channel ``quantize`` / ``dequantize`` calls without zero points (symmetric
+    weights, e.g. after ``fold-quant`` in a layer the lowering kept) get a zeros tensor instead::
 
         dequantize_per_channel(%w_int8, %s, None, 0, ...)   →   dequantize_per_channel(%w_int8, %s, %zeros, 0, ...)
 
-    ``(q - 0) * s`` is ``q * s`` exactly. inductor's lowering of the op fails on ``None`` zero points ("'NoneType'
+    ``(q - 0) * s`` is ``q * s`` exactly. inductor's lowerings of the ops fail on ``None`` zero points ("'NoneType'
     object has no attribute 'get_size'"); computing the product in ATen ops instead would let ``freezing`` fold
     it into an fp32 copy of the weight (4× the bytes, read every step), which the op's own lowering does not."""
-    calls = [n for n in gm.graph.nodes if n.target is DEQUANTIZE_PER_CHANNEL and n.args[2] is None]
+    calls = [n for n in gm.graph.nodes if n.target in PER_CHANNEL and n.args[2] is None]
     if not calls:
         return gm
     copied = copy_graph_module(gm)
@@ -104,7 +105,7 @@ def int4_in_cpu_layout(gm: fx.GraphModule) -> fx.GraphModule:
     op makes, on weights already in that kernel's layout::
 
         int4_weight_linear(%x, %packed, %s, %z, 128, None)
-            →   reshape(_weight_int4pack_mm_for_cpu(reshape(%x, [-1, K]), %tiles, 128, %scales_and_zeros), x's)
+            →   int4pack_linear(%x, %tiles, 128, %scales_and_zeros, None)   # _weight_int4pack_mm_for_cpu
 
     The layout depends on this CPU (``kernels.prepack``), so it is made here, for a build that is never saved,
     not in the IR. Then inductor calls the kernel from its generated code instead of dispatching the custom
@@ -126,25 +127,29 @@ def int4_in_cpu_layout(gm: fx.GraphModule) -> fx.GraphModule:
     graph = copied.graph
     for node in (nodes[n] for n in calls):
         x, packed, scales, zero_points, group_size, bias = node.args
-        x_val = x.meta["val"]
-        n, k = packed.meta["val"].shape[0], packed.meta["val"].shape[1] * 2
         tiles, scales_and_zeros = cpu_int4_layout(get_attr(copied, packed.target), get_attr(copied, scales.target),
-                                                  get_attr(copied, zero_points.target), x_val.dtype)
+                                                  get_attr(copied, zero_points.target), x.meta["val"].dtype)
         with graph.inserting_before(node):
             stem = packed.target.replace(".", "_")
             tiles_node = add_buffer(copied, f"{stem}_cpu_tiles", tiles)
             sz_node = add_buffer(copied, f"{stem}_cpu_scales_and_zeros", scales_and_zeros)
-            flat = graph.call_function(aten.reshape.default, (x, [-1, k]))
-            out = graph.call_function(aten._weight_int4pack_mm_for_cpu.default, (flat, tiles_node, group_size, sz_node))
-            out = graph.call_function(aten.reshape.default, (out, [*x_val.shape[:-1], n]))
-            if bias is not None:
-                out = graph.call_function(aten.add.Tensor, (out, bias))
+            out = graph.call_function(int4pack_linear, (x, tiles_node, group_size, sz_node, bias))
         out.meta["val"] = node.meta["val"]
         node.replace_all_uses_with(out)
         graph.erase_node(node)
     graph.eliminate_dead_code()
     copied.recompile()
     return copied
+
+
+def int4pack_linear(
+    x: torch.Tensor, tiles: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., K) → (..., N) through ``_weight_int4pack_mm_for_cpu`` on (N, K/2) tiles: what the op's CPU path
+    computes, as a function the build traces (its shapes follow x's, symbolic ones too)."""
+    out = aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), tiles, group_size, scales_and_zeros)
+    out = out.reshape(*x.shape[:-1], tiles.shape[0])
+    return out + bias if bias is not None else out
 
 
 def inductor_compile(graph: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[..., Sequence[torch.Tensor]]:

@@ -15,7 +15,7 @@ from passforge.passes.base import Context
 from passforge.passes.manager import PassManager
 from passforge.runtime.compiled_decode import CompiledDecodeStep, per_layer_cache_graph
 from passforge.runtime.executor import direct_cpu_calls
-from passforge.runtime.inductor import int4_in_cpu_layout, scales_in_activation_dtype
+from passforge.runtime.inductor import int4_in_cpu_layout, int4pack_linear, scales_in_activation_dtype
 from passforge.runtime.kv_cache import donate_kv_cache
 
 aten = torch.ops.aten
@@ -123,7 +123,7 @@ def test_int4_weights_go_to_inductor_in_this_cpus_layout():
     assert count_calls(graph, int4) == 7 * layers  # q, k, v, o, gate, up, down; lm_head stays float
     lowered = int4_in_cpu_layout(graph)
     assert count_calls(lowered, int4) == 0 and count_calls(graph, int4) == 7 * layers
-    assert count_calls(lowered, aten._weight_int4pack_mm_for_cpu.default) == 7 * layers
+    assert count_calls(lowered, int4pack_linear) == 7 * layers
     assert int4_in_cpu_layout(lowered) is lowered
     with torch.inference_mode():
         torch.testing.assert_close(lowered(*step), graph(*step), rtol=0, atol=0)
