@@ -38,7 +38,7 @@ from passforge.models.registry import ModelError, ModelSource, check_token_ids, 
 from passforge.passes.base import Context, PreconditionError
 from passforge.passes.hooks import DumpHook, VerifyHook
 from passforge.passes.manager import Hook, OnError, PassFailure, PassManager, PipelineInterrupted, PipelineResult
-from passforge.runtime.compiled_decode import CompiledDecodeStep, per_layer_cache_graph
+from passforge.runtime.compiled_decode import CompiledDecodeStep, NotCompilable
 from passforge.runtime.executor import Executor, GenerationStats, InputError, KVGenerator, resolve_device
 from passforge.runtime.kv_cache import donate_kv_cache, ring_kv_cache
 from passforge.runtime.profile import ProfileHook
@@ -113,10 +113,12 @@ class Optimized:
         decode, not_donated = donate_kv_cache(decode)
         step = None
         if compiled_decode:
-            reason = not_donated or per_layer_cache_graph(decode)[1]
+            reason = not_donated
             if reason is None:
                 try:
                     step = Executor(decode, self.device, runner=CompiledDecodeStep)
+                except NotCompilable as exc:
+                    reason = str(exc)
                 except Exception as exc:  # noqa: BLE001 - inductor's failures have many types (a lowering it
                     # lacks, no C++ compiler, ...); the step still runs uncompiled, and the warning says why
                     reason = f"inductor could not compile it: {type(exc).__name__}: {str(exc).splitlines()[0]}"

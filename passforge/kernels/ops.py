@@ -465,9 +465,18 @@ def _int4_weight_linear_cpu(
     if backend("int4_weight_linear", x, (n, k), group_size) != "aten._weight_int4pack_mm_for_cpu":
         return int4_weight_linear_reference(x, packed, scales, zero_points, group_size, bias)
     tiles, scales_and_zeros = cpu_int4_layout(packed, scales, zero_points, x.dtype)
-    flat = x.reshape(-1, k).contiguous()  # (M, K)
+    return int4pack_linear(x, tiles, group_size, scales_and_zeros, bias)
+
+
+def int4pack_linear(
+    x: torch.Tensor, tiles: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """x (..., K) → (..., N) through ``_weight_int4pack_mm_for_cpu`` on weights already in this CPU's layout
+    (``cpu_int4_layout``: (N, K/2) tiles). The CPU int4 op ends here, and so do inductor builds, which repack
+    the weights once (``runtime.inductor.int4_in_cpu_layout``); its shapes follow x's, symbolic ones too."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, tiles, group_size, scales_and_zeros)  # (M, N)
-    out = out.reshape(*x.shape[:-1], n)
+    out = out.reshape(*x.shape[:-1], tiles.shape[0])
     return out + bias if bias is not None else out
 
 

@@ -83,6 +83,10 @@ def _selects(cache: fx.Node) -> list[fx.Node]:
     return [user for user in cache.users if user.op != "output"]
 
 
+class NotCompilable(ValueError):
+    """The step's caches are not read as per-layer slices; the message says how (``per_layer_cache_graph``)."""
+
+
 class CompiledDecodeStep:
     """``step(token, pos, k_cache, v_cache) -> (logits, k_cache, v_cache)``, compiled when constructed (from the
     placeholders' shapes: a decode step's are static), so compiling is never part of a timed step and a graph
@@ -95,20 +99,20 @@ class CompiledDecodeStep:
     def __init__(self, donated: fx.GraphModule) -> None:
         graph, reason = per_layer_cache_graph(donated)
         if graph is None:
-            raise ValueError(f"cannot compile this decode step: {reason}")
-        self.graph = graph
+            raise NotCompilable(reason)
         output = next(n for n in donated.graph.nodes if n.op == "output").args[0]
         inputs = [n for n in donated.graph.nodes if n.op == "placeholder"]
         returned = [isinstance(v, fx.Node) and v.op == "placeholder" for v in output]
         self._returns_caches = returned
         self._cache_positions = [inputs.index(v) for v, cache in zip(output, returned) if cache]
+        self._other_positions = [i for i in range(len(inputs)) if i not in self._cache_positions]
         examples = [_example(n.meta["val"]) for n in graph.graph.nodes if n.op == "placeholder"]
         with torch.inference_mode():  # as it runs (the runtime's weights may be inference tensors)
             self._compiled = inductor_compile(graph, examples)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         caches = [inputs[i] for i in self._cache_positions]
-        others = [x for i, x in enumerate(inputs) if i not in self._cache_positions]
+        others = [inputs[i] for i in self._other_positions]
         layers = [layer for cache in caches for layer in cache.unbind(0)]
         results = iter(self._compiled(*others, *layers))
         caches_out = iter(caches)

@@ -30,7 +30,6 @@ INT8_WEIGHT_LINEAR = torch.ops.passforge.int8_weight_linear.default
 INT4_WEIGHT_LINEAR = torch.ops.passforge.int4_weight_linear.default
 PER_CHANNEL = (torch.ops.quantized_decomposed.quantize_per_channel.default,
                torch.ops.quantized_decomposed.dequantize_per_channel.default)
-aten = torch.ops.aten
 
 
 def computes_on_cpu(graph: fx.GraphModule, targets: Mapping[object, object]) -> bool:
@@ -110,7 +109,7 @@ def int4_in_cpu_layout(gm: fx.GraphModule) -> fx.GraphModule:
     The layout depends on this CPU (``kernels.prepack``), so it is made here, for a build that is never saved,
     not in the IR. Then inductor calls the kernel from its generated code instead of dispatching the custom
     op in Python each time, with the same result (the op computes exactly this)."""
-    from passforge.kernels.ops import backend
+    from passforge.kernels.ops import backend, int4pack_linear
     from passforge.kernels.prepack import cpu_int4_layout
 
     def lowered(node: fx.Node) -> bool:
@@ -140,16 +139,6 @@ def int4_in_cpu_layout(gm: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code()
     copied.recompile()
     return copied
-
-
-def int4pack_linear(
-    x: torch.Tensor, tiles: torch.Tensor, group_size: int, scales_and_zeros: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """x (..., K) → (..., N) through ``_weight_int4pack_mm_for_cpu`` on (N, K/2) tiles: what the op's CPU path
-    computes, as a function the build traces (its shapes follow x's, symbolic ones too)."""
-    out = aten._weight_int4pack_mm_for_cpu(x.reshape(-1, x.shape[-1]), tiles, group_size, scales_and_zeros)
-    out = out.reshape(*x.shape[:-1], tiles.shape[0])
-    return out + bias if bias is not None else out
 
 
 def inductor_compile(graph: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> Callable[..., Sequence[torch.Tensor]]:

@@ -8,14 +8,16 @@ import pytest
 import torch
 
 import passforge
+import passforge.runtime.compiled_decode
 from passforge.ir.capture import capture
 from passforge.ir.graph import count_calls, get_attr
+from passforge.kernels.ops import int4pack_linear
 from passforge.models import llama
 from passforge.passes.base import Context
 from passforge.passes.manager import PassManager
 from passforge.runtime.compiled_decode import CompiledDecodeStep, per_layer_cache_graph
 from passforge.runtime.executor import direct_cpu_calls
-from passforge.runtime.inductor import int4_in_cpu_layout, int4pack_linear, scales_in_activation_dtype
+from passforge.runtime.inductor import int4_in_cpu_layout, scales_in_activation_dtype
 from passforge.runtime.kv_cache import donate_kv_cache
 
 aten = torch.ops.aten
@@ -152,7 +154,7 @@ def test_a_step_inductor_fails_on_runs_as_is_with_a_warning(small_llama, tokens,
 
 
 def test_a_step_that_cannot_be_compiled_runs_as_is_with_a_warning(small_llama, tokens, monkeypatch):
-    monkeypatch.setattr(passforge.api, "per_layer_cache_graph", lambda gm: (None, "a reason"))
+    monkeypatch.setattr(passforge.runtime.compiled_decode, "per_layer_cache_graph", lambda gm: (None, "a reason"))
     opt = passforge.optimize(small_llama, (tokens,), pipeline="cleanup", profile=False)
     with pytest.warns(UserWarning, match="running the decode step uncompiled: a reason"):
         got, _ = opt.generate(tokens[:, :5], 6, compiled_decode=True)
