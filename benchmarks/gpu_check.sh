@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, for a session lent a GPU (8 minutes at most; about 6 when no step hits its cap):
-# the Triton kernels' tests compiled, the kernel and attention benchmarks, the CLI on CUDA, then the whole suite
-# with a GPU present.
-#   bash benchmarks/gpu_check.sh          (SKIP_ATTENTION=1 leaves out the attention benchmark)
+# The one prepared GPU check, for a session lent a GPU (8.5 minutes at most; about 6 when no step hits its cap):
+# the Triton kernels' tests compiled, the kernel benchmarks, the CLI on CUDA, then the whole suite with a GPU
+# present.
+#   bash benchmarks/gpu_check.sh          (ATTENTION=1 adds the attention benchmark, 60 s more)
 # It uses the machine's own CUDA build of torch (no pin) and runs from the checkout (PYTHONPATH; the editable
 # install below only registers the entry points: the machine has no network). A package the machine lacks
 # travels as a wheel in .whl/ (git-ignored; name it in the device call's carry), installed to /tmp/site; the
@@ -30,12 +30,15 @@ PYTEST=(python3 -m pytest -o addopts= -p no:cacheprovider -p no:benchmark --tb=s
 
 # 1. The Triton kernels compiled for the first time (on CPU the same tests run under TRITON_INTERPRET; with a
 #    GPU tests/kernels' conftest leaves it unset), spread over workers since each config compiles.
-timeout 90 "${PYTEST[@]}" -q -n 8 --dist load tests/kernels 2>&1 | tee "$OUT/kernel-tests.txt"
+timeout 80 "${PYTEST[@]}" -q -n 8 --dist load tests/kernels 2>&1 | tee "$OUT/kernel-tests.txt"
 
-# 2. Kernel vs reference vs cuBLAS bf16 at decode and prefill shapes of llama-100m and llama-7b (the first
-#    call per shape autotunes, untimed); attention: Triton forward vs SDPA backends, flash-decoding.
-timeout 120 python3 benchmarks/kernels.py --quick 2>&1 | tee "$OUT/kernels.md"
-if [[ "${SKIP_ATTENTION:-0}" != 1 ]]; then
+# 2. Kernel vs reference vs cuBLAS bf16 at decode and prefill shapes of llama-7b and llama-100m (the first
+#    call per shape autotunes, untimed): the GPU's time alone (CUDA graph replay), then the 7B shapes timed per
+#    call from the host, launches included; attention (ATTENTION=1): Triton forward vs SDPA, flash-decoding.
+timeout 150 python3 benchmarks/kernels.py --quick --timer graph --presets llama-7b,llama-100m 2>&1 \
+    | tee "$OUT/kernels-graph.md"
+timeout 50 python3 benchmarks/kernels.py --quick --presets llama-7b 2>&1 | tee "$OUT/kernels-launch.md"
+if [[ "${ATTENTION:-0}" == 1 ]]; then
     timeout 60 python3 benchmarks/attention_gpu.py --quick 2>&1 | tee "$OUT/attention.md"
 fi
 
@@ -46,6 +49,6 @@ timeout 75 python3 -m passforge.tools.cli optimize llama-100m --device cuda --se
 # 4. Everything else with CUDA present: the lowering's CUDA candidates, 2:4 semi-structured weights, the
 #    runtime, and the whole suite on this machine's torch (older than CI's pin; pyproject's range admits it).
 #    -v: each test's result is in the log even if the step is cut off.
-timeout 150 "${PYTEST[@]}" -v -n 14 --dist loadfile --ignore=tests/kernels tests 2>&1 | tee "$OUT/tests.txt"
+timeout 140 "${PYTEST[@]}" -v -n 14 --dist loadfile --ignore=tests/kernels tests 2>&1 | tee "$OUT/tests.txt"
 
 exit 0

@@ -14,11 +14,15 @@ For each distinct (K, N) of a LLaMA preset's linear layers (``llama-100m``, ``ll
 After each preset's table, one line compares w8a8-static with w8a8 (dynamic): the geometric mean of their time
 ratio over the shapes and token counts, at decode (M <= 16) and at prefill.
 
-Times are medians in ms: ``triton.testing.do_bench`` on CUDA (L2 flushed before each call, as weights streamed
+Times are medians in ms: on CUDA ``triton.testing.do_bench`` (L2 flushed before each call, as weights streamed
 from HBM are in decode), round-robin wall time on CPU (``interleaved_latency_ms``). The first call of each CUDA
-shape autotunes; that is not timed.
+shape autotunes; that is not timed. ``do_bench`` times each call from the host, launches included, and at
+decode shapes the launches (a custom op's Python dispatch, the autotuner's lookup) can outweigh the kernel;
+``--timer graph`` times the GPU's work alone: the calls replayed from a CUDA graph, each after an L2 flush,
+less the flushes' own time (``cuda_graph_ms``).
 
-    python benchmarks/kernels.py [--quick] [--device cuda|cpu] [--threads N]
+    python benchmarks/kernels.py [--quick] [--device cuda|cpu] [--threads N] [--timer launch|graph]
+                                 [--presets llama-7b,llama-100m]
 
 ``--quick``: M in (1, 16, 512) and, on CPU, only ``llama-100m`` (a 7B prefill GEMM takes seconds on a laptop CPU).
 """
@@ -102,8 +106,47 @@ def calls(
     return {name: fn for name, fn in fns.items() if name == "bf16 mm" or name.removesuffix(" ref") in timed}
 
 
-def time_ms(fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, quick: bool) -> dict[str, float]:
+def cuda_graph_ms(fn: Callable[[], torch.Tensor], calls: int = 20, replays: int = 7) -> float:
+    """GPU time of one call of ``fn`` without its host-side launch cost: ``calls`` calls, each after an L2 flush,
+    captured in one CUDA graph and replayed; the same graph of flushes alone is subtracted. NaN where ``fn``
+    cannot be captured (it synchronises with the host)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # larger than any GPU's L2
+
+    def replay_ms(body: Callable[[], object]) -> float:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graph asks
+            body()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                flush.zero_()
+                body()
+        times = []
+        for _ in range(replays):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / calls)
+        return sorted(times)[len(times) // 2]
+
+    try:
+        with torch.inference_mode():
+            return max(replay_ms(fn) - replay_ms(lambda: None), 0.0)
+    except RuntimeError:  # capture refused: the call synchronises or allocates on the host's say
+        torch.cuda.synchronize()
+        return math.nan
+
+
+def time_ms(
+    fns: dict[str, Callable[[], torch.Tensor]], device: torch.device, quick: bool, timer: str = "launch"
+) -> dict[str, float]:
     if device.type == "cuda":
+        if timer == "graph":
+            return {name: cuda_graph_ms(fn) for name, fn in fns.items()}
         import triton.testing
 
         return {name: triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
@@ -136,18 +179,26 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repeats (the GPU check uses it)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")
+    parser.add_argument("--timer", choices=("launch", "graph"), default="launch",
+                        help="CUDA: per call from the host (launch) or replayed from a CUDA graph (graph)")
+    parser.add_argument("--presets", default="", help="comma-separated presets, in this order (default: all)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     presets = ["llama-100m"] if args.quick and device.type == "cpu" else ["llama-100m", "llama-7b"]
+    if args.presets:
+        presets = args.presets.split(",")
+    if args.timer == "graph" and device.type != "cuda":
+        parser.error("--timer graph needs CUDA")
     tokens = (1, 16, 512) if args.quick else DECODE + PREFILL
     timed = schemes(device)
 
     probe = torch.zeros(1, 1, dtype=torch.bfloat16, device=device)
     implementations = ", ".join(f"{s}: {backend(OP_OF[s], probe, (4096, 4096), GROUP_SIZE)}" for s in timed)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"# {name}; torch {torch.__version__}; bf16 activations; w4 groups of {GROUP_SIZE}; {implementations}")
+    print(f"# {name}; torch {torch.__version__}; bf16 activations; w4 groups of {GROUP_SIZE}; {implementations};"
+          f" timer: {args.timer if device.type == 'cuda' else 'wall'}")
     header = "| model | K | N | M | bf16 mm ms | " + " | ".join(f"{s} ms | {s} ref ms | {s} err" for s in timed) + " |"
     for preset in presets:
         print(f"\n{header}\n" + "|---" * (5 + 3 * len(timed)) + "|")
@@ -159,7 +210,7 @@ def main() -> None:
                 fns = calls(x, weights, timed)
                 with torch.inference_mode():
                     outputs = {label: fn() for label, fn in fns.items()}  # also the warm-up: autotune, prepack
-                times = time_ms(fns, device, args.quick)
+                times = time_ms(fns, device, args.quick, args.timer)
                 ratios.setdefault(m, []).append(times["w8a8-static"] / times["w8a8"])
                 cells = [f"{times['bf16 mm']:.4f}"]
                 for s in timed:

@@ -17,5 +17,14 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids: Iterable[int]) -> str:
-    """Inverse of ``encode``; invalid UTF-8 (e.g. a sampled partial character) becomes U+FFFD."""
-    return bytes(ids).decode("utf-8", errors="replace")
+    """Inverse of ``encode``; invalid UTF-8 (e.g. a sampled partial character) becomes U+FFFD, and so does an id
+    outside the byte range: a preset with a larger vocabulary (``llama-100m``: 32000, random weights) samples
+    them, and the text must still print."""
+    pieces, run = [], bytearray()
+    for i in ids:
+        if 0 <= i < VOCAB_SIZE:
+            run.append(i)
+            continue
+        pieces.append(run.decode("utf-8", errors="replace") + "\ufffd")
+        run = bytearray()
+    return "".join(pieces) + run.decode("utf-8", errors="replace")
