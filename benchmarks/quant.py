@@ -87,6 +87,11 @@ PIPELINES = {
         "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w4),fold-quant,lower-quant",
     "passforge smooth + w8a8-static (decode w4) + bf16 + fuse-attention": "cleanup,fuse-attention,cast(dtype=bf16),"
         "smooth-quant,quantize(scheme=w8a8-static,decode_scheme=w4),fold-quant,lower-quant",
+    # issue 5: kv heads pruned in all three graphs, the KV cache with them (random weights: a speed figure only)
+    "passforge heads 25% + bf16 + fuse-attention":
+        "cleanup,prune-channels(target=heads,ratio=0.25),fuse-attention,cast(dtype=bf16)",
+    "passforge heads 50% + bf16 + fuse-attention":
+        "cleanup,prune-channels(target=heads,ratio=0.5),fuse-attention,cast(dtype=bf16)",
 }
 BASELINE = "eager fp32"
 R = TypeVar("R")  # a benchmark's row type (it has a prep_s)
@@ -360,7 +365,8 @@ ROWS: dict[str, Callable[[Setup], Variant]] = {
     "ORT int8 quantize_dynamic": ort_int8,
     **{label: passforge_pipeline(spec) for label, spec in PIPELINES.items()},
     **{f"{label}, compiled decode": passforge_pipeline(PIPELINES[label], compiled_decode=True) for label in (
-        "passforge w8 + bf16 + fuse-attention, lm_head too", "passforge w4 g128 + bf16 + fuse-attention")},
+        "passforge w8 + bf16 + fuse-attention, lm_head too", "passforge w4 g128 + bf16 + fuse-attention",
+        "passforge bf16 + fuse-attention", "passforge heads 50% + bf16 + fuse-attention")},
 }
 
 

@@ -240,6 +240,20 @@ def check_lossy_outputs(
                 )
 
 
+def restrict_resized_outputs(expected: Sequence[torch.Tensor], resized: dict[int, object]) -> list[torch.Tensor]:
+    """The graph before's outputs with each one a pass resized (``{index: ResizedState}``: a KV cache with fewer
+    heads) replaced by its kept part, so they compare with the graph after's outputs one to one."""
+    restricted = list(expected)
+    for i, state in resized.items():
+        if not 0 <= i < len(expected):
+            raise VerificationError(f"the pass declared output {i} resized; the graph returns {len(expected)}")
+        try:
+            restricted[i] = state.restrict(expected[i])
+        except ValueError as exc:
+            raise VerificationError(f"resized output {i}: {exc}") from None
+    return restricted
+
+
 def _check_count(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> None:
     if len(expected) != len(actual):
         raise VerificationError(f"graph now returns {len(actual)} outputs, it returned {len(expected)}")

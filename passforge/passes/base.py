@@ -57,6 +57,8 @@ class Context:
     original model — which ``distill`` (its default teacher) and the profiler may read; nothing modifies it
     (:meth:`PassManager.run` sets it to the caller's graph when unset). ``interrupted`` is set by a pass that
     stopped its own loop early on Ctrl-C and kept its best result: the manager stops the pipeline after it.
+    ``interface_change`` is set by the manager while its hooks check a pass that resized the graph's state
+    (:class:`InterfaceChange`), and None otherwise.
     """
 
     example_inputs: tuple[object, ...] = ()
@@ -69,6 +71,38 @@ class Context:
     memo: dict[str, object] = field(default_factory=dict)
     teacher: fx.GraphModule | None = None
     interrupted: bool = False
+    interface_change: InterfaceChange | None = None
+
+
+@dataclass(frozen=True)
+class ResizedState:
+    """A state tensor stacked along dim 0, one slot per layer (a KV cache ``(L, B, nkv, S, hs)``), of which
+    slot ``s`` keeps the elements ``kept[s]`` along ``dim`` (a dim of the stacked tensor)."""
+
+    dim: int
+    kept: tuple[torch.Tensor, ...]
+
+    def restrict(self, full: torch.Tensor) -> torch.Tensor:
+        """The kept part of a tensor of the old shape: what the resized graph takes or returns in its place."""
+        if full.dim() <= self.dim or full.shape[0] != len(self.kept):
+            raise ValueError(f"a state of {len(self.kept)} slots resized along dim {self.dim} cannot take a "
+                             f"tensor of shape {tuple(full.shape)}")
+        return torch.stack([full[s].index_select(self.dim - 1, k.to(full.device)) for s, k in enumerate(self.kept)])
+
+
+@dataclass(frozen=True)
+class InterfaceChange:
+    """What a pass that resized a graph's state — a KV cache's heads after pruning heads — declares: the one
+    exception to "passes keep the interface" (``ir/INVARIANTS.md`` rule 9), allowed on generation step graphs
+    only (``Context.role`` prefill or decode). ``inputs`` and ``outputs`` map the positions of the resized
+    inputs and outputs to what each keeps. The manager gives the later passes and the hooks the new example
+    inputs (each the kept part of the old one; restored on rollback); the verifier runs the graph before on
+    ``inputs_before`` (filled in by the manager) and the graph after on the new inputs, and compares every
+    output, a resized one by its kept part."""
+
+    inputs: dict[int, ResizedState] = field(default_factory=dict)
+    outputs: dict[int, ResizedState] = field(default_factory=dict)
+    inputs_before: tuple[object, ...] = ()
 
 
 @dataclass
@@ -80,6 +114,7 @@ class PassResult:
     modified: bool
     stats: dict[str, int] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    interface: InterfaceChange | None = None  # only a pass that resized a step graph's state (its KV cache)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from passforge.ir.verify import (
     check_quant_params,
     first_divergence,
     lint,
+    restrict_resized_outputs,
 )
 from passforge.passes.base import Context, Pass, output_scale
 from passforge.passes.manager import Hook, PassRecord
@@ -36,7 +37,10 @@ class VerifyHook(Hook):
     ``ctx.example_inputs`` (when there are any): a lossless pass must keep outputs within its declared
     ``rtol``/``atol``; a lossy pass must still run, keep the output types, add no NaN/Inf and stay within its
     declared ``max_rel_err`` (a collapse guard; its accuracy cost is the profiler's to measure). When outputs
-    moved too far, the error names the first value and layer that moved (:func:`first_divergence`).
+    moved too far, the error names the first value and layer that moved (:func:`first_divergence`). After a
+    pass that resized the graph's state (``ctx.interface_change``: a KV cache's heads), the graph before runs
+    on the inputs it took and the graph after on the new ones, and each resized output compares by its kept
+    part (what the graph after should return in its place).
     """
 
     def __init__(self, *, numerics: bool = True) -> None:
@@ -50,8 +54,11 @@ class VerifyHook(Hook):
         check_quant_params(after)
         if not (self.numerics and ctx.example_inputs):
             return
-        expected = run_graph(before, ctx.example_inputs)
+        change = ctx.interface_change
+        expected = run_graph(before, change.inputs_before if change else ctx.example_inputs)
         actual = run_graph(after, ctx.example_inputs)
+        if change is not None:  # a resized output compares by the part of it the pass kept
+            expected = restrict_resized_outputs(expected, change.outputs)
         try:
             if pass_.lossy:
                 bound = math.inf if pass_.max_rel_err is None else pass_.max_rel_err
@@ -61,6 +68,8 @@ class VerifyHook(Hook):
                 bound = rtol + atol / max(output_scale(expected), torch.finfo(torch.float32).tiny)
                 check_outputs_close(expected, actual, rtol=rtol, atol=atol)
         except VerificationError as exc:
+            if change is not None:  # the two graphs take different inputs: no value-by-value search
+                raise
             where = first_divergence(before, after, ctx.example_inputs, bound)
             if where is None:
                 raise

@@ -17,16 +17,18 @@ result and set ``ctx.interrupted``: the manager then stops after that pass, with
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
 from torch import fx
 
 from passforge.ir.graph import PASS_META, copy_graph_module, propagate_meta
-from passforge.passes.base import Context, Pass, PassError
+from passforge.passes.base import Context, InterfaceChange, Pass, PassError
 from passforge.passes.spec import format_pipeline, parse_pipeline
 
 Status = Literal["ok", "rolled_back", "skipped", "interrupted"]
@@ -147,16 +149,17 @@ class PassManager:
             result.records.append(record)
             snapshot = copy_graph_module(work)
             memo = dict(ctx.memo)  # what a pass remembers for the model's other graphs is rolled back with it
+            inputs = ctx.example_inputs  # and the inputs, which a pass changing the graph's state replaces
             try:
                 work = self._run_one(pass_, work, snapshot, ctx, record)
             except KeyboardInterrupt:
-                _roll_back(ctx, memo, record)
+                _roll_back(ctx, memo, inputs, record)
                 record.status, result.graph = "interrupted", snapshot
                 what = f"'{pass_.spec}' was rolled back"
                 raise PipelineInterrupted(_interrupted_message(result, what), partial=result) from None
             except Exception as exc:
                 work = snapshot
-                _roll_back(ctx, memo, record)  # a pass that stopped early and then failed too
+                _roll_back(ctx, memo, inputs, record)  # a pass that stopped early and then failed too
                 record.status = "rolled_back" if self.on_error == "stop" else "skipped"
                 record.error = f"{type(exc).__name__}: {exc}"
                 before = [r.spec for r in result.records[:-1] if r.status == "ok"]
@@ -205,8 +208,15 @@ class PassManager:
         record.modified = out.modified
         record.stats = dict(out.stats)
         record.notes = list(out.notes)
-        for hook in self.hooks:
-            hook.after_pass(pass_, snapshot, after, ctx, record)
+        if out.interface is not None:  # the graph's state was resized: later passes and hooks get its inputs
+            resized = _resized_inputs(pass_, out.interface, ctx)
+            ctx.interface_change = dataclasses.replace(out.interface, inputs_before=ctx.example_inputs)
+            ctx.example_inputs = resized
+        try:
+            for hook in self.hooks:
+                hook.after_pass(pass_, snapshot, after, ctx, record)
+        finally:
+            ctx.interface_change = None
         return after
 
 
@@ -223,11 +233,29 @@ def _complete_meta(gm: fx.GraphModule, pass_name: str, existing: set[fx.Node]) -
             node.meta.setdefault("val", val)
 
 
-def _roll_back(ctx: Context, memo: dict[str, object], record: PassRecord) -> None:
-    """Undo what a pass left outside its graph: what it remembered for the model's other graphs, its
-    stopped-early flag, and what it reported as modified."""
+def _resized_inputs(pass_: Pass, change: InterfaceChange, ctx: Context) -> tuple[object, ...]:
+    """The example inputs after ``change``: each resized one the kept part of the old one. Refused on a forward
+    graph (its interface is the caller's model) and where recorded calibration inputs have the old shapes."""
+    if ctx.role == "forward":
+        raise PassError(f"'{pass_.spec}' resized the graph's inputs or outputs, which only a generation step graph "
+                        "(role prefill or decode) may do: a forward graph's interface is the caller's model")
+    if ctx.calib_inputs is not None:
+        raise PassError(f"'{pass_.spec}' resized the graph's state, and the context's recorded calibration inputs "
+                        "have the old shapes")
+    inputs = list(ctx.example_inputs)
+    for position, state in change.inputs.items():
+        if not (position < len(inputs) and isinstance(inputs[position], torch.Tensor)):
+            raise PassError(f"'{pass_.spec}' resized input {position}, and the context has no example tensor there")
+        inputs[position] = state.restrict(inputs[position])
+    return tuple(inputs)
+
+
+def _roll_back(ctx: Context, memo: dict[str, object], inputs: tuple[object, ...], record: PassRecord) -> None:
+    """Undo what a pass left outside its graph: what it remembered for the model's other graphs, the example
+    inputs it replaced, its stopped-early flag, and what it reported as modified."""
     ctx.memo.clear()
     ctx.memo.update(memo)
+    ctx.example_inputs = inputs
     ctx.interrupted = False
     record.modified = False
 

@@ -129,7 +129,7 @@ class ProfileHook(Hook):
 
     def start(self, gm: fx.GraphModule, ctx: Context, baseline: dict[str, object]) -> None:
         self._reference = _logits(run_graph(gm, ctx.example_inputs)) if ctx.example_inputs else None
-        self._pending: list[tuple[dict[str, object], fx.GraphModule]] = []
+        self._pending: list[tuple[dict[str, object], fx.GraphModule, tuple[object, ...]]] = []
         self.measure(gm, ctx, baseline)
 
     def after_pass(
@@ -140,9 +140,8 @@ class ProfileHook(Hook):
     def finish(self, result: PipelineResult, ctx: Context) -> None:
         if not self._pending:
             return
-        rows, graphs = zip(*self._pending)
-        inputs = _on_device(ctx)
-        fns = [functools.partial(gm, *inputs) for gm in graphs]
+        rows, graphs, inputs = zip(*self._pending)
+        fns = [functools.partial(gm, *args) for gm, args in zip(graphs, inputs)]
         for row, ms in zip(rows, interleaved_latency_ms(fns, device=ctx.device, repeats=self.repeats,
                                                          warmup=self.warmup)):
             row["latency_ms"] = ms
@@ -166,7 +165,8 @@ class ProfileHook(Hook):
         else:
             row["peak_mem_bytes"] = planned_peak_bytes(gm)
         if self.latency:
-            self._pending.append((row, gm))  # timed in finish(), side by side with the other versions
+            self._pending.append((row, gm, inputs))  # timed in finish(), side by side with the other versions
+            # (each on its own inputs: a pass that pruned a KV cache's heads changed them)
         logits = _logits(outputs)
         if self._reference is not None and logits is not None and logits.shape == self._reference.shape:
             reference = self._reference.to(logits.device)

@@ -12,7 +12,7 @@ import torch
 import passforge
 from passforge.models.hf_save import MARKER, HFSaveError
 from passforge.passes.prune.groups import find_groups
-from tests.models.test_hf_e2e import SEQ_LEN, save_tiny, save_word_tokenizer
+from tests.models.test_hf_e2e import PROMPT_LEN, SEQ_LEN, _hf_greedy, save_tiny, save_word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -114,3 +114,36 @@ def test_what_hugging_face_cannot_express_is_refused(tmp_path):
         per_layer.save_hf(tmp_path / "mine")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     assert not (tmp_path / "out").exists()
+
+
+def _greedy_through(graph: torch.fx.GraphModule, prompt: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy tokens from a causal forward graph of static length SEQ_LEN: the sequence is right-padded, and
+    the logits at its last real position depend on nothing after it."""
+    tokens = prompt
+    for _ in range(new_tokens):
+        padded = torch.nn.functional.pad(tokens, (0, SEQ_LEN - tokens.shape[1]))
+        with torch.inference_mode():
+            logits = graph(padded)
+        tokens = torch.cat([tokens, logits[:, tokens.shape[1] - 1].argmax(-1, keepdim=True)], dim=1)
+    return tokens
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "mistral", "gpt2"])
+def test_heads_pruned_with_their_kv_cache_generate_what_the_pruned_model_computes(arch, tmp_path):
+    """Pruning kv heads with generation on: the prefill and decode graphs prune their stacked caches too
+    (Phi-3 and GPT-2 through their fused qkv pieces), and generate() gives the greedy tokens of the pruned
+    forward graph and — where a config can express the pruned model (not GPT-2's heads) — the tokens Hugging
+    Face's own generate gives on the folder save_hf writes, its cache built from the rewritten config."""
+    save_tiny(tmp_path / "in", arch)
+    opt = passforge.optimize(tmp_path / "in", pipeline="prune-channels(target=heads,ratio=0.5)", seq_len=SEQ_LEN,
+                             profile=False)
+    assert [r["status"] for g in ("prefill", "decode") for r in opt.report["generation"][g]] == ["ok", "ok"]
+    prompt = opt.example_inputs[0][:, :PROMPT_LEN]
+    tokens, _ = opt.generate(prompt, SEQ_LEN - PROMPT_LEN)
+    torch.testing.assert_close(tokens, _greedy_through(opt.graph, prompt, SEQ_LEN - PROMPT_LEN), rtol=0, atol=0)
+    if arch == "gpt2":
+        return
+    pruned = transformers.AutoModelForCausalLM.from_pretrained(opt.save_hf(tmp_path / "out"),
+                                                               local_files_only=True).eval()
+    assert pruned.config.num_key_value_heads == 1
+    torch.testing.assert_close(tokens, _hf_greedy(pruned, prompt)[:, :tokens.shape[1]], rtol=0, atol=0)

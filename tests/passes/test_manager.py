@@ -8,7 +8,7 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import PASS_META, count_calls, get_attr, set_tensor_attr
-from passforge.passes.base import Context, Pass, PassResult
+from passforge.passes.base import Context, InterfaceChange, Pass, PassResult, ResizedState
 from passforge.passes.cleanup import Cleanup
 from passforge.passes.hooks import DumpHook, VerifyHook
 from passforge.passes.manager import Hook, PassFailure, PassManager, PipelineInterrupted
@@ -117,6 +117,72 @@ class StopsThenFails(Pass):
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
         ctx.interrupted = True
         raise ValueError("boom")
+
+
+@register
+@dataclass(frozen=True)
+class HalveState(Pass):
+    """Test pass that resizes the graph's state the way pruning a KV cache does: each of the state's two slots
+    (input 1, and output 1, its update) keeps its first half. ``poison`` also makes the update divide by zero."""
+
+    name: ClassVar[str] = "test-halve-state"
+    lossy: ClassVar[bool] = True
+    poison: bool = False
+
+    def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
+        state = [n for n in gm.graph.nodes if n.op == "placeholder"][1]
+        slots, width = state.meta["val"].shape
+        state.meta["val"] = state.meta["val"][:, :width // 2].clone()
+        for node in gm.graph.nodes:
+            if node.op == "call_function":
+                node.meta.pop("val", None)  # the manager fills the shapes in again
+                if self.poison and node.target is aten.add.Tensor and node.args[0] is state:
+                    node.target, node.args = aten.div.Tensor, (state, 0.0)
+        gm.recompile()
+        kept = ResizedState(dim=1, kept=(torch.arange(width // 2),) * slots)
+        return PassResult(gm, modified=True, interface=InterfaceChange(inputs={1: kept}, outputs={1: kept}))
+
+
+class StateStep(torch.nn.Module):
+    def forward(self, x: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x + state.mean(), state + 1
+
+
+class CtrlCAfterThePass(Hook):
+    def after_pass(self, pass_, before, after, ctx, record) -> None:
+        raise KeyboardInterrupt
+
+
+def test_a_step_graph_may_resize_its_state_when_the_pass_says_so():
+    """The interface exception (INVARIANTS rule 9): the manager derives the new example state (each slot's kept
+    part), the verifier runs the graph before on the old inputs and the graph after on the new ones and
+    compares every output, the resized one by its kept part; later passes get the new inputs. Refused: NaN/Inf
+    in the resized output, and any resizing of a forward graph; a rollback (failure or Ctrl-C) restores the
+    context's inputs."""
+    from passforge.ir.capture import capture
+
+    inputs = (torch.randn(3), torch.ones(2, 8))
+    gm = capture(StateStep(), inputs)
+    ctx = Context(example_inputs=inputs, role="decode")
+    result = PassManager.parse("test-halve-state,cleanup", hooks=[VerifyHook()]).run(gm, ctx)
+    assert [r.status for r in result.records] == ["ok", "ok"]
+    assert ctx.example_inputs[1].shape == (2, 4) and ctx.interface_change is None
+    out, state = result.graph(*ctx.example_inputs)
+    torch.testing.assert_close(out, gm(*inputs)[0])
+    torch.testing.assert_close(state, torch.full((2, 4), 2.0))
+
+    for spec, hooks, error, match in (
+        ("test-halve-state(poison=true)", [VerifyHook()], PassFailure, "output 1 has 8 new NaN/Inf"),
+        ("test-halve-state", [VerifyHook(), CtrlCAfterThePass()], PipelineInterrupted, "rolled back"),
+    ):
+        ctx = Context(example_inputs=inputs, role="decode")
+        with pytest.raises(error, match=match):
+            PassManager.parse(spec, hooks=hooks).run(gm, ctx)
+        assert ctx.example_inputs is inputs and ctx.interface_change is None
+    forward = Context(example_inputs=inputs)
+    with pytest.raises(PassFailure, match="only a generation step graph"):
+        PassManager.parse("test-halve-state", hooks=[VerifyHook()]).run(gm, forward)
+    assert forward.example_inputs is inputs
 
 
 def _ctx(tokens: torch.Tensor, **kw: object) -> Context:

@@ -23,8 +23,19 @@ and for ``heads`` (8 query heads over 4 kv heads, one kv group removed) the view
     view(%q, [1, 16, 8, 32])               →  view(%q, [1, 16, 6, 32])
     expand(%k, [1, 4, 2, 16, 32])          →  expand(%k, [1, 3, 2, 16, 32])
 
-Pruning ``heads`` removes kv heads, which changes the shape of a KV cache; a graph whose cache is an input or
-output (a decode or prefill step) is refused with that reason — prune the forward graph. ``hidden`` changes
+Pruning ``heads`` removes kv heads, which changes the shape of a KV cache. The prefill and decode steps of a
+model carry their caches ``(L, B, nkv, S, hs)`` as outputs and inputs, every layer's heads in one stacked
+tensor: there every layer must keep the same number of heads (``scope=local``, ``schedule=uniform``; the
+forward graph's choice otherwise varies per layer and the step graph is refused with that reason), and the
+pass rewrites the cache's shape and declares what each layer's slot of each resized input and output keeps
+(``PassResult.interface``; ``ir/INVARIANTS.md``, rule 9), from which the manager derives the new example
+cache and the verifier compares the returned caches with the kept heads of the old ones::
+
+    %k_cache: [2, 1, 4, 64, 16]                        %k_cache: [2, 1, 2, 64, 16]
+    %k_0 = select(%k_cache, 0, 0)                  →   %k_0 = select(%k_cache, 0, 0)    # [1, 2, 64, 16]
+    return (%logits, stack([%k_0', %k_1']), ...)       return (%logits, stack([%k_0', %k_1']), ...)
+
+``hidden`` changes
 what RMSNorm averages over (the kept channels); recover the accuracy with ``distill``. The prefill and
 decode graphs of a model reuse the forward graph's choice (``ctx.memo``), so all three keep the same
 channels. A pruned group is marked (``node.meta["passforge.pruned"]``) and not pruned again: a second run
@@ -41,9 +52,9 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import get_attr, propagate_meta, set_tensor_attr
-from passforge.passes.base import Context, Pass, PassResult, PreconditionError
+from passforge.passes.base import Context, InterfaceChange, Pass, PassResult, PreconditionError, ResizedState
 from passforge.passes.prune import importance as imp
-from passforge.passes.prune.groups import Group, Piece, Slice, find_groups
+from passforge.passes.prune.groups import CacheEdge, Group, Piece, Slice, find_groups, unit_elements
 from passforge.passes.prune.schedule import sensitivity_counts
 from passforge.passes.quantize.calibrate import memo_get, memo_put
 from passforge.passes.quantize.insert import name_matches
@@ -95,7 +106,7 @@ class PruneChannels(Pass):
 
     @torch.no_grad()
     def run(self, gm: fx.GraphModule, ctx: Context) -> PassResult:
-        groups, notes = self.groups(gm)
+        groups, notes = self.groups(gm, kv_caches=ctx.role != "forward")
         if not groups:
             return PassResult(gm, modified=False, stats={"pruned_groups": 0}, notes=notes)
         keep = {g.name: memo_get(ctx.memo, f"{self.spec}:keep", [g.name]) for g in groups}
@@ -111,20 +122,25 @@ class PruneChannels(Pass):
             for g in todo:
                 keep[g.name] = chosen[g.name]
                 memo_put(ctx.memo, f"{self.spec}:keep", g.name, chosen[g.name])
+        caches = cache_layers(gm, groups, keep, self.spec)
         before = sum(g.units for g in groups)
         for g in groups:
             shrink(gm, g, keep[g.name])
+        interface = resize_caches(gm, caches, keep) if caches else None
         _refresh_meta(gm)
         after = sum(len(keep[g.name]) for g in groups)
         notes.append(f"{self.target}: kept {after} of {before} units ({1 - after / before:.1%} removed)")
+        if caches:
+            notes.append(f"KV caches resized: {', '.join(sorted(n.name for n in caches))}")
         return PassResult(gm, modified=True, stats={"pruned_groups": len(groups), "units_removed": before - after},
-                          notes=notes)
+                          notes=notes, interface=interface)
 
-    def groups(self, gm: fx.GraphModule) -> tuple[list[Group], list[str]]:
+    def groups(self, gm: fx.GraphModule, *, kv_caches: bool = False) -> tuple[list[Group], list[str]]:
         """This target's prunable groups not yet pruned; notes name the ones left alone and why. Raises
-        :class:`PreconditionError` when the graph has groups of this kind but none can be pruned."""
+        :class:`PreconditionError` when the graph has groups of this kind but none can be pruned. ``kv_caches``:
+        the graph is a generation step, whose stacked caches are layer boundaries (``find_groups``)."""
         skips = [p for p in self.skip.split(";") if p]
-        every = find_groups(gm, allow_reduce=self.target == "hidden")
+        every = find_groups(gm, allow_reduce=self.target == "hidden", kv_caches=kv_caches)
         found = [g for g in every if g.kind == self.target]
         notes, groups = [], []
         fused = {linear for g in found for linear in g.fused}
@@ -242,6 +258,60 @@ def _rewrite_pieces(pieces: list[Piece], kept: int) -> None:
             split.target = aten.split_with_sizes.default
             split.args = (split.args[0], sizes, dim)
             split.kwargs = {}
+
+
+def cache_layers(
+    gm: fx.GraphModule, groups: list[Group], keep: dict[str, torch.Tensor], spec: str
+) -> dict[fx.Node, list[tuple[Group, CacheEdge]]]:
+    """Each KV cache the groups reach (an input placeholder or a returned stack) with its layers' groups, in
+    layer order. Raises :class:`PreconditionError` unless every layer of each cache is pruned now, to one
+    count: the layers share the cache's heads dim."""
+    caches: dict[fx.Node, dict[int, tuple[Group, CacheEdge]]] = {}
+    for g in groups:
+        for edge in g.caches:
+            caches.setdefault(edge.node, {})[edge.layer] = (g, edge)
+    plan = {}
+    for node, layers in caches.items():
+        slots = node.meta["val"].shape[0] if node.op == "placeholder" else len(node.args[0])
+        missing = sorted(set(range(slots)) - set(layers))
+        if missing:
+            raise PreconditionError(
+                f"{spec}: the KV cache '{node.name}' holds {slots} layers, and layer(s) {missing} are not pruned "
+                "(skipped or blocked: see the notes); every layer of a stacked cache must keep the same heads count"
+            )
+        counts = {len(keep[g.name]) for g, _ in layers.values()}
+        if len(counts) > 1:
+            raise PreconditionError(
+                f"{spec}: the KV cache '{node.name}' would hold layers of {sorted(counts)} heads (per-layer counts, "
+                "from scope=global or schedule=sensitivity); a stacked cache needs one count — prune heads with "
+                "scope=local and schedule=uniform to keep generate()"
+            )
+        plan[node] = [layers[i] for i in range(slots)]
+    return plan
+
+
+def resize_caches(
+    gm: fx.GraphModule, caches: dict[fx.Node, list[tuple[Group, CacheEdge]]], keep: dict[str, torch.Tensor]
+) -> InterfaceChange:
+    """Give each cache input its pruned shape, and declare what each resized input and output keeps: in
+    slot ``i``, layer ``i``'s kept heads (the manager derives the new example caches from it)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    outputs = list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+    change = InterfaceChange()
+    for node, layers in caches.items():
+        dim = layers[0][1].dim
+        state = ResizedState(dim, tuple(unit_elements(keep[g.name], edge.unit) for g, edge in layers))
+        if node.op == "placeholder":
+            shape = list(node.meta["val"].shape)
+            shape[dim] = len(state.kept[0])
+            node.meta["val"] = node.meta["val"].new_empty(shape)
+            change.inputs[placeholders.index(node)] = state
+        else:
+            returned = node
+            while returned not in outputs:  # the stack, or the padding after it
+                returned = next(iter(returned.users))
+            change.outputs[outputs.index(returned)] = state
+    return change
 
 
 def _refresh_meta(gm: fx.GraphModule) -> None:

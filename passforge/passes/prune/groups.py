@@ -16,10 +16,20 @@ group is ``rep`` query heads; in ``q_proj``'s weight it is ``rep * hd`` rows; in
 every member of a group has the same number of units. RoPE slices and concatenates along ``head_dim`` inside
 a unit (its paired dims are never split: heads are pruned whole, ``head_dim`` never).
 
+A KV cache is where the layers of a generation step meet: prefill returns ``stack([k_0, ..., k_L])`` (padded to
+the cache length), and decode reads layer ``i`` as ``select(k_cache, 0, i)`` and returns the stack of its
+updates. In such a step graph (``find_groups(kv_caches=True)``) the walk does not couple the layers there:
+the stack's part ``i`` and the ``select`` of slot ``i`` are *cache edges* (:class:`CacheEdge`), recorded on the
+group and not walked through, so each layer stays its own group — when the input is read only as its layers,
+each once, and the stack only returned (padded at most); anything else, and every input and output of a
+forward graph (the caller's), still blocks. Pruning then shrinks the cache's heads dim, which every layer
+shares: ``prune-channels`` requires every layer of a cache pruned to the same count, and rewrites the cache's
+shape (an input's, an output's).
+
 A group is *blocked*, with the reason, when the channel reaches something whose meaning would change: a
-graph input or output (a KV cache, the logits), an op the walk does not know, a view whose split does not
-align with the units, a reduction over the channel (allowed only for the hidden size, where RMSNorm's mean
-over fewer channels is the accepted cost), or a parameter read outside the group.
+graph input or output other than a step graph's KV cache (the logits), an op the walk does not know, a view
+whose split does not align with the units, a reduction over the channel (allowed only for the hidden size,
+where RMSNorm's mean over fewer channels is the accepted cost), or a parameter read outside the group.
 
 The kinds: ``mlp`` (only linears and pointwise ops between the producers and consumers), ``heads`` (reaches
 attention) and ``hidden`` (the residual stream: reaches the embedding or a norm's reduction).
@@ -63,7 +73,13 @@ class Slice:
 
     def elements(self, units: torch.Tensor) -> torch.Tensor:
         """Indices along ``dim`` of the elements that units ``units`` (unit numbers, 1-D) own."""
-        return (self.offset + units[:, None] * self.unit + torch.arange(self.unit, device=units.device)).flatten()
+        return unit_elements(units, self.unit, self.offset)
+
+
+def unit_elements(units: torch.Tensor, unit: int, offset: int = 0) -> torch.Tensor:
+    """Indices of the elements that units ``units`` (unit numbers, 1-D) own along a dim of ``unit`` elements
+    per unit, starting ``offset`` elements in."""
+    return (offset + units[:, None] * unit + torch.arange(unit, device=units.device)).flatten()
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,18 @@ class ShapeArg:
     unit: int
 
 
+@dataclass(frozen=True)
+class CacheEdge:
+    """Layer ``layer``'s slot of a KV cache: the cache's ``dim`` carries the channel, ``unit`` elements per
+    unit. ``node`` is the cache input (a placeholder read through ``select(node, 0, layer)``) or the returned
+    cache (the ``stack`` whose part ``layer`` this group's value is)."""
+
+    node: fx.Node
+    layer: int
+    dim: int
+    unit: int
+
+
 @dataclass
 class Group:
     """One set of coupled channels: ``units`` units; the weights producing them (``producers``: linear rows,
@@ -102,6 +130,7 @@ class Group:
     pieces: list[Piece] = field(default_factory=list)
     values: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)  # value -> (dim, unit)
     fused: set[fx.Node] = field(default_factory=set)  # fused projections this group owns pieces of
+    caches: list[CacheEdge] = field(default_factory=list)  # the KV cache slots this layer reads and returns
     blocked: str | None = None
 
     @property
@@ -126,27 +155,29 @@ class _Regroup(Exception):
         self.factor = factor
 
 
-def find_groups(gm: fx.GraphModule, *, allow_reduce: bool = False) -> list[Group]:
+def find_groups(gm: fx.GraphModule, *, allow_reduce: bool = False, kv_caches: bool = False) -> list[Group]:
     """Every channel group seeded at a linear's output (and the embedding's), each node in at most one.
-    ``allow_reduce``: let a reduction over the channel (a norm's mean) pass, as the hidden size needs."""
+    ``allow_reduce``: let a reduction over the channel (a norm's mean) pass, as the hidden size needs.
+    ``kv_caches``: the graph is a generation step (prefill, decode), whose stacked KV caches are layer
+    boundaries (:class:`CacheEdge`); elsewhere a graph's inputs and outputs are the caller's and block."""
     groups: list[Group] = []
     claimed: set[fx.Node] = set()
     for node in gm.graph.nodes:
         if node in claimed or not (node.target in (aten.linear.default, aten.embedding.default) or _piece_of(node)):
             continue
-        group = _walk(node, allow_reduce=allow_reduce)
+        group = _walk(node, allow_reduce=allow_reduce, kv_caches=kv_caches)
         claimed.update(group.values)
         groups.append(group)
     return groups
 
 
-def _walk(seed: fx.Node, *, allow_reduce: bool) -> Group:
+def _walk(seed: fx.Node, *, allow_reduce: bool, kv_caches: bool) -> Group:
     dim = _ndim(seed) - 1
     unit = 1
     while True:
         group = Group(seed)
         try:
-            _Walker(group, allow_reduce).run(seed, dim, unit)
+            _Walker(group, allow_reduce, kv_caches).run(seed, dim, unit)
             group.units = _size(seed, dim) // unit
             _check_units(group)
         except _Regroup as exc:
@@ -156,15 +187,18 @@ def _walk(seed: fx.Node, *, allow_reduce: bool) -> Group:
             group.blocked = str(exc)
         break
     group.kind = _classify(group)
+    if group.caches and group.kind != "heads" and not group.blocked:
+        group.blocked = f"the channel reaches KV cache '{group.caches[0].node.name}' outside attention's heads"
     return group
 
 
 class _Walker:
     """Flood fill over (value, dim, unit): each op relates the tracked dim of one operand to the others."""
 
-    def __init__(self, group: Group, allow_reduce: bool) -> None:
+    def __init__(self, group: Group, allow_reduce: bool, kv_caches: bool = False) -> None:
         self.group = group
         self.allow_reduce = allow_reduce
+        self.kv_caches = kv_caches
         self.todo: list[tuple[fx.Node, int, int]] = []
         self.ops_seen: set[fx.Node] = set()
 
@@ -348,6 +382,9 @@ class _Walker:
         else:
             dim, unit = self.group.values[op]
             back = next(i for i in range(in_nd) if forward(i) == dim and not (removed >= 0 and i == d))
+            if self.kv_caches and _cache_input(source):  # layer i of a KV cache: op is select(source, 0, i)
+                self.group.caches.append(CacheEdge(source, int(op.args[2]) % _size(source, 0), back, unit))
+                return
             self.visit(source, back, unit)
 
     def _expand(self, op: fx.Node) -> None:
@@ -376,6 +413,9 @@ class _Walker:
             out_dim, unit = self.group.values[op]
         if out_dim == axis:
             raise _Blocked(f"'{op.name}' ({_op_name(op)}) joins tensors along the channel dim")
+        if self.kv_caches and entry is not None and stacked and axis == 0 and _returned_cache(op, out_dim):
+            self.group.caches.append(CacheEdge(op, parts.index(entry), out_dim, unit))  # the other parts are
+            return  # the other layers' groups
         self.visit(op, out_dim, unit)
         for part in parts:
             self.visit(part, out_dim - (stacked and out_dim > axis), unit)
@@ -509,6 +549,31 @@ def _piece_of(node: fx.Node) -> tuple[int, int, fx.Node] | None:
             sizes = list(split.args[1])
         return sum(sizes[:index]), sizes[index], source
     return None
+
+
+def _cache_input(node: fx.Node) -> bool:
+    """Whether ``node`` is a KV cache input: a placeholder read only as its layers, ``select(node, 0, i)``, each
+    layer once."""
+    users = list(node.users)
+    if node.op != "placeholder" or not users or not all(u.target is aten.select.int and u.args[1] == 0
+                                                          for u in users):
+        return False
+    layers = sorted(int(u.args[2]) % _size(node, 0) for u in users)
+    return layers == list(range(_size(node, 0)))
+
+
+def _returned_cache(stack: fx.Node, dim: int) -> bool:
+    """Whether ``stack`` (layers along dim 0) is a returned KV cache: it reaches only the graph's outputs,
+    through nothing but padding of dims other than ``dim`` (prefill pads the prompt's keys to the cache
+    length)."""
+    node = stack
+    while len(node.users) == 1 and (user := next(iter(node.users))).target in (aten.pad.default,
+                                                                              aten.constant_pad_nd.default):
+        amounts, from_end = user.args[1], _ndim(user) - dim
+        if any(amounts[2 * (from_end - 1):2 * from_end]):
+            return False
+        node = user
+    return bool(node.users) and all(user.op == "output" for user in node.users)
 
 
 def _is_linear(node: object) -> bool:

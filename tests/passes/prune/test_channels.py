@@ -119,11 +119,79 @@ def test_prefill_and_decode_graphs_reuse_the_forward_choice(small_llama):
     torch.testing.assert_close(pruned_prefill(tokens)[0], pruned(tokens), rtol=1e-5, atol=1e-5)
 
 
-def test_heads_on_a_decode_graph_are_refused_with_the_reason(small_llama):
-    inputs = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *small_llama.new_kv_cache(1))
-    gm = capture(DecodeStep(small_llama), inputs)
-    with pytest.raises(PassFailure, match="graph input"):
-        PassManager([PruneChannels(target="heads")]).run(gm, Context(example_inputs=inputs))
+def _decode_inputs(model: Llama) -> tuple[torch.Tensor, ...]:
+    """A decode step's example inputs with random caches (seeded), so which heads a pruned cache keeps shows."""
+    g = torch.Generator().manual_seed(8)
+    caches = (torch.randn(c.shape, generator=g) for c in model.new_kv_cache(1))
+    return (torch.zeros(1, 1, dtype=torch.long), torch.tensor([3]), *caches)
+
+
+def _step_graphs(model: Llama, pass_: PruneChannels, tokens: torch.Tensor):
+    """The forward, prefill and decode graphs pruned by ``pass_`` sharing one memo, as optimize runs them;
+    returns the three results and the decode graph's context (whose example inputs the pass replaced)."""
+    memo: dict = {}
+    forward = _run(capture(model, (tokens,)), pass_, tokens=tokens, memo=memo)
+    prefill_ctx = Context(example_inputs=(tokens,), memo=memo, role="prefill")
+    prefill = PassManager([pass_], hooks=[VerifyHook()]).run(capture(PrefillStep(model), (tokens,)), prefill_ctx)
+    decode_ctx = Context(example_inputs=_decode_inputs(model), memo=memo, role="decode")
+    decode_graph = capture(DecodeStep(model), _decode_inputs(model))
+    decode = PassManager([pass_], hooks=[VerifyHook()]).run(decode_graph, decode_ctx)
+    return forward, prefill, decode, decode_ctx
+
+
+def test_heads_prune_the_kv_cache_of_the_prefill_and_decode_steps(small_llama, tokens):
+    """Structure: every layer keeps one of its two kv heads, and the caches the steps return and read shrink
+    from (L, 1, 2, S, hd) to (L, 1, 1, S, hd); the decode context's example caches are the old ones' kept
+    heads. Numerics: a decode step on the pruned prefill's caches gives the logits of the pruned forward
+    graph on the prompt plus that token (fp32, only the summation order differs: 1e-5)."""
+    pass_ = PruneChannels(target="heads", ratio=0.5)
+    forward, prefill, decode, decode_ctx = _step_graphs(small_llama, pass_, tokens)
+    cache_shape = (SMALL.n_layers, 1, 1, SMALL.max_seq_len, SMALL.head_dim)
+    old_caches = _decode_inputs(small_llama)[2:]
+    for result in (prefill, decode):
+        assert result.records[0].status == "ok" and result.records[0].stats["units_removed"] == SMALL.n_layers
+        assert get_attr(result.graph, "model.layers.1.attention.k_proj.weight").shape == (SMALL.head_dim, SMALL.dim)
+    placeholders = [n.meta["val"].shape for n in decode.graph.graph.nodes if n.op == "placeholder"]
+    assert placeholders[2:] == [cache_shape, cache_shape]
+    for old, new in zip(old_caches, decode_ctx.example_inputs[2:]):  # each layer's kept kv head of the old cache
+        assert tuple(new.shape) == cache_shape
+        for layer in range(SMALL.n_layers):
+            kept = get_attr(forward.graph, f"layers.{layer}.attention.k_proj.weight")[:SMALL.head_dim]
+            head = next(h for h in range(SMALL.n_kv_heads) if torch.equal(
+                small_llama.layers[layer].attention.k_proj.weight[h * SMALL.head_dim:(h + 1) * SMALL.head_dim], kept))
+            assert torch.equal(new[layer, :, 0], old[layer, :, head])
+    assert any(note.startswith("KV caches resized: k_cache") for note in decode.records[0].notes)
+
+    logits, k_cache, v_cache = prefill.graph(tokens)
+    assert tuple(k_cache.shape) == tuple(v_cache.shape) == cache_shape
+    torch.testing.assert_close(logits, forward.graph(tokens), rtol=1e-5, atol=1e-5)
+    token = torch.randint(0, SMALL.vocab_size, (1, 1), generator=torch.Generator().manual_seed(7))
+    step_logits, new_k, _ = decode.graph(token, torch.tensor([tokens.shape[1]]), k_cache, v_cache)
+    longer = torch.cat([tokens, token], dim=1)
+    forward_longer = _run(capture(small_llama, (longer,)), pass_, tokens=longer, memo={}).graph
+    torch.testing.assert_close(step_logits[0, -1], forward_longer(longer)[0, -1], rtol=1e-5, atol=1e-5)
+    assert tuple(new_k.shape) == cache_shape
+
+    again_ctx = Context(example_inputs=decode_ctx.example_inputs, memo={}, role="decode")
+    again = PassManager([pass_], hooks=[VerifyHook()]).run(decode.graph, again_ctx)
+    assert again.records[0].modified is False and again_ctx.example_inputs is decode_ctx.example_inputs
+
+
+def test_a_cache_whose_layers_would_differ_is_refused_with_what_to_do(small_llama, tokens):
+    """Near misses: per-layer head counts (global scope) or a skipped layer cannot share one stacked cache;
+    the step graph is refused (the forward graph prunes), and rollback leaves the context's inputs alone."""
+    for pass_, message in (
+        (PruneChannels(target="heads", ratio=0.5, skip="layers.1.*"), r"layer\(s\) \[1\] are not pruned"),
+        (PruneChannels(target="heads", ratio=0.25, scope="global"), "scope=local and schedule=uniform"),
+    ):
+        memo: dict = {}
+        forward = _run(capture(small_llama, (tokens,)), pass_, tokens=tokens, memo=memo)
+        assert forward.records[0].status == "ok"
+        inputs = _decode_inputs(small_llama)
+        ctx = Context(example_inputs=inputs, memo=memo, role="decode")
+        with pytest.raises(PassFailure, match=message):
+            PassManager([pass_], hooks=[VerifyHook()]).run(capture(DecodeStep(small_llama), inputs), ctx)
+        assert ctx.example_inputs is inputs
 
 
 def test_bad_options_and_missing_calibration():
@@ -173,20 +241,42 @@ def test_loss_aware_choices_beat_magnitude_on_the_trained_lm(bundled_lm_and_text
     assert taylor < 1.10 * dense, (dense, l2, taylor)
 
 
-def test_optimize_keeps_the_pruned_forward_graph_when_heads_cannot_prune_the_cache(small_llama, tokens):
-    """The decode/prefill steps carry the KV cache: pruning kv heads there is refused, so optimize keeps the
-    pruned forward graph and reports why there is no generate(); an MLP pruning prunes all three graphs."""
-    import passforge
+def _without_pruned_heads(model: Llama, pruned: torch.fx.GraphModule) -> Llama:
+    """A copy of ``model`` computing what the head-pruned graph computes: each removed kv head's v rows and
+    its query heads' o_proj columns zeroed (the head then adds exactly nothing; which heads went is read off
+    the pruned k_proj rows)."""
+    import copy
 
-    with pytest.warns(UserWarning, match="no generation graphs"):
-        heads = passforge.optimize(small_llama, (tokens,), pipeline="prune-channels(target=heads,ratio=0.5)",
-                                   profile=False)
-    assert heads.prefill is None and "graph's outputs" in heads.report["generation"]["error"]
-    assert get_attr(heads.graph, "layers.0.attention.k_proj.weight").shape[0] < SMALL.n_kv_heads * SMALL.head_dim
-    with pytest.warns(UserWarning, match="generate\\(\\) would run a different model"):  # skip: not silently unpruned
-        skipped = passforge.optimize(small_llama, (tokens,), pipeline="prune-channels(target=heads,ratio=0.5)",
-                                     on_error="skip", profile=False)
-    assert skipped.prefill is None
+    reference = copy.deepcopy(model)
+    hd, rep = SMALL.head_dim, SMALL.n_heads // SMALL.n_kv_heads
+    with torch.no_grad():
+        for i, layer in enumerate(reference.layers):
+            att = layer.attention
+            kept = get_attr(pruned, f"layers.{i}.attention.k_proj.weight")
+            for head in range(SMALL.n_kv_heads):
+                if not any(torch.equal(att.k_proj.weight[head * hd:(head + 1) * hd], kept[j * hd:(j + 1) * hd])
+                           for j in range(kept.shape[0] // hd)):
+                    att.v_proj.weight[head * hd:(head + 1) * hd] = 0
+                    att.o_proj.weight[:, head * rep * hd:(head + 1) * rep * hd] = 0
+    return reference
+
+
+def test_optimize_prunes_heads_in_all_three_graphs_and_generates_what_the_pruned_model_would(
+    small_llama, tokens, tmp_path
+):
+    """End to end: optimize prunes one kv group of two in every layer of all three graphs; generate() — op by
+    op, compiled, and after save/load — gives the eager greedy tokens of the model with those heads removed."""
+    import passforge
+    from tests.test_api import _greedy_eager
+
+    opt = passforge.optimize(small_llama, (tokens,), pipeline="prune-channels(target=heads,ratio=0.5)",
+                             profile=False)
+    assert [r["status"] for g in ("prefill", "decode") for r in opt.report["generation"][g]] == ["ok", "ok"]
+    assert get_attr(opt.decode, "model.layers.0.attention.k_proj.weight").shape == (SMALL.head_dim, SMALL.dim)
+    expected = _greedy_eager(_without_pruned_heads(small_llama, opt.graph), tokens, 6)
+    assert torch.equal(opt.generate(tokens, 6)[0], expected)
+    assert torch.equal(opt.generate(tokens, 6, compiled_decode=True)[0], expected)
+    assert torch.equal(passforge.load(opt.save(tmp_path / "heads")).generate(tokens, 6)[0], expected)
     mlp = passforge.optimize(small_llama, (tokens,), pipeline="prune-channels", profile=False)
     assert get_attr(mlp.decode, "model.layers.0.feed_forward.down_proj.weight").shape == (SMALL.dim, 96)
 

@@ -63,12 +63,42 @@ def test_multi_head_attention_units_are_single_heads():
     assert g.units == 4 and {s.unit for s in g.slices} == {cfg.head_dim}
 
 
-def test_decode_graph_heads_blocked_by_the_cache_mlp_free(small_llama):
+def test_decode_graph_layers_meet_only_at_cache_edges(small_llama):
+    """Read as a generation step, each layer's heads group reads slot i of both cache inputs and returns its
+    update as part i of both returned stacks: four cache edges on the heads dim (2), unit one kv head; the
+    layers stay separate groups. Read as a forward graph (the torch.compile backend's view: its inputs are
+    the caller's), the same caches block the heads groups."""
     inputs = (torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long), *small_llama.new_kv_cache(1))
     gm = capture(DecodeStep(small_llama), inputs)
-    kinds = _by_kind(gm)
-    assert all(g.blocked and "graph input" in g.blocked for g in kinds["heads"])
+    kinds = _by_kind(gm, kv_caches=True)
+    assert len(kinds["heads"]) == SMALL.n_layers and not any(g.blocked for g in kinds["heads"])
+    for layer, g in enumerate(kinds["heads"]):
+        edges = {(e.node.op, e.node.name, e.layer, e.dim, e.unit) for e in g.caches}
+        assert edges == {("placeholder", "k_cache", layer, 2, 1), ("placeholder", "v_cache", layer, 2, 1),
+                         ("call_function", "stack", layer, 2, 1), ("call_function", "stack_1", layer, 2, 1)}
+        assert g.units == SMALL.n_kv_heads
     assert sum(not g.blocked for g in kinds["mlp"]) == SMALL.n_layers
+    forward_view = _by_kind(gm)
+    assert all(g.blocked and "graph input" in g.blocked and not g.caches for g in forward_view["heads"])
+
+
+class _NotACache(torch.nn.Module):
+    """Near misses for cache edges in a step graph: an input read as ``x[0]`` and also whole (not only by its
+    layers), and per-layer values stacked and then summed (not returned)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.a(x[0]), self.b(x[1])]).sum(0) + x.mean()
+
+
+def test_only_whole_layer_reads_and_returned_stacks_are_cache_edges():
+    gm = capture(_NotACache(), (torch.randn(2, 3, 8),))
+    groups = find_groups(gm, kv_caches=True)
+    assert not any(g.caches for g in groups)
+    assert all(g.blocked for g in groups)
 
 
 class _Cumsum(torch.nn.Module):
