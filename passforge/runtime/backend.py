@@ -48,6 +48,7 @@ import re
 import sys
 import warnings
 import weakref
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ import torch
 from torch import fx
 
 from passforge.ir.capture import CaptureError, explain_export_failure, from_exported_program
-from passforge.ir.graph import copy_graph_module, get_attr, tensor_attrs
+from passforge.ir.graph import copy_graph_module, get_attr, set_tensor_attr, tensor_attrs
 from passforge.ir.serialize import load_graph, save_graph
 from passforge.passes.base import Context, Pass
 from passforge.passes.hooks import VerifyHook
@@ -174,7 +175,7 @@ def _compile_training(gm: fx.GraphModule, example_inputs: Sequence[object], opts
 
 # --- binding dynamo's inputs: weights, tensors, sizes -------------------------------------------------------
 
-_KEY = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
+_KEY = re.compile(r"\._(?:modules|parameters|buffers)\['([^']+)'\]|\.(\w+)|\[(\d+)\]")
 _ROOT = re.compile(r"^([GL])\['([^']*)'\]")
 
 
@@ -188,14 +189,57 @@ def _source_name(node: fx.Node) -> str:
     """``L['self']._modules['layers']._modules['0']._parameters['weight']`` → ``layers.0.weight``; another root
     keeps its name (``L['m1']._parameters['weight']`` → ``m1.weight``, a global list ``G['blocks'][1]...`` →
     ``blocks.1...``), so two modules' weights never share a name."""
-    text = _source_text(node)
+    return _dotted(_source_text(node)) or str(node.target)
+
+
+def _dotted(text: str) -> str:
+    """A dynamo source or module path as a qualified name (``L['self'].lm_head`` → ``lm_head``); '' if none."""
     root = _ROOT.match(text)
     if root is None:
-        return str(node.target)
+        return ""
     keys = [a or b or c for a, b, c in _KEY.findall(text[root.end():])]
     if root.group(2) != "self":
         keys.insert(0, root.group(2))
-    return ".".join(keys) if keys else str(node.target)
+    return ".".join(keys)
+
+
+_LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+
+
+def _tied_linear_names(gm: fx.GraphModule, binding: _Binding) -> dict[str, str]:
+    """``{bound name: the name its linear calls it}`` for each weight that is the weight of exactly one
+    linear, in a module other than the one it is bound under: a tied weight (an embedding shared with the LM
+    head) reaches dynamo once, under the first module's name, and the head's linear then reads it as
+    ``emb.weight``. :func:`_untie` gives that read the head's own name, as ``capture`` does, so name selections
+    (``quantize(skip=lm_head*)``) see the layer."""
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    taken = set(binding.weights.values())
+    names = {}
+    for i, name in binding.weights.items():
+        linears = [u for u in placeholders[i].users if u.target in _LINEARS and len(u.args) > 1
+                   and u.args[1] is placeholders[i]]
+        stack = list((linears[0].meta.get("nn_module_stack") or {}).values()) if len(linears) == 1 else []
+        module = _dotted(stack[-1][0]) if stack else ""
+        if module and f"{module}.weight" != name and f"{module}.weight" not in taken:
+            names[name] = f"{module}.weight"
+    claimed = Counter(names.values())
+    return {name: alias for name, alias in names.items() if claimed[alias] == 1}
+
+
+def _untie(captured: fx.GraphModule, names: dict[str, str]) -> None:
+    """The one linear reading a tied weight reads it under its own module's name (the same tensor)."""
+    for node in list(captured.graph.find_nodes(op="get_attr")):
+        name = str(node.target).removeprefix("weights.")
+        linears = [u for u in node.users if u.target is torch.ops.aten.linear.default and u.args[1] is node]
+        if name not in names or len(linears) != 1:
+            continue
+        alias = f"weights.{names[name]}"
+        set_tensor_attr(captured, alias, get_attr(captured, str(node.target)))
+        with captured.graph.inserting_after(node):
+            read = captured.graph.get_attr(alias)
+        read.meta = dict(node.meta)
+        linears[0].replace_input_with(node, read)
+    captured.recompile()
 
 
 def _is_weight(node: fx.Node, value: torch.Tensor) -> bool:
@@ -379,6 +423,7 @@ def _capture(gm: fx.GraphModule, example_inputs: Sequence[object]) -> tuple[_Bin
     with warnings.catch_warnings(), torch._guards.tracing(None), torch._guards.compile_context(None):
         warnings.simplefilter("ignore")
         captured = from_exported_program(program, name="torch.compile graph", decomposed=True)
+    _untie(captured, _tied_linear_names(gm, binding))
     return binding, captured, _dynamic_dims(gm, binding)
 
 

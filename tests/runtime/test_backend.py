@@ -299,6 +299,48 @@ def test_weights_of_two_modules_keep_distinct_names() -> None:
     assert {"weights.m1.weight", "weights.m2.weight"} <= names
 
 
+class TiedHead(nn.Module):
+    """An LM head sharing the embedding's weight; ``graph_break`` puts the head in a graph of its own."""
+
+    def __init__(self, graph_break: bool = False) -> None:
+        super().__init__()
+        self.emb, self.proj = nn.Embedding(64, 32), nn.Linear(32, 32)
+        self.lm_head = nn.Linear(32, 64, bias=False)
+        self.lm_head.weight = self.emb.weight
+        self.graph_break = graph_break
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.proj(self.emb(tokens)))
+        if self.graph_break:
+            torch._dynamo.graph_break()
+        return self.lm_head(h)
+
+
+@pytest.mark.parametrize("graph_break", [False, True])
+def test_a_tied_head_is_known_by_its_own_name(graph_break: bool) -> None:
+    """dynamo hands the shared weight over once, as ``emb.weight``: the head's linear reads it as
+    ``lm_head.weight`` (the same tensor), as capture names it, so ``quantize``'s default ``skip=lm_head*``
+    keeps the head in float here too; the embedding still reads ``emb.weight``."""
+    model = TiedHead(graph_break).eval()
+    tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
+    compiled, before = _compile(model, pipeline="quantize(scheme=w8)")
+    with torch.no_grad():
+        out = compiled(tokens)
+    graphs = _new(before)
+    assert len(graphs) == 1 + graph_break
+    records = [g.result.records[0] for g in graphs]
+    assert sum(r.stats["quantized"] for r in records) == 1 and sum(r.stats["skipped"] for r in records) == 1
+    reads = {n.target: [u.target for u in n.users] for g in graphs for n in g.captured.graph.find_nodes(op="get_attr")}
+    assert reads["weights.lm_head.weight"] == [aten.linear.default]
+    assert reads.get("weights.emb.weight", [aten.embedding.default]) == [aten.embedding.default]
+    head_weights = [n.args[1] for g in graphs for n in g.graph.graph.nodes if n.target is aten.linear.default
+                    and n.args[1].op == "get_attr"]
+    assert [w.target for w in head_weights] == ["weights.lm_head.weight"]  # the head stays float, by name
+    with torch.no_grad():
+        h = torch.relu(model.proj(model.emb(tokens)))
+        torch.testing.assert_close(model.lm_head(h), out, rtol=0.05, atol=0.05)  # proj in int8: loose
+
+
 BIAS = torch.zeros(3)
 
 
