@@ -77,7 +77,8 @@ class Context:
 @dataclass(frozen=True)
 class ResizedState:
     """A state tensor stacked along dim 0, one slot per layer (a KV cache ``(L, B, nkv, S, hs)``), of which
-    slot ``s`` keeps the elements ``kept[s]`` along ``dim`` (a dim of the stacked tensor)."""
+    slot ``s`` keeps the elements ``kept[s]`` along ``dim`` (a dim of the stacked tensor), first, zero-padded
+    to the widest slot's count (layers that keep fewer heads than others)."""
 
     dim: int
     kept: tuple[torch.Tensor, ...]
@@ -87,7 +88,13 @@ class ResizedState:
         if full.dim() <= self.dim or full.shape[0] != len(self.kept):
             raise ValueError(f"a state of {len(self.kept)} slots resized along dim {self.dim} cannot take a "
                              f"tensor of shape {tuple(full.shape)}")
-        return torch.stack([full[s].index_select(self.dim - 1, k.to(full.device)) for s, k in enumerate(self.kept)])
+        width = max(len(k) for k in self.kept)
+        after = full.dim() - 1 - self.dim  # dims after ``dim`` in a slot
+        return torch.stack([
+            torch.nn.functional.pad(full[s].index_select(self.dim - 1, k.to(full.device)), [0, 0] * after
+                                    + [0, width - len(k)])
+            for s, k in enumerate(self.kept)
+        ])
 
 
 @dataclass(frozen=True)

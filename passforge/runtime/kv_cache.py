@@ -52,9 +52,10 @@ def donate_kv_cache(gm: fx.GraphModule) -> tuple[fx.GraphModule, str | None]:
     new_outputs = list(donated_output.args[0])
     for index, stack in plans.items():
         stack = nodes[stack]
-        for update in stack.args[0]:
-            update.target = aten.index_copy_.default
-        new_outputs[index] = stack.args[0][0].args[0].args[0]  # the cache placeholder
+        for part in stack.args[0]:
+            update, select = _layer_update(part)
+            update.target = aten.index_copy_.default  # into the slot (a view), or its first heads' view
+        new_outputs[index] = select.args[0]  # the cache placeholder
     donated_output.args = (type(outputs)(new_outputs),)
     donated.graph.eliminate_dead_code()
     donated.recompile()
@@ -154,26 +155,44 @@ def ring_kv_cache(gm: fx.GraphModule) -> tuple[fx.GraphModule, RingCache | None,
 
 def _check_stack(stack: fx.Node) -> str | None:
     """None when ``stack`` is ``stack([index_copy(select(cache, 0, i), dim, pos, new_i) for i], 0)`` over one
-    placeholder whose only readers are those selects, each read only by its index_copy."""
+    placeholder whose only readers are those selects, each read only by its update. A layer that keeps fewer
+    heads than the cache holds (``prune-channels(target=heads)`` with per-layer counts) updates the first
+    heads of its slot and returns the slot zero-padded: ``constant_pad_nd(index_copy(slice(select(...))))``;
+    updated in place, the slot's other heads keep what prefill wrote there (zeros), as the padding does."""
     updates = stack.args[0]
     dim = stack.args[1] if len(stack.args) > 1 else stack.kwargs.get("dim", 0)
     if dim != 0:
         return f"stacked along dim {dim}, not 0"
-    cache = None
-    for i, update in enumerate(updates):
-        if not (isinstance(update, fx.Node) and update.target is aten.index_copy.default):
+    cache, readers = None, set()
+    for i, part in enumerate(updates):
+        found = _layer_update(part) if isinstance(part, fx.Node) else None
+        if found is None:
             return f"layer {i}'s cache is not an index_copy update"
-        select = update.args[0]
+        update, select = found
         if not (select.target is aten.select.int and select.args[1:] == (0, i)):
             return f"layer {i}'s update does not write slice {i} of a cache input"
         if cache is None:
             cache = select.args[0]
         if select.args[0] is not cache or cache.op != "placeholder":
             return f"layer {i}'s update reads {select.args[0].name}, not the cache input {cache.name}"
-        if len(select.users) != 1:
-            return f"the old cache of layer {i} is also read elsewhere ({len(select.users)} readers)"
-    if cache is None or set(cache.users) != {u.args[0] for u in updates}:
+        chain = [select] + ([update.args[0]] if update.args[0] is not select else [])
+        if any(len(node.users) != 1 for node in chain):
+            return f"the old cache of layer {i} is also read elsewhere"
+        readers.add(select)
+    if cache is None or set(cache.users) != readers:
         return "the cache input is read by more than the per-layer updates"
     if len(updates) != cache.meta["val"].shape[0]:
         return f"{len(updates)} layers updated, the cache has {cache.meta['val'].shape[0]}"
     return None
+
+
+def _layer_update(part: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """``(index_copy, select)`` of one layer's returned cache: ``index_copy(select(...))``, or for a layer
+    that keeps fewer heads ``constant_pad_nd(index_copy(slice(select(...), heads, 0, n)))``; else None."""
+    update = part.args[0] if part.target is aten.constant_pad_nd.default else part
+    if not (isinstance(update, fx.Node) and update.target is aten.index_copy.default):
+        return None
+    target = update.args[0]
+    if part is not update and target.target is aten.slice.Tensor and target.args[2] == 0:
+        target = target.args[0]
+    return (update, target) if isinstance(target, fx.Node) else None

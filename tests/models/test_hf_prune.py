@@ -147,3 +147,18 @@ def test_heads_pruned_with_their_kv_cache_generate_what_the_pruned_model_compute
                                                                local_files_only=True).eval()
     assert pruned.config.num_key_value_heads == 1
     torch.testing.assert_close(tokens, _hf_greedy(pruned, prompt)[:, :tokens.shape[1]], rtol=0, atol=0)
+
+
+def test_per_layer_head_counts_generate_through_one_padded_cache(tmp_path):
+    """Global scope gives the two layers different kv head counts (Phi-3: through the fused qkv slices): the
+    step graphs share one cache of the widest layer's heads, and generate() gives the pruned forward graph's
+    greedy tokens."""
+    save_tiny(tmp_path / "in", "phi3")
+    opt = passforge.optimize(tmp_path / "in", pipeline="prune-channels(target=heads,ratio=0.25,scope=global)",
+                             seq_len=SEQ_LEN, profile=False)
+    assert [r["status"] for g in ("prefill", "decode") for r in opt.report["generation"][g]] == ["ok", "ok"]
+    sizes = {p.shape[0] for name, p in opt.graph.named_parameters() if name.endswith("qkv_proj.weight")}
+    assert len(sizes) == 2  # the layers keep different head counts
+    prompt = opt.example_inputs[0][:, :PROMPT_LEN]
+    tokens, _ = opt.generate(prompt, SEQ_LEN - PROMPT_LEN)
+    torch.testing.assert_close(tokens, _greedy_through(opt.graph, prompt, SEQ_LEN - PROMPT_LEN), rtol=0, atol=0)

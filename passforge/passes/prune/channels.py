@@ -25,8 +25,8 @@ and for ``heads`` (8 query heads over 4 kv heads, one kv group removed) the view
 
 Pruning ``heads`` removes kv heads, which changes the shape of a KV cache. The prefill and decode steps of a
 model carry their caches ``(L, B, nkv, S, hs)`` as outputs and inputs, every layer's heads in one stacked
-tensor: there every layer must keep the same number of heads (``scope=local``, ``schedule=uniform``; the
-forward graph's choice otherwise varies per layer and the step graph is refused with that reason), and the
+tensor, so the cache keeps the widest layer's heads (all of them shrink alike with one count per layer; a layer
+that keeps fewer reads the first heads of its slot and returns the slot zero-padded: ``resize_caches``). The
 pass rewrites the cache's shape and declares what each layer's slot of each resized input and output keeps
 (``PassResult.interface``; ``ir/INVARIANTS.md``, rule 9), from which the manager derives the new example
 cache and the verifier compares the returned caches with the kept heads of the old ones::
@@ -122,16 +122,18 @@ class PruneChannels(Pass):
             for g in todo:
                 keep[g.name] = chosen[g.name]
                 memo_put(ctx.memo, f"{self.spec}:keep", g.name, chosen[g.name])
-        caches = cache_layers(gm, groups, keep, self.spec)
         before = sum(g.units for g in groups)
         for g in groups:
             shrink(gm, g, keep[g.name])
-        interface = resize_caches(gm, caches, keep) if caches else None
+        interface = resize_caches(gm, groups, keep)
         _refresh_meta(gm)
         after = sum(len(keep[g.name]) for g in groups)
         notes.append(f"{self.target}: kept {after} of {before} units ({1 - after / before:.1%} removed)")
-        if caches:
-            notes.append(f"KV caches resized: {', '.join(sorted(n.name for n in caches))}")
+        if interface is not None:
+            placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+            resized = [f"input {placeholders[i].name} {tuple(placeholders[i].meta['val'].shape)}"
+                       for i in sorted(interface.inputs)] + [f"output {i}" for i in sorted(interface.outputs)]
+            notes.append(f"KV caches resized: {', '.join(resized)}")
         return PassResult(gm, modified=True, stats={"pruned_groups": len(groups), "units_removed": before - after},
                           notes=notes, interface=interface)
 
@@ -260,53 +262,46 @@ def _rewrite_pieces(pieces: list[Piece], kept: int) -> None:
             split.kwargs = {}
 
 
-def cache_layers(
-    gm: fx.GraphModule, groups: list[Group], keep: dict[str, torch.Tensor], spec: str
-) -> dict[fx.Node, list[tuple[Group, CacheEdge]]]:
-    """Each KV cache the groups reach (an input placeholder or a returned stack) with its layers' groups, in
-    layer order. Raises :class:`PreconditionError` unless every layer of each cache is pruned now, to one
-    count: the layers share the cache's heads dim."""
-    caches: dict[fx.Node, dict[int, tuple[Group, CacheEdge]]] = {}
+def resize_caches(gm: fx.GraphModule, groups: list[Group], keep: dict[str, torch.Tensor]) -> InterfaceChange | None:
+    """Resize each KV cache the pruned groups reach (an input placeholder or a returned stack) to the widest
+    layer's kept heads, and declare what each resized input and output keeps per layer (the manager derives
+    the new example caches from it); None when the groups reach no cache. A layer that keeps fewer heads
+    reads the first ones of its slot (``slice`` after its ``select``) and returns its slot padded with zeros
+    (``constant_pad_nd`` before the stack); a layer not pruned (skipped, blocked) keeps its slot whole."""
+    edges: dict[fx.Node, dict[int, tuple[Group, CacheEdge]]] = {}
     for g in groups:
         for edge in g.caches:
-            caches.setdefault(edge.node, {})[edge.layer] = (g, edge)
-    plan = {}
-    for node, layers in caches.items():
-        slots = node.meta["val"].shape[0] if node.op == "placeholder" else len(node.args[0])
-        missing = sorted(set(range(slots)) - set(layers))
-        if missing:
-            raise PreconditionError(
-                f"{spec}: the KV cache '{node.name}' holds {slots} layers, and layer(s) {missing} are not pruned "
-                "(skipped or blocked: see the notes); every layer of a stacked cache must keep the same heads count"
-            )
-        counts = {len(keep[g.name]) for g, _ in layers.values()}
-        if len(counts) > 1:
-            raise PreconditionError(
-                f"{spec}: the KV cache '{node.name}' would hold layers of {sorted(counts)} heads (per-layer counts, "
-                "from scope=global or schedule=sensitivity); a stacked cache needs one count — prune heads with "
-                "scope=local and schedule=uniform to keep generate()"
-            )
-        plan[node] = [layers[i] for i in range(slots)]
-    return plan
-
-
-def resize_caches(
-    gm: fx.GraphModule, caches: dict[fx.Node, list[tuple[Group, CacheEdge]]], keep: dict[str, torch.Tensor]
-) -> InterfaceChange:
-    """Give each cache input its pruned shape, and declare what each resized input and output keeps: in
-    slot ``i``, layer ``i``'s kept heads (the manager derives the new example caches from it)."""
+            edges.setdefault(edge.node, {})[edge.layer] = (g, edge)
+    if not edges:
+        return None
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     outputs = list(next(n for n in gm.graph.nodes if n.op == "output").args[0])
     change = InterfaceChange()
-    for node, layers in caches.items():
-        dim = layers[0][1].dim
-        state = ResizedState(dim, tuple(unit_elements(keep[g.name], edge.unit) for g, edge in layers))
+    for node, layers in edges.items():
+        (dim,) = {edge.dim for _, edge in layers.values()}
+        shape = list(node.meta["val"].shape)  # the cache's shape before pruning
+        kept = tuple(unit_elements(keep[layers[i][0].name], layers[i][1].unit) if i in layers
+                     else torch.arange(shape[dim]) for i in range(shape[0]))
+        width = max(len(k) for k in kept)
+        state = ResizedState(dim, kept)
         if node.op == "placeholder":
-            shape = list(node.meta["val"].shape)
-            shape[dim] = len(state.kept[0])
+            shape[dim] = width
             node.meta["val"] = node.meta["val"].new_empty(shape)
             change.inputs[placeholders.index(node)] = state
+            for select in list(node.users):
+                layer_width = len(kept[select.args[2] % shape[0]])
+                if layer_width < width:
+                    with gm.graph.inserting_after(select):
+                        narrow = gm.graph.call_function(aten.slice.Tensor, (select, dim - 1, 0, layer_width))
+                    select.replace_all_uses_with(narrow, delete_user_cb=lambda user, narrow=narrow: user is not narrow)
         else:
+            parts = list(node.args[0])
+            for i, part in enumerate(parts):
+                if len(kept[i]) < width:
+                    with gm.graph.inserting_before(node):
+                        amounts = [0, 0] * (len(shape) - 1 - dim) + [0, width - len(kept[i])]
+                        parts[i] = gm.graph.call_function(aten.constant_pad_nd.default, (part, amounts, 0.0))
+            node.args = (parts, *node.args[1:])
             returned = node
             while returned not in outputs:  # the stack, or the padding after it
                 returned = next(iter(returned.users))

@@ -3,17 +3,21 @@ the output; data-aware importance beats magnitude on the trained LM; a second ru
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
 from passforge.ir.capture import capture
-from passforge.ir.graph import get_attr, op_counts
+from passforge.ir.graph import count_calls, get_attr, op_counts
 from passforge.models.llama import DecodeStep, Llama, PrefillStep
 from passforge.passes.base import Context, PreconditionError
 from passforge.passes.hooks import VerifyHook
-from passforge.passes.manager import PassFailure, PassManager
+from passforge.passes.manager import PassManager
 from passforge.passes.prune.channels import PruneChannels
 from tests.conftest import SMALL, held_out_ppl
+
+aten = torch.ops.aten
 
 
 def _run(gm, *passes, tokens=None, calib=None, memo=None):
@@ -160,7 +164,8 @@ def test_heads_prune_the_kv_cache_of_the_prefill_and_decode_steps(small_llama, t
             head = next(h for h in range(SMALL.n_kv_heads) if torch.equal(
                 small_llama.layers[layer].attention.k_proj.weight[h * SMALL.head_dim:(h + 1) * SMALL.head_dim], kept))
             assert torch.equal(new[layer, :, 0], old[layer, :, head])
-    assert any(note.startswith("KV caches resized: k_cache") for note in decode.records[0].notes)
+    assert any(note.startswith("KV caches resized: input k_cache (2, 1, 1, 64, 16), input v_cache")
+               for note in decode.records[0].notes)
 
     logits, k_cache, v_cache = prefill.graph(tokens)
     assert tuple(k_cache.shape) == tuple(v_cache.shape) == cache_shape
@@ -177,21 +182,35 @@ def test_heads_prune_the_kv_cache_of_the_prefill_and_decode_steps(small_llama, t
     assert again.records[0].modified is False and again_ctx.example_inputs is decode_ctx.example_inputs
 
 
-def test_a_cache_whose_layers_would_differ_is_refused_with_what_to_do(small_llama, tokens):
-    """Near misses: per-layer head counts (global scope) or a skipped layer cannot share one stacked cache;
-    the step graph is refused (the forward graph prunes), and rollback leaves the context's inputs alone."""
-    for pass_, message in (
-        (PruneChannels(target="heads", ratio=0.5, skip="layers.1.*"), r"layer\(s\) \[1\] are not pruned"),
-        (PruneChannels(target="heads", ratio=0.25, scope="global"), "scope=local and schedule=uniform"),
-    ):
-        memo: dict = {}
-        forward = _run(capture(small_llama, (tokens,)), pass_, tokens=tokens, memo=memo)
-        assert forward.records[0].status == "ok"
-        inputs = _decode_inputs(small_llama)
-        ctx = Context(example_inputs=inputs, memo=memo, role="decode")
-        with pytest.raises(PassFailure, match=message):
-            PassManager([pass_], hooks=[VerifyHook()]).run(capture(DecodeStep(small_llama), inputs), ctx)
-        assert ctx.example_inputs is inputs
+@pytest.mark.parametrize("spec", ["prune-channels(target=heads,ratio=0.5,skip=layers.1.*)",
+                                  "prune-channels(target=heads,ratio=0.25,scope=global)"])
+def test_layers_that_keep_different_head_counts_share_one_padded_cache(small_llama, tokens, spec):
+    """Per-layer head counts (a skipped layer, global scope): the cache keeps the widest layer's heads; a layer
+    that keeps fewer reads the first heads of its slot (a slice) and returns it zero-padded. Structure: one
+    slice per narrowed layer and cache input, one pad per narrowed layer and returned cache. generate() — op
+    by op and compiled (the in-place update writes through the slice) — gives the greedy tokens of the model
+    with those heads removed."""
+    import passforge
+    from tests.test_api import _greedy_eager
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no fallback: the compiled step must build
+        opt = passforge.optimize(small_llama, (tokens,), pipeline=spec, profile=False)
+        kept = [get_attr(opt.graph, f"layers.{i}.attention.k_proj.weight").shape[0] // SMALL.head_dim
+                for i in range(SMALL.n_layers)]
+        assert sorted(kept) == [1, 2]  # one layer keeps one kv head, the other both
+        narrowed = kept.count(1)
+        assert count_calls(opt.decode, aten.slice.Tensor) - count_calls(capture_decode(small_llama),
+                                                                        aten.slice.Tensor) == 2 * narrowed
+        assert count_calls(opt.decode, aten.constant_pad_nd.default) == 2 * narrowed
+        assert count_calls(opt.prefill, aten.constant_pad_nd.default) >= 2 * narrowed
+        expected = _greedy_eager(_without_pruned_heads(small_llama, opt.graph), tokens, 6)
+        assert torch.equal(opt.generate(tokens, 6)[0], expected)
+        assert torch.equal(opt.generate(tokens, 6, compiled_decode=True)[0], expected)
+
+
+def capture_decode(model: Llama) -> torch.fx.GraphModule:
+    return capture(DecodeStep(model), _decode_inputs(model))
 
 
 def test_bad_options_and_missing_calibration():
