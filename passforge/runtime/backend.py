@@ -204,6 +204,17 @@ def _dotted(text: str) -> str:
 
 
 _LINEARS = (torch._C._nn.linear, torch.nn.functional.linear)
+_PATH_PART = re.compile(r"\.([^.\[]+)|\[['\"]?([^\]'\"]+)['\"]?\]")
+
+
+def _module_path(text: str) -> str:
+    """A module path from ``nn_module_stack`` (``L['self'].layers[0].mlp``, ``L['self'].heads.lm-head``) as a
+    qualified name (``layers.0.mlp``, ``heads.lm-head``): module names are anything but a dot."""
+    root = _ROOT.match(text)
+    if root is None:
+        return ""
+    keys = [a or b for a, b in _PATH_PART.findall(text[root.end():])]
+    return ".".join(([] if root.group(2) == "self" else [root.group(2)]) + keys)
 
 
 def _tied_linear_names(gm: fx.GraphModule, binding: _Binding) -> dict[str, str]:
@@ -219,7 +230,10 @@ def _tied_linear_names(gm: fx.GraphModule, binding: _Binding) -> dict[str, str]:
         linears = [u for u in placeholders[i].users if u.target in _LINEARS and len(u.args) > 1
                    and u.args[1] is placeholders[i]]
         stack = list((linears[0].meta.get("nn_module_stack") or {}).values()) if len(linears) == 1 else []
-        module = _dotted(stack[-1][0]) if stack else ""
+        owner = stack[-1] if stack else None  # (path, module type) of the module the linear runs in
+        if not (owner and isinstance(owner[1], type) and issubclass(owner[1], torch.nn.Linear)):
+            continue  # F.linear in some other module's forward: no name of its own to give
+        module = _module_path(owner[0])
         if module and f"{module}.weight" != name and f"{module}.weight" not in taken:
             names[name] = f"{module}.weight"
     claimed = Counter(names.values())
@@ -239,6 +253,8 @@ def _untie(captured: fx.GraphModule, names: dict[str, str]) -> None:
             read = captured.graph.get_attr(alias)
         read.meta = dict(node.meta)
         linears[0].replace_input_with(node, read)
+        if not node.users:  # the head alone in this graph: the first name is no longer read here
+            captured.graph.erase_node(node)
     captured.recompile()
 
 

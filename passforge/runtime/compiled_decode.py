@@ -54,9 +54,16 @@ def per_layer_cache_graph(donated: fx.GraphModule) -> tuple[fx.GraphModule | Non
         for select in sorted(_selects(cache), key=lambda s: s.args[2]):
             with graph.inserting_after(anchor):
                 layer = graph.placeholder(f"{cache.name}_{select.args[2]}")
+            read = nodes[select]
             layer.meta["val"] = val[select.args[2]]
-            nodes[select].replace_all_uses_with(layer)
-            graph.erase_node(nodes[select])
+            narrow = _narrowed(read)
+            if narrow is not None:  # a layer that keeps fewer heads: its input is the view of its first heads,
+                layer.meta[NARROWED] = (narrow.args[1], narrow.args[3])  # written in place, not a copy of
+                layer.meta["val"] = layer.meta["val"].narrow(narrow.args[1], 0, narrow.args[3])  # its slot
+                narrow.replace_all_uses_with(layer)
+                graph.erase_node(narrow)
+            read.replace_all_uses_with(layer)
+            graph.erase_node(read)
             anchor = layer
     kept = tuple(nodes[value] if isinstance(value, fx.Node) else value for value in outputs if value not in caches)
     nodes[output].args = (kept,)
@@ -83,6 +90,19 @@ def _selects(cache: fx.Node) -> list[fx.Node]:
     return [user for user in cache.users if user.op != "output"]
 
 
+NARROWED = "passforge.narrowed"  # a per-layer cache input's (dim, heads): the caller passes that view of the slot
+
+
+def _narrowed(select: fx.Node) -> fx.Node | None:
+    """The ``slice(select, 1, 0, w)`` a layer keeping fewer heads reads its slot through, if that is all it
+    reads (``prune-channels(target=heads)`` with per-layer counts)."""
+    users = list(select.users)
+    if len(users) == 1 and users[0].target is aten.slice.Tensor and users[0].args[1:3] == (1, 0) \
+            and (len(users[0].args) < 5 or users[0].args[4] == 1):
+        return users[0]
+    return None
+
+
 class NotCompilable(ValueError):
     """The step's caches are not read as per-layer slices; the message says how (``per_layer_cache_graph``)."""
 
@@ -106,19 +126,23 @@ class CompiledDecodeStep:
         self._returns_caches = returned
         self._cache_positions = [inputs.index(v) for v, cache in zip(output, returned) if cache]
         self._other_positions = [i for i in range(len(inputs)) if i not in self._cache_positions]
-        examples = [_example(n.meta["val"]) for n in graph.graph.nodes if n.op == "placeholder"]
+        placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+        self._narrowed = [n.meta.get(NARROWED) for n in placeholders[len(self._other_positions):]]
+        examples = [_example(n.meta["val"]) for n in placeholders]
         with torch.inference_mode():  # as it runs (the runtime's weights may be inference tensors)
             self._compiled = inductor_compile(graph, examples)
 
     def __call__(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         caches = [inputs[i] for i in self._cache_positions]
         others = [inputs[i] for i in self._other_positions]
-        layers = [layer for cache in caches for layer in cache.unbind(0)]
+        layers = [layer if narrowed is None else layer.narrow(narrowed[0], 0, narrowed[1])
+                  for layer, narrowed in zip((layer for cache in caches for layer in cache.unbind(0)), self._narrowed)]
         results = iter(self._compiled(*others, *layers))
         caches_out = iter(caches)
         return tuple(next(caches_out) if cache else next(results) for cache in self._returns_caches)
 
 
 def _example(val: torch.Tensor) -> torch.Tensor:
-    """A real tensor shaped like a placeholder's fake value (zeros: a position or token id must be valid)."""
-    return torch.zeros(val.shape, dtype=val.dtype, device=val.device)
+    """A real tensor shaped and strided like a placeholder's fake value (a narrowed slot is a view), zeros: a
+    position or token id must be valid."""
+    return torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=val.device).zero_()

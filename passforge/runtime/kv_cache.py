@@ -188,11 +188,27 @@ def _check_stack(stack: fx.Node) -> str | None:
 
 def _layer_update(part: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``(index_copy, select)`` of one layer's returned cache: ``index_copy(select(...))``, or for a layer
-    that keeps fewer heads ``constant_pad_nd(index_copy(slice(select(...), heads, 0, n)))``; else None."""
+    that keeps fewer heads ``constant_pad_nd(index_copy(slice(select(...), 1, 0, w)), zeros up to the slot's
+    width along the heads dim only)``; else None. Updated in place, the narrower layer writes the first heads
+    of its slot and leaves the rest as they came in: zeros, as prefill, ``RingCache.from_full`` and the
+    pruned example caches leave them, which is what the padding returns."""
     update = part.args[0] if part.target is aten.constant_pad_nd.default else part
     if not (isinstance(update, fx.Node) and update.target is aten.index_copy.default):
         return None
     target = update.args[0]
-    if part is not update and target.target is aten.slice.Tensor and target.args[2] == 0:
-        target = target.args[0]
-    return (update, target) if isinstance(target, fx.Node) else None
+    if part is update:
+        return (update, target) if isinstance(target, fx.Node) and target.target is not aten.slice.Tensor else None
+    if not (isinstance(target, fx.Node) and target.target is aten.slice.Tensor):
+        return None
+    select, dim, start, end = (*target.args, None, None, None)[:4]
+    step = target.args[4] if len(target.args) > 4 else 1
+    if not (isinstance(select, fx.Node) and start == 0 and step == 1 and isinstance(end, int)
+            and isinstance(select.meta.get("val"), torch.Tensor)):
+        return None
+    shape = list(select.meta["val"].shape)
+    dim %= len(shape)
+    if dim != 1:  # a slot is (B, heads, S, hs): only the heads dim may be narrowed (its other heads stay zero)
+        return None
+    amounts = [0, 0] * (len(shape) - 1 - dim) + [0, shape[dim] - end]
+    value = part.args[2] if len(part.args) > 2 else 0
+    return (update, select) if list(part.args[1]) == amounts and value == 0 else None

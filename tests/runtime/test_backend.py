@@ -318,9 +318,10 @@ class TiedHead(nn.Module):
 
 @pytest.mark.parametrize("graph_break", [False, True])
 def test_a_tied_head_is_known_by_its_own_name(graph_break: bool) -> None:
-    """dynamo hands the shared weight over once, as ``emb.weight``: the head's linear reads it as
+    """In one graph dynamo hands the shared weight over once, as ``emb.weight``: the head's linear reads it as
     ``lm_head.weight`` (the same tensor), as capture names it, so ``quantize``'s default ``skip=lm_head*``
-    keeps the head in float here too; the embedding still reads ``emb.weight``."""
+    keeps the head in float here too; the embedding still reads ``emb.weight``. After a graph break the
+    head's graph has it as ``lm_head.weight`` already, and keeps it so."""
     model = TiedHead(graph_break).eval()
     tokens = torch.randint(0, 64, (1, 8), generator=torch.Generator().manual_seed(0))
     compiled, before = _compile(model, pipeline="quantize(scheme=w8)")
@@ -339,6 +340,31 @@ def test_a_tied_head_is_known_by_its_own_name(graph_break: bool) -> None:
     with torch.no_grad():
         h = torch.relu(model.proj(model.emb(tokens)))
         torch.testing.assert_close(model.lm_head(h), out, rtol=0.05, atol=0.05)  # proj in int8: loose
+
+
+class OwnLinear(nn.Module):
+    """Near miss: a module that is not an ``nn.Linear`` applying its own parameter ``w`` with ``F.linear``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(8, 8))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.w)
+
+
+def test_only_a_linear_module_renames_the_weight_it_reads() -> None:
+    """``blk.w`` keeps its name (no ``blk.weight`` invented), so ``skip=blk.w`` still selects it."""
+    model = nn.Sequential()
+    model.add_module("blk", OwnLinear())
+    model.add_module("head", nn.Linear(8, 8))
+    compiled, before = _compile(model.eval(), pipeline="quantize(scheme=w8,skip=blk.w)")
+    with torch.no_grad():
+        compiled(torch.randn(2, 8))
+    (graph,) = _new(before)
+    names = {str(n.target) for n in graph.captured.graph.find_nodes(op="get_attr")}
+    assert any(n.endswith("blk.w") for n in names) and not any(n.endswith("blk.weight") for n in names)
+    assert graph.result.records[0].stats == {"quantized": 1, "skipped": 1}
 
 
 BIAS = torch.zeros(3)

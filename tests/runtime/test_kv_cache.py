@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
+from torch import fx, nn
 
 from passforge.ir.capture import capture
 from passforge.ir.graph import count_calls
@@ -102,3 +102,50 @@ def test_ring_needs_a_windowed_decode_step() -> None:
     decode = PassManager.parse("fuse-attention").run(capture(llama.DecodeStep(model), step), Context(step)).graph
     same, ring, reason = ring_kv_cache(decode)
     assert same is decode and ring is None and "run local-attention" in reason
+
+
+def _narrowed_step(kind: str) -> fx.GraphModule:
+    """A two-layer decode step whose layers keep 1 of the cache's 2 heads: ``slice`` after the select, the
+    update, ``constant_pad_nd`` back to the slot's width, as ``prune-channels(target=heads)`` writes it — or a
+    near miss of it (``kind``). Every node's meta["val"] recorded from a real run."""
+    aten = torch.ops.aten
+    g = fx.Graph()
+    pos, new, cache = g.placeholder("pos"), g.placeholder("new"), g.placeholder("cache")
+    slice_args, pad, value = {"narrowed": ((1, 0, 1), [0, 0, 0, 0, 0, 1], 0.0),
+                              "seq slice": ((2, 0, 4), [0, 0, 0, 2], 0.0),
+                              "step 2": ((1, 0, 2, 2), [0, 0, 0, 0, 0, 1], 0.0),
+                              "pad value": ((1, 0, 1), [0, 0, 0, 0, 0, 1], 1.0),
+                              "pad low side": ((1, 0, 1), [0, 0, 0, 0, 1, 0], 0.0)}[kind]
+    parts = []
+    for i in range(2):
+        narrow = g.call_function(aten.slice.Tensor, (g.call_function(aten.select.int, (cache, 0, i)), *slice_args))
+        update = g.call_function(aten.index_copy.default, (narrow, 2, pos, new))
+        parts.append(g.call_function(aten.constant_pad_nd.default, (update, pad, value)))
+    g.output((g.call_function(aten.stack.default, (parts, 0)),))
+    gm = fx.GraphModule(nn.Module(), g)
+
+    class Record(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> object:
+            node.meta["val"] = value = super().run_node(node)
+            return value
+
+    new_shape = (1, 1, 1, 3) if kind != "seq slice" else (1, 2, 1, 3)
+    Record(gm).run(torch.tensor([1]), torch.randn(new_shape), torch.zeros(2, 1, 2, 6, 3))
+    return gm
+
+
+@pytest.mark.parametrize("kind", ["narrowed", "seq slice", "step 2", "pad value", "pad low side"])
+def test_a_narrowed_layer_is_donated_only_when_in_place_computes_the_same(kind: str) -> None:
+    """A layer that keeps fewer heads writes in place through its slice; that equals the functional graph only
+    for a step-1 slice of the first heads, padded back with zeros on the high side of that dim alone (and a
+    cache whose other heads are zeros, as prefill leaves them). Near misses keep the functional graph."""
+    gm = _narrowed_step(kind)
+    donated, reason = donate_kv_cache(gm)
+    if kind != "narrowed":
+        assert donated is gm and "not an index_copy update" in reason
+        return
+    assert reason is None
+    pos, new, cache = torch.tensor([3]), torch.randn(1, 1, 1, 3), torch.zeros(2, 1, 2, 6, 3)
+    (expected,) = gm(pos, new, cache.clone())
+    (got,) = donated(pos, new, cache)
+    assert got is cache and torch.equal(got, expected)

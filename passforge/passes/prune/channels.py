@@ -266,8 +266,9 @@ def resize_caches(gm: fx.GraphModule, groups: list[Group], keep: dict[str, torch
     """Resize each KV cache the pruned groups reach (an input placeholder or a returned stack) to the widest
     layer's kept heads, and declare what each resized input and output keeps per layer (the manager derives
     the new example caches from it); None when the groups reach no cache. A layer that keeps fewer heads
-    reads the first ones of its slot (``slice`` after its ``select``) and returns its slot padded with zeros
-    (``constant_pad_nd`` before the stack); a layer not pruned (skipped, blocked) keeps its slot whole."""
+    than the widest reads the first ones of its slot (``slice`` after its ``select``) and returns its slot
+    zero-padded (``constant_pad_nd`` before the stack); a layer not pruned now keeps the heads it reads (all
+    of its slot, or the first ones an earlier run left it), and its slice and padding follow the new width."""
     edges: dict[fx.Node, dict[int, tuple[Group, CacheEdge]]] = {}
     for g in groups:
         for edge in g.caches:
@@ -279,34 +280,76 @@ def resize_caches(gm: fx.GraphModule, groups: list[Group], keep: dict[str, torch
     change = InterfaceChange()
     for node, layers in edges.items():
         (dim,) = {edge.dim for _, edge in layers.values()}
-        shape = list(node.meta["val"].shape)  # the cache's shape before pruning
+        shape = list(node.meta["val"].shape)  # the cache's shape before this run
+        slots = _slots(node)  # layer -> the value that reads (select) or returns (stack part) its slot
         kept = tuple(unit_elements(keep[layers[i][0].name], layers[i][1].unit) if i in layers
-                     else torch.arange(shape[dim]) for i in range(shape[0]))
+                     else torch.arange(_slot_width(slots[i], dim, shape)) for i in range(shape[0]))
         width = max(len(k) for k in kept)
-        state = ResizedState(dim, kept)
         if node.op == "placeholder":
             shape[dim] = width
             node.meta["val"] = node.meta["val"].new_empty(shape)
-            change.inputs[placeholders.index(node)] = state
-            for select in list(node.users):
-                layer_width = len(kept[select.args[2] % shape[0]])
-                if layer_width < width:
-                    with gm.graph.inserting_after(select):
-                        narrow = gm.graph.call_function(aten.slice.Tensor, (select, dim - 1, 0, layer_width))
-                    select.replace_all_uses_with(narrow, delete_user_cb=lambda user, narrow=narrow: user is not narrow)
+            change.inputs[placeholders.index(node)] = ResizedState(dim, kept)
+            for i, select in slots.items():
+                _narrow_read(gm, select, dim - 1, len(kept[i]), width)
         else:
-            parts = list(node.args[0])
-            for i, part in enumerate(parts):
-                if len(kept[i]) < width:
-                    with gm.graph.inserting_before(node):
-                        amounts = [0, 0] * (len(shape) - 1 - dim) + [0, width - len(kept[i])]
-                        parts[i] = gm.graph.call_function(aten.constant_pad_nd.default, (part, amounts, 0.0))
-            node.args = (parts, *node.args[1:])
+            node.args = ([_pad_part(gm, node, part, dim - 1, len(kept[i]), width, len(shape) - 1)
+                          for i, part in slots.items()], *node.args[1:])
+            for old in slots.values():
+                if old.target is aten.constant_pad_nd.default and not old.users:
+                    gm.graph.erase_node(old)
             returned = node
             while returned not in outputs:  # the stack, or the padding after it
                 returned = next(iter(returned.users))
-            change.outputs[outputs.index(returned)] = state
+            change.outputs[outputs.index(returned)] = ResizedState(dim, kept)
     return change
+
+
+def _slots(cache: fx.Node) -> dict[int, fx.Node]:
+    """Layer -> its ``select`` of a cache input, or its part of a returned stack, in layer order."""
+    if cache.op == "placeholder":
+        layers = cache.meta["val"].shape[0]
+        return dict(sorted((int(s.args[2]) % layers, s) for s in cache.users))
+    return dict(enumerate(cache.args[0]))
+
+
+def _slot_width(slot: fx.Node, dim: int, shape: list[int]) -> int:
+    """How many heads of its slot a layer not pruned now uses: all, or the first ones an earlier run's
+    ``slice`` (input) or padding (output) shows."""
+    users = list(slot.users)
+    if slot.target is aten.select.int and len(users) == 1 and users[0].target is aten.slice.Tensor:
+        return int(users[0].args[3])
+    if slot.target is aten.constant_pad_nd.default:
+        return int(slot.args[0].meta["val"].shape[dim - 1])
+    return shape[dim]
+
+
+def _narrow_read(gm: fx.GraphModule, select: fx.Node, dim: int, kept: int, width: int) -> None:
+    """The layer reads the first ``kept`` of its slot's ``width`` heads: a slice after the select (updated,
+    inserted, or removed when it keeps them all)."""
+    users = list(select.users)
+    narrow = users[0] if len(users) == 1 and users[0].target is aten.slice.Tensor else None
+    if narrow is not None and kept == width:
+        narrow.replace_all_uses_with(select)
+        gm.graph.erase_node(narrow)
+    elif narrow is not None:
+        narrow.args = (select, dim, 0, kept)
+    elif kept < width:
+        with gm.graph.inserting_after(select):
+            narrow = gm.graph.call_function(aten.slice.Tensor, (select, dim, 0, kept))
+        select.replace_all_uses_with(narrow, delete_user_cb=lambda user: user is not narrow)
+
+
+def _pad_part(gm: fx.GraphModule, stack: fx.Node, part: fx.Node, dim: int, kept: int, width: int, rank: int
+              ) -> fx.Node:
+    """The layer's returned slot padded with zeros from ``kept`` to ``width`` heads (an earlier run's padding
+    updated, or dropped when it keeps them all)."""
+    if part.target is aten.constant_pad_nd.default:  # erased by the caller once the stack no longer reads it
+        part = part.args[0]
+    if kept == width:
+        return part
+    with gm.graph.inserting_before(stack):
+        amounts = [0, 0] * (rank - 1 - dim) + [0, width - kept]
+        return gm.graph.call_function(aten.constant_pad_nd.default, (part, amounts, 0.0))
 
 
 def _refresh_meta(gm: fx.GraphModule) -> None:

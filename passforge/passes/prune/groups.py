@@ -381,6 +381,12 @@ class _Walker:
             self.visit(op, forward(t[0]), t[1])
         else:
             dim, unit = self.group.values[op]
+            if removed >= 0 and dim == d:  # a slice of the channel dim: only a narrower layer's cache slot
+                if self.kv_caches and _narrowed_slot(op):
+                    cache = source.args[0]
+                    self.group.caches.append(CacheEdge(cache, int(source.args[2]) % _size(cache, 0), d + 1, unit))
+                    return
+                raise _Blocked(f"'{op.name}' ({_op_name(op)}) cuts the channel dim")
             back = next(i for i in range(in_nd) if forward(i) == dim and not (removed >= 0 and i == d))
             if self.kv_caches and _cache_input(source):  # layer i of a KV cache: op is select(source, 0, i)
                 self.group.caches.append(CacheEdge(source, int(op.args[2]) % _size(source, 0), back, unit))
@@ -508,6 +514,11 @@ class _Walker:
         dim, unit = self.group.values[op if self._tracked(op) is not None else source]
         from_end = _ndim(op) - dim  # amounts come in (before, after) pairs from the last dim
         if any(amounts[2 * (from_end - 1):2 * from_end]):
+            stack = next(iter(op.users)) if len(op.users) == 1 else None
+            if self.kv_caches and _padded_slot(op, dim) and stack.target is aten.stack.default \
+                    and _returned_cache(stack, dim + 1):  # a narrower layer's slot, padded to the cache's width
+                self.group.caches.append(CacheEdge(stack, list(stack.args[0]).index(op), dim + 1, unit))
+                return
             raise _Blocked(f"'{op.name}' pads the channel dim")
         self.visit(source, dim, unit)
         self.visit(op, dim, unit)
@@ -560,6 +571,27 @@ def _cache_input(node: fx.Node) -> bool:
         return False
     layers = sorted(int(u.args[2]) % _size(node, 0) for u in users)
     return layers == list(range(_size(node, 0)))
+
+
+def _narrowed_slot(op: fx.Node) -> bool:
+    """Whether ``op`` is ``slice(select(cache, 0, i), d, 0, w)`` (step 1) of a KV cache input: the first heads of
+    layer i's slot, read by a layer that keeps fewer heads than the cache holds (``prune-channels`` writes it)."""
+    select, _, start = (*op.args, None, None)[:3]
+    step = op.args[4] if len(op.args) > 4 else 1
+    return (op.target is aten.slice.Tensor and start == 0 and step == 1 and isinstance(select, fx.Node)
+            and select.target is aten.select.int and select.args[1] == 0 and _cache_input(select.args[0]))
+
+
+def _padded_slot(op: fx.Node, dim: int) -> bool:
+    """Whether ``op`` pads only the high end of ``dim``, with zeros: a narrower layer's slot of a returned KV
+    cache padded to the cache's width."""
+    if op.target is not aten.constant_pad_nd.default:
+        return False
+    amounts = list(op.args[1])
+    from_end = _ndim(op) - dim
+    value = op.args[2] if len(op.args) > 2 else 0
+    others = amounts[:2 * (from_end - 1)] + amounts[2 * from_end:]
+    return value == 0 and amounts[2 * (from_end - 1)] == 0 and not any(others)
 
 
 def _returned_cache(stack: fx.Node, dim: int) -> bool:

@@ -82,6 +82,24 @@ def test_decode_graph_layers_meet_only_at_cache_edges(small_llama):
     assert all(g.blocked and "graph input" in g.blocked and not g.caches for g in forward_view["heads"])
 
 
+def test_a_narrowed_layer_still_meets_the_cache_at_its_edges(tokens):
+    """After heads pruning left layer 0 narrower than the cache (2 of 4 kv heads; layer 1 skipped), layer 0
+    reads its slot through a slice and returns it padded: the walk sees both as cache edges of slot 0 (no
+    coupling, no block), so later passes (another heads or MLP pruning) still find every group."""
+    import dataclasses
+
+    import passforge
+
+    model = Llama(dataclasses.replace(SMALL, n_heads=8, n_kv_heads=4)).eval()
+    opt = passforge.optimize(model, (tokens,), pipeline="prune-channels(target=heads,ratio=0.5,skip=layers.1.*)",
+                             profile=False)
+    kinds = _by_kind(opt.decode, kv_caches=True)
+    assert not any(g.blocked for g in kinds["heads"]) and len(kinds["heads"]) == SMALL.n_layers
+    assert sum(not g.blocked for g in kinds["mlp"]) == SMALL.n_layers  # and the LM head, blocked at the logits
+    edges = {(e.node.name, e.layer) for g in kinds["heads"] for e in g.caches}
+    assert edges == {(c, layer) for c in ("k_cache", "v_cache", "stack", "stack_1") for layer in range(2)}
+
+
 class _NotACache(torch.nn.Module):
     """Near misses for cache edges in a step graph: an input read as ``x[0]`` and also whole (not only by its
     layers), and per-layer values stacked and then summed (not returned)."""
