@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import passforge.kernels.ops  # noqa: F401 - registers passforge::attention
-from passforge.kernels.attention import QUERY_BLOCK, attention_cpu, attention_reference
+from passforge.kernels.attention import CAUSAL_BLOCK, QUERY_BLOCK, attention_cpu, attention_reference
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 OP = torch.ops.passforge.attention.default
@@ -34,6 +34,9 @@ CASES = {  # name -> (b, hq, hkv, tq, tk, options)
     "window-chunk": (1, 4, 2, 130, 300, {"causal": True, "window": 64}),
     "more-queries-than-keys": (1, 2, 2, QUERY_BLOCK + 40, 100, {"causal": True, "window": 30, "sinks": 3}),
     "scale": (1, 2, 1, 9, 9, {"causal": True, "scale": 0.3}),
+    # a long causal prompt runs in query blocks (the last one partial), each over the keys up to its end
+    "causal-long-gqa": (2, 4, 2, 4 * CAUSAL_BLOCK + 37, 4 * CAUSAL_BLOCK + 37, {"causal": True}),
+    "causal-long-scale": (1, 2, 1, 4 * CAUSAL_BLOCK, 4 * CAUSAL_BLOCK, {"causal": True, "scale": 0.3}),
 }
 
 
@@ -75,6 +78,30 @@ def test_bf16_runs_in_bf16_within_its_rounding() -> None:
     assert got.dtype == torch.bfloat16
     want = attention_reference(q, k, v, causal=True, window=16, sinks=2)
     torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=4 * 2**-8)  # outputs ~1: a few bf16 ulp
+
+
+def test_a_long_causal_prompt_skips_the_masked_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Structure: a causal prompt of 4 blocks or more calls SDPA once per query block, block i over the keys up
+    to its end (never a full-length causal call); a shorter one, or one with a mask, is one SDPA call."""
+    import passforge.kernels.attention as attention
+
+    calls: list[tuple[int, int, bool]] = []
+    real = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape[2], k.shape[2], bool(kwargs.get("is_causal"))))
+        return real(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    t = 4 * CAUSAL_BLOCK + 10
+    q, k, v = operands(1, 2, 2, t, t)
+    attention_cpu(q, k, v, causal=True)
+    assert calls == [(CAUSAL_BLOCK, CAUSAL_BLOCK * (i + 1), False) for i in range(4)] + [(10, t, False)]
+    calls.clear()
+    short = operands(1, 2, 2, 4 * CAUSAL_BLOCK - 1, 4 * CAUSAL_BLOCK - 1)
+    attention_cpu(*short, causal=True)
+    attention_cpu(q, k, v, torch.ones(t, t, dtype=torch.bool), causal=True)
+    assert [c[2] for c in calls] == [True, False] and len(calls) == 2
 
 
 def test_opcheck_and_gradients() -> None:
