@@ -49,30 +49,35 @@ W4 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w4),fold-quant,low
 W8 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8),fold-quant,lower-quant"
 BF16 = "cleanup,fuse-attention,cast(dtype=bf16)"
 
-# label -> (prefill pipeline, decode pipeline, hand to inductor)
-BACKEND_ROWS: dict[str, tuple[str, str, bool]] = {
-    "passforge backend bf16 + fuse-attention, inductor": (BF16, BF16, True),
-    "passforge backend w8a8 / w4 + bf16 + fuse-attention, inductor": (W8A8, W4, True),
-    "passforge backend smooth + w8a8-static / w4 + bf16 + fuse-attention, inductor": (STATIC, W4, True),
-    "passforge backend smooth + w8a8-static / w8 + bf16 + fuse-attention, inductor": (STATIC, W8, True),
-    "passforge backend w8a8 / w4 + bf16 + fuse-attention, passforge runtime": (W8A8, W4, False),
+# label -> (prefill pipeline, decode pipeline, hand to inductor, compile the bf16 model instead of the fp32 one)
+BACKEND_ROWS: dict[str, tuple[str, str, bool, bool]] = {
+    "passforge backend bf16 + fuse-attention, inductor": (BF16, BF16, True, False),
+    "passforge backend w8a8 / w4 + bf16 + fuse-attention, inductor": (W8A8, W4, True, False),
+    "passforge backend smooth + w8a8-static / w4 + bf16 + fuse-attention, inductor": (STATIC, W4, True, False),
+    "passforge backend smooth + w8a8-static / w8 + bf16 + fuse-attention, inductor": (STATIC, W8, True, False),
+    "passforge backend w8a8 / w4 + bf16 + fuse-attention, passforge runtime": (W8A8, W4, False, False),
+    # the same bf16 model torch.compile bf16 compiles: bf16 logits out, as that row returns (cast is a no-op)
+    "passforge backend on the bf16 model, w8a8 / w4 + fuse-attention, inductor": (W8A8, W4, True, True),
+    "passforge backend on the bf16 model, smooth + w8a8-static / w4 + fuse-attention, inductor":
+        (STATIC, W4, True, True),
 }
 
 
-def backend_row(prefill_spec: str, decode_spec: str, inductor: bool) -> Callable[[Setup], Variant]:
+def backend_row(prefill_spec: str, decode_spec: str, inductor: bool, bf16_model: bool) -> Callable[[Setup], Variant]:
     def build_row(setup: Setup) -> Variant:
         calib = read_tokens(bundled_calib_path(), _byte_source())[:65536].tolist()  # ids: a list, not a tensor
 
         def options(spec: str) -> dict[str, object]:
             return {"pipeline": spec, "inductor": inductor, "calib_data": calib}
 
-        model = setup.model
+        model = setup.bf16 if bf16_model else setup.model
         return module_variant(
             model,
             prefill=torch.compile(model, backend="passforge", options=options(prefill_spec)),
             decode=torch.compile(model.decode, backend="passforge", options=options(decode_spec)),
             notes=[f"prefill: {prefill_spec}; decode: {decode_spec}; "
-                   f"{'inductor' if inductor else 'passforge runtime'}; weights MB columns are the fp32 model's"],
+                   f"{'inductor' if inductor else 'passforge runtime'}; weights MB columns are the "
+                   f"{'bf16' if bf16_model else 'fp32'} model's"],
         )
 
     return build_row
