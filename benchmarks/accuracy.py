@@ -29,12 +29,15 @@ RECIPES = {
     "w8": "cleanup,quantize(scheme=w8),fold-quant",
     "w8 + gptq": "cleanup,quantize(scheme=w8),gptq,fold-quant",
     "w8a8 (dynamic, per token)": "cleanup,quantize(scheme=w8a8),fold-quant",
+    "w8a8 (dynamic, per token), lm_head too": "cleanup,quantize(scheme=w8a8,skip=''),fold-quant",
     "w8a8-static minmax": "cleanup,quantize(scheme=w8a8-static),fold-quant",
     "w8a8-static moving-average": "cleanup,quantize(scheme=w8a8-static,observer=moving-average),fold-quant",
     "w8a8-static percentile 99.99": "cleanup,quantize(scheme=w8a8-static,observer=percentile),fold-quant",
     "w8a8-static mse": "cleanup,quantize(scheme=w8a8-static,observer=mse),fold-quant",
     "w8a8-static entropy": "cleanup,quantize(scheme=w8a8-static,observer=entropy),fold-quant",
     "smooth-quant + w8a8-static minmax": "cleanup,smooth-quant,quantize(scheme=w8a8-static),fold-quant",
+    "smooth-quant + w8a8-static minmax, lm_head too":
+        "cleanup,smooth-quant,quantize(scheme=w8a8-static,skip=''),fold-quant",
     "smooth-quant(search) + w8a8-static minmax":
         "cleanup,smooth-quant(search=true),quantize(scheme=w8a8-static),fold-quant",
     "smooth-quant + w8a8-static entropy":
