@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable
 
 import torch
 import torch.ao.quantization.fx._decomposed
@@ -325,8 +326,29 @@ def _int8_dynamic_linear_for_inductor(
     rows = x.reshape(-1, x.shape[-1])
     x_scales, x_zero_points = _per_token_qparams(rows)  # the quantizer of quantize_per_token_int8, out of place
     qx = (rows.to(torch.float64) * (1.0 / x_scales) + x_zero_points).round().clamp(-128, 127).to(torch.int8)
-    acc = torch._int_mm(qx, w.t()) - x_zero_points.to(torch.int32) * w.sum(dim=1, dtype=torch.int32)
-    return _int8_epilogue(acc, x_scales.to(torch.float32) * scales.to(torch.float32), x, w, bias)
+    zero_points = x_zero_points.to(torch.int32)
+    return _int8_gemm_in_column_blocks(
+        lambda cols: torch._int_mm(qx, w[cols].t()) - zero_points * w[cols].sum(dim=1, dtype=torch.int32),
+        lambda cols: x_scales.to(torch.float32) * scales[cols].to(torch.float32), x, w, bias,
+    )
+
+
+WIDE_BLOCK = 4096  # output columns per int8 GEMM of a wide layer (an LM head) under inductor
+
+
+def _int8_gemm_in_column_blocks(
+    accumulate: Callable[[slice], torch.Tensor], scale: Callable[[slice], torch.Tensor], x: torch.Tensor,
+    w: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The int8 GEMM and its epilogue, ``WIDE_BLOCK`` output columns at a time when the layer is wider: an LM
+    head's int32 sums for a 512-token prompt are 66 MB written and read back in one piece, while a block's
+    stay in cache until its epilogue reads them (1.42x the bf16 head alone, benchmarks/prefill_probe.py).
+    ``accumulate(cols)`` / ``scale(cols)``: the block's int32 sums and its combined scale."""
+    n = w.shape[0]
+    blocks = [slice(j, min(j + WIDE_BLOCK, n)) for j in range(0, n, WIDE_BLOCK)] if n > WIDE_BLOCK else [slice(None)]
+    outs = [_int8_epilogue(accumulate(cols), scale(cols), x, w[cols], None if bias is None else bias[cols])
+            for cols in blocks]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
 def _int8_static_linear_for_inductor(
@@ -340,10 +362,13 @@ def _int8_static_linear_for_inductor(
     """``passforge::int8_static_linear`` in ATen ops only (see :data:`INDUCTOR_DECOMPOSITIONS`)."""
     scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # quantize_per_tensor_int8, out of place
     qx = (scaled.round() + x_zero_point).clamp(-128, 127).to(torch.int8)
-    acc = torch._int_mm(qx, w.t())
-    if x_zero_point:
-        acc = acc - x_zero_point * w.sum(dim=1, dtype=torch.int32)
-    return _int8_epilogue(acc, x_scale * w_scales.to(torch.float32), x, w, bias)
+
+    def accumulate(cols: slice) -> torch.Tensor:
+        acc = torch._int_mm(qx, w[cols].t())
+        return acc - x_zero_point * w[cols].sum(dim=1, dtype=torch.int32) if x_zero_point else acc
+
+    return _int8_gemm_in_column_blocks(accumulate, lambda cols: x_scale * w_scales[cols].to(torch.float32), x, w,
+                                       bias)
 
 
 def _int8_epilogue(

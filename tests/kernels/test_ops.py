@@ -323,6 +323,24 @@ def test_inductor_decompositions_compute_what_the_ops_compute(op, zero_point, dt
     torch.testing.assert_close(got, want, rtol=2 * ulp, atol=2 * ulp * want.abs().max().item())
 
 
+@pytest.mark.parametrize(("op", "zero_point"), [("dynamic", 0), ("static", -9)])
+def test_a_wide_layer_runs_its_int8_gemm_in_column_blocks(op, zero_point, monkeypatch):
+    """A layer wider than ``WIDE_BLOCK`` (an LM head) decomposes into one ``_int_mm`` and epilogue per block of
+    output columns, joined by one ``cat``: the same result as the op within the same rounding as one block."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    import passforge.kernels.ops as ops
+
+    monkeypatch.setattr(ops, "WIDE_BLOCK", 20)  # 48 columns: blocks of 20, 20 and 8
+    target, args = _int8_activation_call(op, torch.float32, zero_point, bias=True)
+    want, got = target(*args), ops.INDUCTOR_DECOMPOSITIONS[target](*args)
+    torch.testing.assert_close(got, want, rtol=2e-7, atol=2e-7 * want.abs().max().item())
+    traced = make_fx(lambda *a: target(*a), decomposition_table=ops.INDUCTOR_DECOMPOSITIONS)(*args)
+    names = [str(n.target) for n in traced.graph.nodes if n.op == "call_function"]
+    joins = [n for n in traced.graph.nodes if n.target is torch.ops.aten.cat.default and len(n.args[0]) == 3]
+    assert names.count("aten._int_mm.default") == 3 and len(joins) == 1
+
+
 @pytest.mark.parametrize(("op", "zero_point"), [("dynamic", 0), ("static", 0), ("static", -9)])
 def test_inductor_decompositions_trace_to_functional_aten_around_one_int_mm(op, zero_point):
     """What inductor receives: one ``_int_mm``, no passforge op left, nothing in place (AOT autograd rejects
