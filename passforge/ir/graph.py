@@ -126,6 +126,23 @@ def add_buffer(gm: fx.GraphModule, stem: str, value: torch.Tensor) -> fx.Node:
     return gm.graph.get_attr(name)
 
 
+def narrowed_slot(select: fx.Node) -> fx.Node | None:
+    """The ``slice(select, 1, 0, w)`` (step 1) through which alone a layer reads the first heads of its KV cache
+    slot ``select`` (B, heads, S, hs), as ``prune-channels(target=heads)`` writes it for a layer that keeps
+    fewer heads than the cache holds; None for any other read."""
+    users = list(select.users)
+    narrow = users[0] if len(users) == 1 else None
+    if narrow is None or narrow.target is not torch.ops.aten.slice.Tensor or narrow.args[:3] != (select, 1, 0):
+        return None
+    return narrow if isinstance(narrow.args[3], int) and (len(narrow.args) < 5 or narrow.args[4] == 1) else None
+
+
+def high_pad(rank: int, dim: int, extra: int) -> list[int]:
+    """``constant_pad_nd`` amounts adding ``extra`` elements at the high end of ``dim`` of a rank-``rank``
+    tensor and nothing elsewhere: how a narrower layer's KV cache slot is padded back to the cache's width."""
+    return [0, 0] * (rank - 1 - dim) + [0, extra]
+
+
 def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes, symbolic dims compared by expression (never adds a guard to a ShapeEnv)."""
     return [str(d) for d in a.shape] == [str(d) for d in b.shape]

@@ -88,11 +88,12 @@ class ResizedState:
         if full.dim() <= self.dim or full.shape[0] != len(self.kept):
             raise ValueError(f"a state of {len(self.kept)} slots resized along dim {self.dim} cannot take a "
                              f"tensor of shape {tuple(full.shape)}")
+        from passforge.ir.graph import high_pad
+
         width = max(len(k) for k in self.kept)
-        after = full.dim() - 1 - self.dim  # dims after ``dim`` in a slot
         return torch.stack([
-            torch.nn.functional.pad(full[s].index_select(self.dim - 1, k.to(full.device)), [0, 0] * after
-                                    + [0, width - len(k)])
+            torch.nn.functional.pad(full[s].index_select(self.dim - 1, k.to(full.device)),
+                                    high_pad(full.dim() - 1, self.dim - 1, width - len(k)))
             for s, k in enumerate(self.kept)
         ])
 

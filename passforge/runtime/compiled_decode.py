@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from passforge.ir.graph import copy_graph_module
+from passforge.ir.graph import copy_graph_module, narrowed_slot
 from passforge.runtime.inductor import inductor_compile
 
 aten = torch.ops.aten
@@ -56,7 +56,7 @@ def per_layer_cache_graph(donated: fx.GraphModule) -> tuple[fx.GraphModule | Non
                 layer = graph.placeholder(f"{cache.name}_{select.args[2]}")
             read = nodes[select]
             layer.meta["val"] = val[select.args[2]]
-            narrow = _narrowed(read)
+            narrow = narrowed_slot(read)
             if narrow is not None:  # a layer that keeps fewer heads: its input is the view of its first heads,
                 layer.meta[NARROWED] = (narrow.args[1], narrow.args[3])  # written in place, not a copy of
                 layer.meta["val"] = layer.meta["val"].narrow(narrow.args[1], 0, narrow.args[3])  # its slot
@@ -92,15 +92,6 @@ def _selects(cache: fx.Node) -> list[fx.Node]:
 
 NARROWED = "passforge.narrowed"  # a per-layer cache input's (dim, heads): the caller passes that view of the slot
 
-
-def _narrowed(select: fx.Node) -> fx.Node | None:
-    """The ``slice(select, 1, 0, w)`` a layer keeping fewer heads reads its slot through, if that is all it
-    reads (``prune-channels(target=heads)`` with per-layer counts)."""
-    users = list(select.users)
-    if len(users) == 1 and users[0].target is aten.slice.Tensor and users[0].args[1:3] == (1, 0) \
-            and (len(users[0].args) < 5 or users[0].args[4] == 1):
-        return users[0]
-    return None
 
 
 class NotCompilable(ValueError):

@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 import passforge.kernels.ops  # noqa: F401 - registers passforge::attention
-from passforge.ir.graph import add_buffer, copy_graph_module, fake_mode_of
+from passforge.ir.graph import add_buffer, copy_graph_module, fake_mode_of, high_pad, narrowed_slot
 from passforge.passes.attention import LOCAL_WINDOW, decode_step_mask
 
 aten = torch.ops.aten
@@ -198,17 +198,10 @@ def _layer_update(part: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     target = update.args[0]
     if part is update:
         return (update, target) if isinstance(target, fx.Node) and target.target is not aten.slice.Tensor else None
-    if not (isinstance(target, fx.Node) and target.target is aten.slice.Tensor):
+    select = target.args[0] if isinstance(target, fx.Node) and target.target is aten.slice.Tensor else None
+    val = select.meta.get("val") if isinstance(select, fx.Node) else None
+    if narrowed_slot(select) is not target or not isinstance(val, torch.Tensor):  # only the first heads, step 1
         return None
-    select, dim, start, end = (*target.args, None, None, None)[:4]
-    step = target.args[4] if len(target.args) > 4 else 1
-    if not (isinstance(select, fx.Node) and start == 0 and step == 1 and isinstance(end, int)
-            and isinstance(select.meta.get("val"), torch.Tensor)):
-        return None
-    shape = list(select.meta["val"].shape)
-    dim %= len(shape)
-    if dim != 1:  # a slot is (B, heads, S, hs): only the heads dim may be narrowed (its other heads stay zero)
-        return None
-    amounts = [0, 0] * (len(shape) - 1 - dim) + [0, shape[dim] - end]
+    amounts = high_pad(val.dim(), 1, val.shape[1] - target.args[3])  # zeros back to the slot's width
     value = part.args[2] if len(part.args) > 2 else 0
     return (update, select) if list(part.args[1]) == amounts and value == 0 else None

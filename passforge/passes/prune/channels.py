@@ -51,7 +51,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import fx
 
-from passforge.ir.graph import get_attr, propagate_meta, set_tensor_attr
+from passforge.ir.graph import get_attr, high_pad, narrowed_slot, propagate_meta, set_tensor_attr
 from passforge.passes.base import Context, InterfaceChange, Pass, PassResult, PreconditionError, ResizedState
 from passforge.passes.prune import importance as imp
 from passforge.passes.prune.groups import CacheEdge, Group, Piece, Slice, find_groups, unit_elements
@@ -315,9 +315,8 @@ def _slots(cache: fx.Node) -> dict[int, fx.Node]:
 def _slot_width(slot: fx.Node, dim: int, shape: list[int]) -> int:
     """How many heads of its slot a layer not pruned now uses: all, or the first ones an earlier run's
     ``slice`` (input) or padding (output) shows."""
-    users = list(slot.users)
-    if slot.target is aten.select.int and len(users) == 1 and users[0].target is aten.slice.Tensor:
-        return int(users[0].args[3])
+    if slot.target is aten.select.int and (narrow := narrowed_slot(slot)) is not None:
+        return int(narrow.args[3])
     if slot.target is aten.constant_pad_nd.default:
         return int(slot.args[0].meta["val"].shape[dim - 1])
     return shape[dim]
@@ -326,8 +325,7 @@ def _slot_width(slot: fx.Node, dim: int, shape: list[int]) -> int:
 def _narrow_read(gm: fx.GraphModule, select: fx.Node, dim: int, kept: int, width: int) -> None:
     """The layer reads the first ``kept`` of its slot's ``width`` heads: a slice after the select (updated,
     inserted, or removed when it keeps them all)."""
-    users = list(select.users)
-    narrow = users[0] if len(users) == 1 and users[0].target is aten.slice.Tensor else None
+    narrow = narrowed_slot(select)
     if narrow is not None and kept == width:
         narrow.replace_all_uses_with(select)
         gm.graph.erase_node(narrow)
@@ -348,8 +346,7 @@ def _pad_part(gm: fx.GraphModule, stack: fx.Node, part: fx.Node, dim: int, kept:
     if kept == width:
         return part
     with gm.graph.inserting_before(stack):
-        amounts = [0, 0] * (rank - 1 - dim) + [0, width - kept]
-        return gm.graph.call_function(aten.constant_pad_nd.default, (part, amounts, 0.0))
+        return gm.graph.call_function(aten.constant_pad_nd.default, (part, high_pad(rank, dim, width - kept), 0.0))
 
 
 def _refresh_meta(gm: fx.GraphModule) -> None:

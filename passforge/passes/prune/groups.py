@@ -23,8 +23,8 @@ the stack's part ``i`` and the ``select`` of slot ``i`` are *cache edges* (:clas
 group and not walked through, so each layer stays its own group — when the input is read only as its layers,
 each once, and the stack only returned (padded at most); anything else, and every input and output of a
 forward graph (the caller's), still blocks. Pruning then shrinks the cache's heads dim, which every layer
-shares: ``prune-channels`` requires every layer of a cache pruned to the same count, and rewrites the cache's
-shape (an input's, an output's).
+shares: ``prune-channels`` sizes the cache for the widest layer and rewrites its shape (an input's, an
+output's), a narrower layer reading and returning the first heads of its slot.
 
 A group is *blocked*, with the reason, when the channel reaches something whose meaning would change: a
 graph input or output other than a step graph's KV cache (the logits), an op the walk does not know, a view
@@ -44,6 +44,8 @@ from typing import Literal
 
 import torch
 from torch import fx
+
+from passforge.ir.graph import high_pad, narrowed_slot
 
 aten = torch.ops.aten
 Kind = Literal["mlp", "heads", "hidden"]
@@ -574,24 +576,20 @@ def _cache_input(node: fx.Node) -> bool:
 
 
 def _narrowed_slot(op: fx.Node) -> bool:
-    """Whether ``op`` is ``slice(select(cache, 0, i), d, 0, w)`` (step 1) of a KV cache input: the first heads of
-    layer i's slot, read by a layer that keeps fewer heads than the cache holds (``prune-channels`` writes it)."""
-    select, _, start = (*op.args, None, None)[:3]
-    step = op.args[4] if len(op.args) > 4 else 1
-    return (op.target is aten.slice.Tensor and start == 0 and step == 1 and isinstance(select, fx.Node)
-            and select.target is aten.select.int and select.args[1] == 0 and _cache_input(select.args[0]))
+    """Whether ``op`` is the ``narrowed_slot`` read of layer i's slot ``select(cache, 0, i)`` of a KV cache
+    input: the first heads, read by a layer that keeps fewer heads than the cache holds."""
+    select = op.args[0]
+    return (isinstance(select, fx.Node) and select.target is aten.select.int and select.args[1] == 0
+            and narrowed_slot(select) is op and _cache_input(select.args[0]))
 
 
 def _padded_slot(op: fx.Node, dim: int) -> bool:
     """Whether ``op`` pads only the high end of ``dim``, with zeros: a narrower layer's slot of a returned KV
     cache padded to the cache's width."""
-    if op.target is not aten.constant_pad_nd.default:
+    if op.target is not aten.constant_pad_nd.default or (len(op.args) > 2 and op.args[2] != 0):
         return False
     amounts = list(op.args[1])
-    from_end = _ndim(op) - dim
-    value = op.args[2] if len(op.args) > 2 else 0
-    others = amounts[:2 * (from_end - 1)] + amounts[2 * from_end:]
-    return value == 0 and amounts[2 * (from_end - 1)] == 0 and not any(others)
+    return bool(amounts) and amounts == high_pad(_ndim(op), dim, amounts[-1])
 
 
 def _returned_cache(stack: fx.Node, dim: int) -> bool:
