@@ -48,9 +48,9 @@ STATIC = "cleanup,fuse-attention,cast(dtype=bf16),smooth-quant,quantize(scheme=w
 W4 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w4),fold-quant,lower-quant"
 W8 = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8),fold-quant,lower-quant"
 BF16 = "cleanup,fuse-attention,cast(dtype=bf16)"
-W8A8_HEAD = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8a8,skip=''),fold-quant,lower-quant(guard=false)"
+W8A8_HEAD = "cleanup,fuse-attention,cast(dtype=bf16),quantize(scheme=w8a8,skip=''),fold-quant,lower-quant"
 STATIC_HEAD = ("cleanup,fuse-attention,cast(dtype=bf16),smooth-quant,quantize(scheme=w8a8-static,skip=''),fold-quant,"
-               "lower-quant(guard=false)")
+               "lower-quant")
 
 # label -> (prefill pipeline, decode pipeline, hand to inductor, compile the bf16 model instead of the fp32 one)
 BACKEND_ROWS: dict[str, tuple[str, str, bool, bool]] = {
@@ -63,7 +63,7 @@ BACKEND_ROWS: dict[str, tuple[str, str, bool, bool]] = {
     "passforge backend on the bf16 model, w8a8 / w4 + fuse-attention, inductor": (W8A8, W4, True, True),
     "passforge backend on the bf16 model, smooth + w8a8-static / w4 + fuse-attention, inductor":
         (STATIC, W4, True, True),
-    # the LM head in int8 too (inductor runs it in column blocks), every layer lowered (no speed guard)
+    # the LM head in int8 too (dynamic: column blocks; static: oneDNN's u8 linear), the speed guard on
     "passforge backend on the bf16 model, w8a8 lm_head too / w4 + fuse-attention, inductor":
         (W8A8_HEAD, W4, True, True),
     "passforge backend on the bf16 model, smooth + w8a8-static lm_head too / w4 + fuse-attention, inductor":

@@ -6,7 +6,9 @@ shapes at 512 tokens (bf16, batch 1), round-robin medians:
   upper triangle is not computed; and against non-causal SDPA (the same work, no mask) for scale;
 - the LM head (512 × 768 → 32000): the bf16 GEMM plus the fp32 logits passforge returns, against
   ``torch._int_mm`` (int8 activations × int8 weights) in column blocks of 4096 with the dequantizing
-  multiply written into the fp32 logits, and ``_int_mm`` alone.
+  multiply written into the fp32 logits, and ``_int_mm`` alone; and against passforge's w8a8-static op
+  (``int8_static_linear``, x quantized per tensor) where it runs oneDNN's u8 × s8 linear (VNNI CPUs: the
+  epilogue inside the GEMM, bf16 out, then the fp32 logits), and that oneDNN call alone.
 
 Each figure is one layer's attention (12 heads of 64) or the one LM head; multiply the attention by the
 model's 8 layers to compare with a whole prefill. Max errors are against an fp32 reference.
@@ -22,6 +24,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from passforge.kernels.ops import onednn_int8_exact, quantize_per_tensor_uint8
+from passforge.kernels.prepack import onednn_int8_weight
 from passforge.runtime.profile import interleaved_latency_ms
 
 T, HEADS, HEAD_DIM, DIM, VOCAB = 512, 12, 64, 768, 32000
@@ -65,6 +69,8 @@ def main() -> None:
     w8t = torch.round(w.float() / w_scale[:, None]).to(torch.int8).t().contiguous()
     scales = x_scale * w_scale  # (T, VOCAB) fp32: the dequantizing multiply
     logits = x.float() @ w.float().t()
+    w8 = w8t.t().contiguous()  # (VOCAB, DIM): the op's weight layout
+    s_x = float(x.float().abs().max()) / 127  # one calibrated scale for the tensor, zero point 0
 
     rows: dict[str, tuple[Callable[[], torch.Tensor], torch.Tensor | None]] = {
         "attention: SDPA is_causal": (lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True), reference),
@@ -76,6 +82,14 @@ def main() -> None:
             lambda: int8_head_in_blocks(x8, w8t, scales, 4096), logits),
         "LM head: int8 _int_mm alone (int32 out)": (lambda: torch._int_mm(x8, w8t), None),
     }
+    if onednn_int8_exact():
+        packed, zero_points = onednn_int8_weight(w8)
+        xu8 = quantize_per_tensor_uint8(x, s_x, 0)
+        rows["LM head: passforge int8_static_linear (oneDNN u8 linear, bf16 out), fp32 logits"] = (
+            lambda: torch.ops.passforge.int8_static_linear(x, s_x, 0, w8, w_scale, None).float(), logits)
+        rows["LM head: oneDNN u8 linear alone (bf16 out)"] = (
+            lambda: torch.ops.onednn.qlinear_pointwise(xu8, s_x, 128, packed, w_scale, zero_points, None, 1.0, 0,
+                                                       torch.bfloat16, "none", [], ""), None)
     with torch.inference_mode():
         errors = {}
         for label, (fn, expected) in rows.items():

@@ -51,6 +51,19 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(params=["onednn.qlinear_pointwise", "aten._int_mm"])
+def static_cpu_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Each CPU implementation of ``passforge::int8_static_linear`` in turn, by :func:`backend`'s name: oneDNN's
+    u8 × s8 linear (skipped on a CPU without VNNI) and ``torch._int_mm``, which such CPUs run (forced here)."""
+    import passforge.kernels.ops as ops
+
+    if request.param == "aten._int_mm":
+        monkeypatch.setattr(ops, "onednn_int8_exact", lambda: False)
+    elif not ops.onednn_int8_exact():
+        pytest.skip("no oneDNN u8 x s8 linear with VNNI on this CPU")
+    return request.param
+
+
 @pytest.fixture
 def small_llama() -> Llama:
     torch.manual_seed(0)

@@ -17,8 +17,10 @@ PT2E quantization and ONNX QDQ export use). Passes that insert these ops import 
 - ``passforge::int8_static_linear(x (..., K), x_scale, x_zero_point, w (N, K) int8, w_scales (N,), bias (N,)?)
   -> (..., N)``: w8a8-static. x quantized per tensor with calibrated constants (exactly ``quantize_per_tensor``:
   ``clamp(round(x * (1 / x_scale)) + x_zero_point, -128, 127)``), an int8 × int8 → int32 GEMM, the zero point
-  corrected with the weight's cached row sums, then ``acc * (x_scale * w_scales) + bias``. CPU:
-  ``torch._int_mm``. CUDA: the Triton GEMM of ``int8_gemm`` with the constants in its epilogue.
+  corrected with the weight's cached row sums, then ``acc * (x_scale * w_scales) + bias``. CPU: oneDNN's u8 × s8
+  linear (``onednn.qlinear_pointwise``, the kernel PT2E's x86 path runs: x quantized to uint8 with the zero point
+  shifted by 128, the same integers, the epilogue in the GEMM) for fp32 / bf16 x where :func:`onednn_int8_exact`,
+  else ``torch._int_mm``. CUDA: the Triton GEMM of ``int8_gemm`` with the constants in its epilogue.
 - ``passforge::fp8_linear(x (..., K), w (N, K) float8_e4m3fn, w_scale (N, 1), bias (N,)?) -> (..., N)``: x
   quantized to e4m3 per token exactly as ``quantize(scheme=fp8)``'s graph does it (``amax(|x|) / 448``), then
   ``torch._scaled_mm`` with row-wise scales on CUDA with compute capability >= 8.9 for bf16 x and K, N multiples
@@ -47,7 +49,7 @@ import torch.ao.quantization.fx._decomposed
 
 from passforge.kernels.attention import attention_cpu, attention_reference, check_shapes, empty_output
 from passforge.kernels.fp8 import FP8_MAX, MIN_SCALE, dequantize_fp8, quantize_fp8
-from passforge.kernels.prepack import cpu_int4_layout, int8_row_sums
+from passforge.kernels.prepack import cpu_int4_layout, int8_row_sums, onednn_int8_weight
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 CPU_INT4_GROUP_SIZES = (32, 64, 128, 256)  # what _weight_int4pack_mm_for_cpu accepts
@@ -73,10 +75,25 @@ def backend(op: str, x: torch.Tensor, weight_shape: tuple[int, int], group_size:
         return "triton"
     if op == "int8_weight_linear":
         return "aten._weight_int8pack_mm" if x.device.type == "cpu" and x.dtype in FLOAT_DTYPES else "reference"
+    if op == "int8_static_linear" and x.device.type == "cpu" and x.dtype in ONEDNN_DTYPES and onednn_int8_exact():
+        return "onednn.qlinear_pointwise"
     if op in ("int8_dynamic_linear", "int8_static_linear"):
         return "reference" if x.is_cuda and (n % 8 or k % 8) else "aten._int_mm"
     cpu = x.device.type == "cpu" and x.dtype in FLOAT_DTYPES and n % 16 == 0
     return "aten._weight_int4pack_mm_for_cpu" if cpu and group_size in CPU_INT4_GROUP_SIZES else "reference"
+
+
+ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # the output dtypes oneDNN's int8 linear writes
+
+
+@functools.cache
+def onednn_int8_exact() -> bool:
+    """Whether this process has oneDNN's u8 × s8 linear on a CPU with VNNI (AVX-512 VNNI, AVX-VNNI or AMX), where
+    it sums the products exactly in int32 — on 4x faster than ``_int_mm`` plus a separate epilogue for an LM head
+    (benchmarks/prefill_probe.py). Without VNNI oneDNN multiplies through 16-bit pair sums that can saturate
+    (why PyTorch's x86 quantizers reduce the range there), so passforge keeps ``_int_mm``."""
+    vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    return torch.backends.mkldnn.is_available() and vnni is not None and bool(vnni())
 
 
 def scaled_mm_unsupported(x: torch.Tensor, weight_shape: tuple[int, int]) -> str | None:
@@ -176,17 +193,45 @@ def int8_dynamic_linear_reference(
     return torch.nn.functional.linear(dqx, weight, bias)
 
 
-def _int_mm_minus_zero_points(qx: torch.Tensor, w: torch.Tensor, zero_points: torch.Tensor | int) -> torch.Tensor:
-    """qx (M, K) int8, w (N, K) int8, zero points (M, 1) or one int -> (qx - zero_points) @ w.T (M, N) int32,
-    exactly: ``torch._int_mm``, then the zero points times the weight's row sums (cached per weight). cuBLASLt's
-    int8 GEMM needs M > 16: on CUDA smaller M is padded with zero rows (the GEMM is weight-bound there anyway)."""
+def _int_mm_minus_zero_points(
+    qx: torch.Tensor, w: torch.Tensor, zero_points: torch.Tensor | int, cols: slice = slice(None)
+) -> torch.Tensor:
+    """qx (M, K) int8, w (N, K) int8, zero points (M, 1) or one int -> (qx - zero_points) @ w[cols].T (M, n)
+    int32, exactly: ``torch._int_mm``, then the zero points times the weight's row sums (cached per weight,
+    sliced to ``cols``). cuBLASLt's int8 GEMM needs M > 16: on CUDA smaller M is padded with zero rows (the
+    GEMM is weight-bound there anyway)."""
     rows = qx.shape[0]
     if qx.is_cuda and rows <= 16:
         qx = torch.cat([qx, qx.new_zeros(17 - rows, qx.shape[1])])
-    acc = torch._int_mm(qx, w.t())[:rows]  # (M, N) int32, a fresh buffer: corrected in place
-    if isinstance(zero_points, torch.Tensor):  # acc -= z ⊗ row sums, one pass, no (M, N) temporary
-        return acc.addr_(zero_points.reshape(-1).to(torch.int32), int8_row_sums(w), alpha=-1)
-    return acc.sub_(zero_points * int8_row_sums(w)) if zero_points else acc
+    acc = torch._int_mm(qx, w[cols].t())[:rows]  # (M, n) int32, a fresh buffer: corrected in place
+    if isinstance(zero_points, torch.Tensor):  # acc -= z ⊗ row sums, one pass, no (M, n) temporary
+        return acc.addr_(zero_points.reshape(-1).to(torch.int32), int8_row_sums(w)[cols], alpha=-1)
+    return acc.sub_(zero_points * int8_row_sums(w)[cols]) if zero_points else acc
+
+
+def _int8_gemm_eager(
+    qx: torch.Tensor, zero_points: torch.Tensor | int, scales: Callable[[slice], list[torch.Tensor]],
+    x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """The eager int8 ops' GEMM and epilogue, in :func:`column_blocks` (the inductor form's blocks): each
+    block's int32 sums are dequantized in place (in fp32, times each of ``scales(cols)`` in turn) and written
+    into its columns of one output in x's dtype while they are still in cache. Shaped like x, plus the bias."""
+
+    def dequantized(cols: slice) -> torch.Tensor:
+        out = _int_mm_minus_zero_points(qx, w, zero_points, cols).to(torch.float32)
+        for factor in scales(cols):
+            out.mul_(factor)
+        return out
+
+    blocks = column_blocks(w)
+    if len(blocks) == 1:
+        out = dequantized(slice(None)).to(x.dtype)
+    else:
+        out = qx.new_empty((qx.shape[0], w.shape[0]), dtype=x.dtype)
+        for cols in blocks:
+            out[:, cols] = dequantized(cols)
+    out = out.reshape(*x.shape[:-1], w.shape[0])
+    return out + bias if bias is not None else out
 
 
 def _int8_dynamic_linear_torch(
@@ -195,10 +240,9 @@ def _int8_dynamic_linear_torch(
     if backend("int8_dynamic_linear", x, tuple(w.shape)) == "reference":  # cuBLASLt int8 needs K, N multiples of 8
         return int8_dynamic_linear_reference(x, w, scales, bias)
     qx, x_scales, x_zero_points = quantize_per_token_int8(x.reshape(-1, x.shape[-1]))  # (M, K) int8, (M, 1)
-    acc = _int_mm_minus_zero_points(qx, w, x_zero_points)
-    out = acc.to(torch.float32).mul_(x_scales.to(torch.float32)).mul_(scales.to(torch.float32)).to(x.dtype)
-    out = out.reshape(*x.shape[:-1], w.shape[0])
-    return out + bias if bias is not None else out
+    token_scales = x_scales.to(torch.float32)
+    return _int8_gemm_eager(qx, x_zero_points, lambda cols: [token_scales, scales[cols].to(torch.float32)], x, w,
+                            bias)
 
 
 @torch.library.custom_op("passforge::int8_dynamic_linear", mutates_args=())
@@ -262,6 +306,46 @@ def quantize_per_tensor_int8(x: torch.Tensor, scale: float, zero_point: int) -> 
     return scaled.round_().add_(zero_point).clamp_(-128, 127).to(torch.int8)
 
 
+def quantize_per_tensor_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
+    """:func:`quantize_per_tensor_int8` plus 128, as uint8: the same integers shifted into oneDNN's u8 range
+    (``clamp(round(x / s) + z + 128, 0, 255)``, exactly ``quantize_per_tensor(..., -128, 127, int8) + 128``)."""
+    scaled = x.float() * (1.0 / scale)
+    return scaled.round_().add_(zero_point + 128).clamp_(0, 255).to(torch.uint8)
+
+
+@torch.library.custom_op("passforge::onednn_int8_linear", mutates_args=())
+def onednn_int8_linear(
+    qx: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """qx (M, K) uint8 (an int8 quantization + 128), w (N, K) int8 -> (M, N) in ``dtype``: oneDNN's u8 × s8
+    linear, ``(qx - (x_zero_point + 128)) @ w.T`` summed exactly in int32 (VNNI), times ``x_scale * w_scales``
+    in fp32 inside the GEMM. The weight is prepacked into this CPU's layout once per process (``prepack``).
+    What ``int8_static_linear`` runs where :func:`backend` says ``onednn.qlinear_pointwise``; an op of its own
+    so inductor calls it as one extern kernel (oneDNN's prepack has no fake impl to trace)."""
+    packed, zero_points = onednn_int8_weight(w)
+    return torch.ops.onednn.qlinear_pointwise(
+        qx, x_scale, x_zero_point + 128, packed, w_scales.to(torch.float32), zero_points, None, 1.0, 0, dtype, "none",
+        [], "",
+    )
+
+
+@onednn_int8_linear.register_fake
+def _(
+    qx: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    return qx.new_empty((qx.shape[0], w.shape[0]), dtype=dtype)
+
+
+def _onednn_int8_static_linear(
+    qx: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor, x: torch.Tensor,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """:func:`onednn_int8_linear` shaped like x, plus the bias (added after the rounding, as the ``_int_mm``
+    form does)."""
+    out = onednn_int8_linear(qx, x_scale, x_zero_point, w, w_scales, x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    return out + bias if bias is not None else out
+
+
 def _int8_static_linear_torch(
     x: torch.Tensor,
     x_scale: float,
@@ -270,13 +354,14 @@ def _int8_static_linear_torch(
     w_scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    if backend("int8_static_linear", x, tuple(w.shape)) == "reference":  # cuBLASLt int8 needs K, N multiples of 8
+    implementation = backend("int8_static_linear", x, tuple(w.shape))
+    if implementation == "reference":  # cuBLASLt int8 needs K, N multiples of 8
         return int8_static_linear_reference(x, x_scale, x_zero_point, w, w_scales, bias)
+    if implementation == "onednn.qlinear_pointwise":
+        qx = quantize_per_tensor_uint8(x.reshape(-1, x.shape[-1]), x_scale, x_zero_point)
+        return _onednn_int8_static_linear(qx, x_scale, x_zero_point, w, w_scales, x, bias)
     qx = quantize_per_tensor_int8(x.reshape(-1, x.shape[-1]), x_scale, x_zero_point)  # (M, K) int8
-    acc = _int_mm_minus_zero_points(qx, w, x_zero_point)  # (M, N) int32
-    out = acc.to(torch.float32).mul_(x_scale * w_scales.to(torch.float32)).to(x.dtype)
-    out = out.reshape(*x.shape[:-1], w.shape[0])
-    return out + bias if bias is not None else out
+    return _int8_gemm_eager(qx, x_zero_point, lambda cols: [x_scale * w_scales[cols].to(torch.float32)], x, w, bias)
 
 
 @torch.library.custom_op("passforge::int8_static_linear", mutates_args=())
@@ -333,21 +418,28 @@ def _int8_dynamic_linear_for_inductor(
     )
 
 
-WIDE_BLOCK = 4096  # output columns per int8 GEMM of a wide layer (an LM head) under inductor
+WIDE_BLOCK = 4096  # output columns per int8 GEMM of a wide layer (an LM head) on CPU
+
+
+def column_blocks(w: torch.Tensor) -> list[slice]:
+    """The output columns of an int8 activation layer, ``WIDE_BLOCK`` at a time on CPU when w (N, K) is wider:
+    an LM head's int32 sums for a 512-token prompt are 66 MB written and read back in one piece, while a
+    block's stay in cache until its epilogue reads them (1.42x the bf16 head alone,
+    benchmarks/prefill_probe.py). One block on CUDA, where the GEMMs have their own tiling."""
+    n = w.shape[0]
+    if w.is_cuda or n <= WIDE_BLOCK:
+        return [slice(None)]
+    return [slice(j, min(j + WIDE_BLOCK, n)) for j in range(0, n, WIDE_BLOCK)]
 
 
 def _int8_gemm_in_column_blocks(
     accumulate: Callable[[slice], torch.Tensor], scale: Callable[[slice], torch.Tensor], x: torch.Tensor,
     w: torch.Tensor, bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The int8 GEMM and its epilogue, ``WIDE_BLOCK`` output columns at a time when the layer is wider: an LM
-    head's int32 sums for a 512-token prompt are 66 MB written and read back in one piece, while a block's
-    stay in cache until its epilogue reads them (1.42x the bf16 head alone, benchmarks/prefill_probe.py).
+    """The inductor form's int8 GEMM and epilogue, one per :func:`column_blocks` block, joined by one ``cat``.
     ``accumulate(cols)`` / ``scale(cols)``: the block's int32 sums and its combined scale."""
-    n = w.shape[0]
-    blocks = [slice(j, min(j + WIDE_BLOCK, n)) for j in range(0, n, WIDE_BLOCK)] if n > WIDE_BLOCK else [slice(None)]
     outs = [_int8_epilogue(accumulate(cols), scale(cols), x, w[cols], None if bias is None else bias[cols])
-            for cols in blocks]
+            for cols in column_blocks(w)]
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
 
 
@@ -359,7 +451,12 @@ def _int8_static_linear_for_inductor(
     w_scales: torch.Tensor,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``passforge::int8_static_linear`` in ATen ops only (see :data:`INDUCTOR_DECOMPOSITIONS`)."""
+    """``passforge::int8_static_linear`` in ATen ops only (see :data:`INDUCTOR_DECOMPOSITIONS`); where the op
+    runs oneDNN's int8 linear, the uint8 quantizer (fused by inductor into the op before) and that op."""
+    if backend("int8_static_linear", x, tuple(w.shape)) == "onednn.qlinear_pointwise":
+        scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # quantize_per_tensor_uint8, out of place
+        qx = (scaled.round() + (x_zero_point + 128)).clamp(0, 255).to(torch.uint8)
+        return _onednn_int8_static_linear(qx, x_scale, x_zero_point, w, w_scales, x, bias)
     scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # quantize_per_tensor_int8, out of place
     qx = (scaled.round() + x_zero_point).clamp(-128, 127).to(torch.int8)
 
@@ -395,7 +492,10 @@ As opaque ops, inductor calls them as extern kernels and every activation makes 
 around each one: the norm's output is written, read by the op's quantizer, the int8 copy written and read by
 the GEMM, its int32 result dequantized into a fresh buffer, read again by the residual add or SiLU that follows.
 Decomposed, inductor fuses the quantizer into the norm before it (one kernel writes the int8 activations) and
-the dequantizing epilogue into the ops after it; ``torch._int_mm`` stays the GEMM (oneDNN, VNNI/AMX). The int8
+the dequantizing epilogue into the ops after it; ``torch._int_mm`` stays the GEMM (oneDNN, VNNI/AMX). Where the
+static op runs oneDNN's u8 × s8 linear (:func:`onednn_int8_exact`), only its uint8 quantizer is decomposed: the
+epilogue is inside that GEMM, which writes x's dtype directly (for a 32k LM head at 512 tokens, no 66 MB of int32
+sums through memory). The int8
 operands and int32 sums are the ops' exactly; the float results differ by fp32 rounding of the scale product
 (the epilogue multiplies by ``s_x * s_w`` once) and, in bf16/fp16, by inductor fusing the bias add without
 rounding in between: within an ulp or two of the activation dtype. The per-token ranges

@@ -2,6 +2,8 @@
 
 - ``int8_row_sums(w (N, K) int8) -> (N,) int32``: the w8a8 zero-point correction ``z_x * sum_k w[n, k]``. A full
   pass over the weight, as many bytes as the GEMM itself reads at one token: once per weight, not per call.
+- ``onednn_int8_weight(w (N, K) int8)``: oneDNN's prepacked (blocked, CPU-specific) layout of an int8 weight for
+  ``onednn.qlinear_pointwise``, the u8 × s8 linear of the w8a8-static op on x86 CPUs with VNNI.
 - ``cpu_int4_layout(packed (N, K/2) uint8, scales (N, K/g), zero_points (N, K/g), dtype)``: the tile layout of
   ``aten._convert_weight_to_int4pack_for_cpu`` and its ``(K/g, N, 2)`` scales-and-zeros. That layout depends on
   the CPU the process runs on (64-column blocks on AVX-512, 32 on AVX2, plain pairs elsewhere), so a model saved
@@ -49,6 +51,13 @@ def _derived(
 def int8_row_sums(w: torch.Tensor) -> torch.Tensor:
     """(N, K) int8 -> (N,) int32: each output channel's sum of weights."""
     return _derived(w, (), ("row_sums",), lambda: w.sum(dim=1, dtype=torch.int32))
+
+
+def onednn_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) int8 -> (the opaque oneDNN tensor ``onednn.qlinear_prepack`` makes of it, a layout for this CPU;
+    its (N,) int32 zero points, all zero)."""
+    return _derived(w, (), ("onednn_int8",), lambda: (
+        torch.ops.onednn.qlinear_prepack(w, None), torch.zeros(w.shape[0], dtype=torch.int32)))
 
 
 def cpu_int4_layout(

@@ -6,6 +6,8 @@ import torch
 from passforge.kernels.ops import int8_weight_linear_reference, pack_int4
 from tests.conftest import cpu_scaled_mm_takes_row_scales
 
+INT_MM, ONEDNN = "aten._int_mm", "onednn.qlinear_pointwise"  # the static op's CPU paths (conftest: static_cpu_path)
+
 
 def test_int4_pack_round_trip():
     values = torch.randint(0, 16, (6, 10), dtype=torch.uint8)
@@ -97,11 +99,12 @@ def _static_reference_float64(x, x_scale, x_zero_point, w, w_scales, bias):
 @pytest.mark.parametrize(("dtype", "ulps"), [(torch.float32, 2**-17), (torch.bfloat16, 2**-7)])
 @pytest.mark.parametrize("tokens", [1, 40])
 @pytest.mark.parametrize("zero_point", [0, -3])
-def test_int8_static_linear_matches_the_fake_quant_graph(dtype, ulps, tokens, zero_point):
+def test_int8_static_linear_matches_the_fake_quant_graph(dtype, ulps, tokens, zero_point, static_cpu_path):
     """Same int8 activations (bit-exact quantizer), an exact int32 GEMM and an fp32 epilogue, against the
-    graph in float64. fp32: a few roundings of the epilogue and the bias add (units of 2^-24; bound 2^-17 of the
-    output scale, measured 2^-24). bf16: the cast of the fp32 result and the bias add, half a unit each (bound
-    1 unit of bf16). A missed zero point or scale is off by whole steps."""
+    graph in float64, on both CPU paths (oneDNN's u8 linear with the zero point shifted by 128; ``_int_mm``).
+    fp32: a few roundings of the epilogue and the bias add (units of 2^-24; bound 2^-17 of the output scale,
+    measured 2^-24). bf16: the cast of the fp32 result and the bias add, half a unit each (bound 1 unit of
+    bf16). A missed zero point or scale is off by whole steps."""
     from passforge.kernels.ops import backend, int8_static_linear_reference
 
     g = torch.Generator().manual_seed(0)
@@ -109,7 +112,7 @@ def test_int8_static_linear_matches_the_fake_quant_graph(dtype, ulps, tokens, ze
     x = _tie_and_range_probe(dtype, x_scale, tokens, g)
     w = torch.randint(-127, 128, (48, 64), generator=g, dtype=torch.int8)
     w_scales, bias = torch.rand(48, generator=g) / 50, torch.randn(48, generator=g).to(dtype)
-    assert backend("int8_static_linear", x, (48, 64)) == "aten._int_mm"
+    assert backend("int8_static_linear", x, (48, 64)) == static_cpu_path
     out = torch.ops.passforge.int8_static_linear(x, x_scale, zero_point, w, w_scales, bias)
     assert out.shape == (*x.shape[:-1], 48) and out.dtype == dtype
     expected = _static_reference_float64(x, x_scale, zero_point, w, w_scales, bias)
@@ -270,13 +273,16 @@ def test_cpu_paths_work_without_triton(monkeypatch):
 
 
 def test_backend_names_the_implementation():
-    from passforge.kernels.ops import backend
+    from passforge.kernels.ops import backend, onednn_int8_exact
 
     x = torch.randn(1, 64)
     assert backend("int8_weight_linear", x, (32, 64)) == "aten._weight_int8pack_mm"
     assert backend("int8_weight_linear", x.long(), (32, 64)) == "reference"
     assert backend("int8_dynamic_linear", x, (32, 64)) == "aten._int_mm"
-    assert backend("int8_static_linear", x, (32, 64)) == "aten._int_mm"
+    assert backend("int8_static_linear", x, (32, 64)) == (
+        "onednn.qlinear_pointwise" if onednn_int8_exact() else "aten._int_mm"
+    )
+    assert backend("int8_static_linear", x.half(), (32, 64)) == "aten._int_mm"  # oneDNN writes fp32 / bf16
     assert backend("fp8_linear", x.bfloat16(), (32, 64)) == "reference"
     with pytest.raises(ValueError, match="unknown op 'int3_linear'"):
         backend("int3_linear", x, (32, 64))
@@ -308,8 +314,13 @@ def _int8_activation_call(op: str, dtype: torch.dtype, zero_point: int, bias: bo
 
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("op", "zero_point"), [("dynamic", 0), ("static", 0), ("static", -9)])
-def test_inductor_decompositions_compute_what_the_ops_compute(op, zero_point, dtype, bias):
+@pytest.mark.parametrize(
+    ("op", "zero_point", "static_cpu_path"),
+    [("dynamic", 0, INT_MM), ("static", 0, INT_MM), ("static", -9, INT_MM), ("static", 0, ONEDNN),
+     ("static", -9, ONEDNN)],
+    indirect=["static_cpu_path"],
+)
+def test_inductor_decompositions_compute_what_the_ops_compute(op, zero_point, dtype, bias, static_cpu_path):
     """The ATen form inductor compiles on CPU equals the op up to fp32 rounding of the scale product: the same
     int8 operands and int32 sums, then ``acc * (s_x * s_w)`` instead of ``acc * s_x * s_w`` — at most one fp32
     ulp apart before the cast, so at most one ulp of the output dtype after it (plus the bias add's rounding)."""
@@ -323,8 +334,11 @@ def test_inductor_decompositions_compute_what_the_ops_compute(op, zero_point, dt
     torch.testing.assert_close(got, want, rtol=2 * ulp, atol=2 * ulp * want.abs().max().item())
 
 
-@pytest.mark.parametrize(("op", "zero_point"), [("dynamic", 0), ("static", -9)])
-def test_a_wide_layer_runs_its_int8_gemm_in_column_blocks(op, zero_point, monkeypatch):
+@pytest.mark.parametrize(
+    ("op", "zero_point", "static_cpu_path"), [("dynamic", 0, INT_MM), ("static", -9, INT_MM)],
+    indirect=["static_cpu_path"],
+)
+def test_a_wide_layer_runs_its_int8_gemm_in_column_blocks(op, zero_point, monkeypatch, static_cpu_path):
     """A layer wider than ``WIDE_BLOCK`` (an LM head) decomposes into one ``_int_mm`` and epilogue per block of
     output columns, joined by one ``cat``: the same result as the op within the same rounding as one block."""
     from torch.fx.experimental.proxy_tensor import make_fx
@@ -341,8 +355,35 @@ def test_a_wide_layer_runs_its_int8_gemm_in_column_blocks(op, zero_point, monkey
     assert names.count("aten._int_mm.default") == 3 and len(joins) == 1
 
 
-@pytest.mark.parametrize(("op", "zero_point"), [("dynamic", 0), ("static", 0), ("static", -9)])
-def test_inductor_decompositions_trace_to_functional_aten_around_one_int_mm(op, zero_point):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("op", "zero_point", "static_cpu_path"), [("dynamic", 0, INT_MM), ("static", -9, INT_MM)],
+    indirect=["static_cpu_path"],
+)
+def test_the_eager_op_runs_a_wide_layer_in_column_blocks_bit_for_bit(op, zero_point, dtype, monkeypatch,
+                                                                        static_cpu_path):
+    """Eager too (what the lowering's speed guard times), a layer wider than ``WIDE_BLOCK`` runs one
+    ``_int_mm`` per block of output columns, each dequantized into its columns of one output: the same
+    elementwise arithmetic as one block, so the same bits."""
+    import passforge.kernels.ops as ops
+
+    target, args = _int8_activation_call(op, dtype, zero_point, bias=True)
+    whole = target(*args)
+    calls = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(b.shape[1]) or int_mm(a, b))
+    monkeypatch.setattr(ops, "WIDE_BLOCK", 20)  # 48 columns: blocks of 20, 20 and 8
+    blocked = target(*args)
+    assert calls == [20, 20, 8]
+    assert blocked.dtype == dtype and torch.equal(blocked, whole)
+
+
+@pytest.mark.parametrize(
+    ("op", "zero_point", "static_cpu_path"),
+    [("dynamic", 0, INT_MM), ("static", 0, INT_MM), ("static", -9, INT_MM)],
+    indirect=["static_cpu_path"],
+)
+def test_inductor_decompositions_trace_to_functional_aten_around_one_int_mm(op, zero_point, static_cpu_path):
     """What inductor receives: one ``_int_mm``, no passforge op left, nothing in place (AOT autograd rejects
     mutations at this stage), and a single multiply on the GEMM's result — two (``acc * s_x * s_w``) is the
     pattern inductor's freezing turns into oneDNN's int8-activation linear, thousands of times slower on CPUs
@@ -370,3 +411,60 @@ def test_inductor_decompositions_trace_to_functional_aten_around_one_int_mm(op, 
         if epilogue.target is torch.ops.aten._to_copy.default and epilogue.kwargs.get("dtype") == torch.bfloat16:
             break
     assert multiplies == 1
+
+
+@pytest.mark.parametrize("static_cpu_path", [ONEDNN], indirect=True)
+@pytest.mark.parametrize("zero_point", [0, -9])
+def test_the_static_op_reaches_inductor_as_a_uint8_quantizer_and_onednn_linear(zero_point, static_cpu_path):
+    """Where oneDNN's int8 linear runs the static op, inductor receives the uint8 quantizer in plain ATen ops
+    (fused into the op before it) and one ``passforge::onednn_int8_linear`` (the GEMM with its epilogue, called
+    as an extern kernel): no ``_int_mm``, nothing in place, the same bits as the op."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from passforge.kernels.ops import INDUCTOR_DECOMPOSITIONS
+
+    target, args = _int8_activation_call("static", torch.bfloat16, zero_point, bias=True)
+    traced = make_fx(lambda *a: target(*a), decomposition_table=INDUCTOR_DECOMPOSITIONS)(*args)
+    calls = [n for n in traced.graph.nodes if n.op == "call_function"]
+    names = [str(n.target) for n in calls]
+    assert names.count("passforge.onednn_int8_linear.default") == 1 and len([n for n in names if "passforge" in n]) == 1
+    assert "aten._int_mm.default" not in names
+    assert not [n for n in calls if isinstance(n.target, torch._ops.OpOverload) and n.target._schema.is_mutable]
+    (linear,) = [n for n in calls if n.target is torch.ops.passforge.onednn_int8_linear.default]
+    assert linear.args[0].meta["val"].dtype == torch.uint8
+    assert torch.equal(traced(*args), target(*args))
+
+
+@pytest.mark.parametrize("static_cpu_path", [ONEDNN], indirect=True)
+def test_the_onednn_path_quantizes_x_to_the_int8_integers_plus_128(static_cpu_path):
+    """oneDNN's int8 linear takes uint8 activations: the op's quantizer gives exactly ``quantize_per_tensor``'s
+    int8 values plus 128 (ties to even, clamped at both ends), so the integer sums are the ``_int_mm`` path's."""
+    from passforge.kernels.ops import quantize_per_tensor_uint8
+
+    scale, zero_point = 0.03125, -3
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _tie_and_range_probe(dtype, scale, 5, torch.Generator().manual_seed(0))
+        x[1, 1] = -6e4  # clamps to -128, i.e. 0
+        expected = torch.ops.quantized_decomposed.quantize_per_tensor(x, scale, zero_point, -128, 127, torch.int8)
+        q = quantize_per_tensor_uint8(x, scale, zero_point)
+        assert q.dtype == torch.uint8 and torch.equal(q.int() - 128, expected.int())
+        assert q[1, 0].unique().tolist() == [255] and q[1, 1].unique().tolist() == [0]
+
+
+@pytest.mark.parametrize("static_cpu_path", [ONEDNN], indirect=True)
+@pytest.mark.parametrize("rows", [0, 1, 7])
+def test_the_onednn_path_takes_any_rows_and_odd_shapes(rows, static_cpu_path):
+    """Decode (one token), no tokens, and K, N that are not multiples of anything: the same result as the
+    ``_int_mm`` path (exact sums; the fp32 epilogue may round the scale product differently: 2 ulps)."""
+    import passforge.kernels.ops as ops
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, rows, 63, generator=g)
+    w = torch.randint(-127, 128, (37, 63), generator=g, dtype=torch.int8)
+    scales = torch.rand(37, generator=g) / 50
+    out = torch.ops.passforge.int8_static_linear(x, 0.02, 5, w, scales, None)
+    qx = ops.quantize_per_tensor_int8(x.reshape(-1, 63), 0.02, 5)
+    acc = (qx.int() - 5) @ w.int().t()  # exact int32 sums
+    want = (acc.float() * (0.02 * scales)).reshape(1, rows, 37)
+    assert out.shape == (1, rows, 37)
+    torch.testing.assert_close(out, want, rtol=2 * 2**-23, atol=0)

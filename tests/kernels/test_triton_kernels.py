@@ -153,8 +153,9 @@ def test_int8_gemm_rejects_mixed_qparams(device):
         int8_gemm.int8_gemm(q_x, w, 0.5, vector[:2].int(), vector, vector.int(), None, torch.float32)
 
 
+@pytest.mark.parametrize("static_cpu_path", ["aten._int_mm"], indirect=True)  # same epilogue as the kernel
 @pytest.mark.parametrize("rows", [1, 19])
-def test_int8_static_linear_matches_the_fake_quant_graph(rows, device):
+def test_int8_static_linear_matches_the_fake_quant_graph(rows, device, static_cpu_path):
     """Bit-exact quantization and an exact integer GEMM: the fake-quant graph in float64 differs only in the
     fp32 epilogue (1e-5 of the output scale); and bit-identical to the CPU op (same fp32 epilogue)."""
     g = _generator()

@@ -10,6 +10,7 @@ import passforge.kernels.ops  # noqa: F401 - registers the ops counted below
 from passforge.ir.capture import capture
 from passforge.ir.graph import count_calls, op_counts
 from passforge.ir.serialize import load_graph, save_graph
+from passforge.kernels.ops import onednn_int8_exact
 from passforge.passes.base import Context
 from passforge.passes.hooks import VerifyHook
 from passforge.passes.manager import PassManager
@@ -56,7 +57,7 @@ class _SharedInput(torch.nn.Module):
         return self.c(torch.relu(y) + self.b(x))
 
 
-def test_static_lowers_to_the_int8_static_kernel_and_survives_save(llama_graph, tokens, tmp_path):
+def test_static_lowers_to_the_int8_static_kernel_and_survives_save(llama_graph, tokens, tmp_path, static_cpu_path):
     """Structure; numerics against the graph before (the kernel computes the same int8 activations with the same
     fp32 ops, then sums exactly in int32: only the fp32 dequantized GEMM's rounding differs, about 1e-7 of the
     logits' scale (measured 3e-7); bound 1e-5); save/load; a second run changes nothing."""
@@ -72,7 +73,7 @@ def test_static_lowers_to_the_int8_static_kernel_and_survives_save(llama_graph, 
     kernels = _nodes(gm, passforge_ops.int8_static_linear.default)
     constants = {tuple(n.args[1:3]) for n in _nodes(folded, qd.quantize_per_tensor.default)}
     assert {tuple(n.args[1:3]) for n in kernels} == constants  # the calibrated (scale, zero point), unchanged
-    assert {n.meta[KERNEL_META]["backend"] for n in kernels} == {"aten._int_mm"}
+    assert {n.meta[KERNEL_META]["backend"] for n in kernels} == {static_cpu_path}  # oneDNN's u8 linear, or _int_mm
     out = gm(tokens)
     torch.testing.assert_close(out, before, rtol=0, atol=1e-5 * before.abs().max().item())
 
@@ -154,7 +155,8 @@ def test_speed_guard_times_the_static_kernel_per_shape(llama_graph, tokens):
     # one note per (x, weight, readers of x's Q/DQ): q and o share shapes but not readers
     assert len(record.notes) == 5
     assert sum("x read by 3" in note for note in record.notes) == 2  # q; k and v
-    assert all("int8_static_linear [aten._int_mm]" in note for note in record.notes)
+    implementation = "onednn.qlinear_pointwise" if onednn_int8_exact() else "aten._int_mm"
+    assert all(f"int8_static_linear [{implementation}]" in note for note in record.notes)
 
 
 def test_as_is_pays_a_share_of_the_activation_fake_quant(llama_graph, tokens, monkeypatch, uncached_timings):
