@@ -460,6 +460,23 @@ def build_rows(
     return build_each(labels, lambda label: rows[label](setup), warm_up)
 
 
+KEPT_NOTE = " glibc kept freed memory (--keep-freed-memory)."
+
+
+def keep_freed_memory() -> None:
+    """Tell glibc's malloc to serve every allocation from its heap (``M_MMAP_MAX = 0``) and keep freed memory
+    (``M_TRIM_THRESHOLD`` 1 GiB), as jemalloc and tcmalloc do and PyTorch's CPU tuning guide recommends. By
+    default a block over 32 MB (a prefill's logits: 512 × 32000 fp32 is 65 MB) is a fresh ``mmap`` on every call,
+    whose pages are faulted in again as they are first written (docs/benchmarks.md has prefill rows with and
+    without this). Whole process, every row alike."""
+    import ctypes
+
+    libc = ctypes.CDLL("libc.so.6")
+    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
+    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30)):
+        raise SystemExit("--keep-freed-memory: glibc's mallopt refused (not glibc?)")
+
+
 def main(rows: dict[str, Callable[[Setup], Variant]] | None = None, description: str | None = None) -> None:
     """Build, time and print ``rows`` (default: this script's); ``benchmarks/compile.py`` runs its own rows here."""
     rows = ROWS if rows is None else rows
@@ -471,7 +488,11 @@ def main(rows: dict[str, Callable[[Setup], Variant]] | None = None, description:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch and ORT threads")
     parser.add_argument("--only", default="", help="regex on row labels; eager fp32 (the baseline) always runs")
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (minutes of compiling)")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="glibc keeps freed memory for reuse, as jemalloc / tcmalloc do (every row alike)")
     args = parser.parse_args()
+    if args.keep_freed_memory:
+        keep_freed_memory()
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)  # torchao and the ONNX exporter log at import / export time
     torch.manual_seed(0)
@@ -493,7 +514,8 @@ def main(rows: dict[str, Callable[[Setup], Variant]] | None = None, description:
     print_table(variants, logits, prefill, tok_s, read_gbs, args)
     figures = ", ".join(f"{name} {gbs:.1f}" for name, gbs in bandwidth.items())
     print(f"\nmemory bandwidth GB/s ({BANDWIDTH_MIB} MiB fp32, {args.threads} threads): {figures}; the bound uses "
-          f"the fastest read, {read_gbs:.1f}. Load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after. "
+          f"the fastest read, {read_gbs:.1f}.{KEPT_NOTE * args.keep_freed_memory} Load average {load_before:.2f} "
+          f"before, {os.getloadavg()[0]:.2f} after. "
           f"torch {torch.__version__}.")
     for label, variant in variants.items():
         for note in variant.notes:
