@@ -454,11 +454,10 @@ def _int8_static_linear_for_inductor(
 ) -> torch.Tensor:
     """``passforge::int8_static_linear`` in ATen ops only (see :data:`INDUCTOR_DECOMPOSITIONS`); where the op
     runs oneDNN's int8 linear, the uint8 quantizer (fused by inductor into the op before) and that op."""
+    scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # the ops' quantizers, out of place
     if backend("int8_static_linear", x, tuple(w.shape)) == "onednn.qlinear_pointwise":
-        scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # quantize_per_tensor_uint8, out of place
         qx = (scaled.round() + (x_zero_point + 128)).clamp(0, 255).to(torch.uint8)
         return _onednn_int8_static_linear(qx, x_scale, x_zero_point, w, w_scales, x, bias)
-    scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # quantize_per_tensor_int8, out of place
     qx = (scaled.round() + x_zero_point).clamp(-128, 127).to(torch.int8)
 
     def accumulate(cols: slice) -> torch.Tensor:

@@ -3,7 +3,8 @@
 - ``int8_row_sums(w (N, K) int8) -> (N,) int32``: the w8a8 zero-point correction ``z_x * sum_k w[n, k]``. A full
   pass over the weight, as many bytes as the GEMM itself reads at one token: once per weight, not per call.
 - ``onednn_int8_weight(w (N, K) int8)``: oneDNN's prepacked (blocked, CPU-specific) layout of an int8 weight for
-  ``onednn.qlinear_pointwise``, the u8 × s8 linear of the w8a8-static op on x86 CPUs with VNNI.
+  ``onednn.qlinear_pointwise``, the u8 × s8 linear of the w8a8-static op on x86 CPUs with VNNI. Like the int4
+  layout below, it is held beside the graph's own weight: the int8 weights' bytes twice in memory.
 - ``cpu_int4_layout(packed (N, K/2) uint8, scales (N, K/g), zero_points (N, K/g), dtype)``: the tile layout of
   ``aten._convert_weight_to_int4pack_for_cpu`` and its ``(K/g, N, 2)`` scales-and-zeros. That layout depends on
   the CPU the process runs on (64-column blocks on AVX-512, 32 on AVX2, plain pairs elsewhere), so a model saved
