@@ -38,6 +38,10 @@ RECIPES = {
     "smooth-quant + w8a8-static minmax": "cleanup,smooth-quant,quantize(scheme=w8a8-static),fold-quant",
     "smooth-quant + w8a8-static minmax, lm_head too":
         "cleanup,smooth-quant,quantize(scheme=w8a8-static,skip=''),fold-quant",
+    # the prefill benchmark's pipeline, run through the lowered int8 kernels (oneDNN's u8 linear on VNNI CPUs)
+    "bf16 + fuse-attention + smooth-quant + w8a8-static minmax, lm_head too, lowered":
+        "cleanup,fuse-attention,cast(dtype=bf16),smooth-quant,quantize(scheme=w8a8-static,skip=''),fold-quant,"
+        "lower-quant",
     "smooth-quant(search) + w8a8-static minmax":
         "cleanup,smooth-quant(search=true),quantize(scheme=w8a8-static),fold-quant",
     "smooth-quant + w8a8-static entropy":

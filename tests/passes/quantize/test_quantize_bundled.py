@@ -70,3 +70,13 @@ def test_calibrated_quantization_bounds(ppl_of):
     assert static / fp32 - 1 < 0.02, (fp32, static)
     assert gptq / fp32 - 1 < 0.06, (fp32, gptq)
     assert gptq - fp32 < 0.6 * (rtn - fp32), (fp32, gptq, rtn)
+
+
+def test_the_prefill_pipeline_through_the_int8_kernels_keeps_w8a8s_bound(ppl_of):
+    """The pipeline of issue 3's prefill figure — bf16, smooth-quant, w8a8-static with the LM head in int8 too,
+    lowered to the real int8 kernels (oneDNN's u8 × s8 linear on CPUs with VNNI, ``_int_mm`` elsewhere) — within
+    w8a8's +1.5% of fp32. Measured +0.18% (the fake-quant graph in fp32: +0.15%; bf16 around the same integers)."""
+    fp32 = ppl_of("")
+    lowered = ppl_of("cleanup,fuse-attention,cast(dtype=bf16),smooth-quant,quantize(scheme=w8a8-static,skip=''),"
+                     "fold-quant,lower-quant")
+    assert lowered / fp32 - 1 < 0.015, (fp32, lowered)
