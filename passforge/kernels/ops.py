@@ -88,7 +88,7 @@ ONEDNN_DTYPES = (torch.float32, torch.bfloat16)  # the output dtypes oneDNN's in
 
 @functools.cache
 def onednn_int8_exact() -> bool:
-    """Whether this process has oneDNN's u8 × s8 linear on a CPU with VNNI (AVX-512 VNNI, AVX-VNNI or AMX), where
+    """Whether this process has oneDNN's u8 × s8 linear on a CPU with AVX-512 VNNI (AMX CPUs have it too), where
     it sums the products exactly in int32, its epilogue inside the GEMM: an LM head at 512 tokens in 34 ms with
     its bf16 output written, against 57 ms for ``_int_mm``'s int32 sums alone (benchmarks/prefill_probe.py,
     docs/benchmarks.md). Without VNNI oneDNN multiplies through 16-bit pair sums that can saturate

@@ -12,10 +12,12 @@
   (``pack_int4``) and each process repacks once (61 ms for a 4096 x 4096 weight, measured on a
   2-core AVX-512 machine).
 
-Entries are keyed by the source tensors' identities, weakly (an entry goes when its weight goes), and their
-version counters (a tensor written in place is derived again), never by data pointer, which a new tensor can
-reuse after a free. Inference-mode tensors have no version counter; passes never write tensors in place
-(IR invariant 5), so they count as version 0.
+Entries are keyed by the source tensors' identities, weakly (an entry goes when its weight goes), never by data
+pointer, which a new tensor can reuse after a free. Each entry is stamped with its sources' version counters and
+storage (data pointer, strides, offset: for a tensor that is alive, a safe witness), so a tensor written in
+place or given new ``.data`` is derived again, and the new value replaces the old (one entry per weight and
+kind). Inference-mode tensors have no version counter; passes never write tensors in place (IR invariant 5),
+so they count as version 0.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 _DERIVED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> {key: (weak refs of the other sources, value)}
 
 
-def _version(tensor: torch.Tensor) -> int:
-    return 0 if tensor.is_inference() else tensor._version
+def _stamp(tensor: torch.Tensor) -> tuple[object, ...]:
+    """What changes when a tensor's values may have: its version counter and where its data lives."""
+    version = 0 if tensor.is_inference() else tensor._version
+    return version, tensor.data_ptr(), tensor.stride(), tensor.storage_offset()
 
 
 def _derived(
@@ -40,12 +44,12 @@ def _derived(
     entries = _DERIVED.get(weight)
     if entries is None:
         entries = _DERIVED[weight] = {}
-    full_key = (*key, _version(weight), *(_version(t) for t in others))
-    cached = entries.get(full_key)
-    if cached is not None and all(ref() is t for ref, t in zip(cached[0], others)):
-        return cached[1]
+    stamps = tuple(_stamp(t) for t in (weight, *others))
+    cached = entries.get(key)
+    if cached is not None and cached[0] == stamps and all(ref() is t for ref, t in zip(cached[1], others)):
+        return cached[2]
     value = make()
-    entries[full_key] = (tuple(weakref.ref(t) for t in others), value)
+    entries[key] = (stamps, tuple(weakref.ref(t) for t in others), value)
     return value
 
 
@@ -56,9 +60,10 @@ def int8_row_sums(w: torch.Tensor) -> torch.Tensor:
 
 def onednn_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) int8 -> (the opaque oneDNN tensor ``onednn.qlinear_prepack`` makes of it, a layout for this CPU;
-    its (N,) int32 zero points, all zero)."""
+    its (N,) int32 zero points, all zero). The prepack reads the weight's storage as row-major whatever its
+    strides, so a strided weight goes in contiguous."""
     return _derived(w, (), ("onednn_int8",), lambda: (
-        torch.ops.onednn.qlinear_prepack(w, None), torch.zeros(w.shape[0], dtype=torch.int32)))
+        torch.ops.onednn.qlinear_prepack(w.contiguous(), None), torch.zeros(w.shape[0], dtype=torch.int32)))
 
 
 def cpu_int4_layout(

@@ -468,3 +468,33 @@ def test_the_onednn_path_takes_any_rows_and_odd_shapes(rows, static_cpu_path):
     want = (acc.float() * (0.02 * scales)).reshape(1, rows, 37)
     assert out.shape == (1, rows, 37)
     torch.testing.assert_close(out, want, rtol=2 * 2**-23, atol=0)
+
+
+@pytest.mark.parametrize("static_cpu_path", [INT_MM, ONEDNN], indirect=True)
+def test_the_static_op_reads_a_strided_weight_by_its_strides(static_cpu_path):
+    """A column-major weight (a transposed copy's transpose) and a column-strided view give the values of their
+    contiguous copies: oneDNN's prepack reads storage as row-major, so the weight goes in contiguous."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 32, generator=g)
+    w = torch.randint(-127, 128, (24, 32), generator=g, dtype=torch.int8)
+    wide = torch.randint(-127, 128, (24, 64), generator=g, dtype=torch.int8)
+    scales = torch.rand(24, generator=g) / 50
+    for strided in (w.t().contiguous().t(), wide[:, ::2]):
+        assert not strided.is_contiguous()
+        got = torch.ops.passforge.int8_static_linear(x, 0.02, -3, strided, scales, None)
+        want = torch.ops.passforge.int8_static_linear(x, 0.02, -3, strided.contiguous(), scales, None)
+        assert torch.equal(got, want)
+
+
+def test_derived_weights_follow_in_place_writes_and_new_data_and_keep_one_entry():
+    """The prepack cache derives again when a weight is written in place or given new ``.data`` (which does not
+    bump its version counter), and a new value replaces the old one instead of piling up beside it."""
+    from passforge.kernels import prepack
+
+    w = torch.randint(-100, 100, (6, 8), dtype=torch.int8)
+    assert torch.equal(prepack.int8_row_sums(w), w.sum(1, dtype=torch.int32))
+    w.add_(1)  # in place: a new version
+    assert torch.equal(prepack.int8_row_sums(w), w.sum(1, dtype=torch.int32))
+    w.data = torch.randint(-100, 100, (6, 8), dtype=torch.int8)  # same tensor, same version, new storage
+    assert torch.equal(prepack.int8_row_sums(w), w.sum(1, dtype=torch.int32))
+    assert list(prepack._DERIVED[w]) == [("row_sums",)]  # one entry: the stale ones were replaced
