@@ -323,6 +323,13 @@ def onednn_int8_linear(
     in fp32 inside the GEMM. The weight is prepacked into this CPU's layout once per process (``prepack``).
     What ``int8_static_linear`` runs where :func:`backend` says ``onednn.qlinear_pointwise``; an op of its own
     so inductor calls it as one extern kernel (oneDNN's prepack has no fake impl to trace)."""
+    return _onednn_int8_linear(qx, x_scale, x_zero_point, w, w_scales, dtype)
+
+
+def _onednn_int8_linear(
+    qx: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
+    """:func:`onednn_int8_linear`'s work, called directly by the eager op (no second custom-op dispatch)."""
     packed, zero_points = onednn_int8_weight(w)
     return torch.ops.onednn.qlinear_pointwise(
         qx, x_scale, x_zero_point + 128, packed, w_scales.to(torch.float32), zero_points, None, 1.0, 0, dtype, "none",
@@ -338,12 +345,12 @@ def _(
 
 
 def _onednn_int8_static_linear(
-    qx: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor, w_scales: torch.Tensor, x: torch.Tensor,
-    bias: torch.Tensor | None,
+    linear: Callable[..., torch.Tensor], qx: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor,
+    w_scales: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """:func:`onednn_int8_linear` shaped like x, plus the bias (added after the rounding, as the ``_int_mm``
-    form does)."""
-    out = onednn_int8_linear(qx, x_scale, x_zero_point, w, w_scales, x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    """``linear`` (:func:`onednn_int8_linear` or its implementation) shaped like x, plus the bias (added after
+    the rounding, as the ``_int_mm`` form does)."""
+    out = linear(qx, x_scale, x_zero_point, w, w_scales, x.dtype).reshape(*x.shape[:-1], w.shape[0])
     return out + bias if bias is not None else out
 
 
@@ -360,7 +367,7 @@ def _int8_static_linear_torch(
         return int8_static_linear_reference(x, x_scale, x_zero_point, w, w_scales, bias)
     if implementation == "onednn.qlinear_pointwise":
         qx = quantize_per_tensor_uint8(x.reshape(-1, x.shape[-1]), x_scale, x_zero_point)
-        return _onednn_int8_static_linear(qx, x_scale, x_zero_point, w, w_scales, x, bias)
+        return _onednn_int8_static_linear(_onednn_int8_linear, qx, x_scale, x_zero_point, w, w_scales, x, bias)
     qx = quantize_per_tensor_int8(x.reshape(-1, x.shape[-1]), x_scale, x_zero_point)  # (M, K) int8
     return _int8_gemm_eager(qx, x_zero_point, lambda cols: [x_scale * w_scales[cols].to(torch.float32)], x, w, bias)
 
@@ -457,7 +464,7 @@ def _int8_static_linear_for_inductor(
     scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # the ops' quantizers, out of place
     if backend("int8_static_linear", x, tuple(w.shape)) == "onednn.qlinear_pointwise":
         qx = (scaled.round() + (x_zero_point + 128)).clamp(0, 255).to(torch.uint8)
-        return _onednn_int8_static_linear(qx, x_scale, x_zero_point, w, w_scales, x, bias)
+        return _onednn_int8_static_linear(onednn_int8_linear, qx, x_scale, x_zero_point, w, w_scales, x, bias)
     qx = (scaled.round() + x_zero_point).clamp(-128, 127).to(torch.int8)
 
     def accumulate(cols: slice) -> torch.Tensor:
