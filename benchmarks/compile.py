@@ -73,7 +73,7 @@ BACKEND_ROWS: dict[str, tuple[str, str, bool, bool]] = {
 
 def backend_row(prefill_spec: str, decode_spec: str, inductor: bool, bf16_model: bool) -> Callable[[Setup], Variant]:
     def build_row(setup: Setup) -> Variant:
-        calib = read_tokens(bundled_calib_path(), _byte_source())[:65536].tolist()  # ids: a list, not a tensor
+        calib = calibration_ids()
 
         def options(spec: str) -> dict[str, object]:
             return {"pipeline": spec, "inductor": inductor, "calib_data": calib}
@@ -89,6 +89,12 @@ def backend_row(prefill_spec: str, decode_spec: str, inductor: bool, bf16_model:
         )
 
     return build_row
+
+
+def calibration_ids() -> list[int]:
+    """64 Ki byte ids of the bundled calibration text: a list, not a tensor (``torch.compile`` compares option
+    dicts with ``==``)."""
+    return read_tokens(bundled_calib_path(), _byte_source())[:65536].tolist()
 
 
 def _byte_source() -> object:

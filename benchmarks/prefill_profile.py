@@ -18,12 +18,11 @@ import copy
 import logging
 
 import torch
-from compile import STATIC_HEAD, _byte_source
-from quant import bundled_calib_path, keep_freed_memory
+from compile import STATIC_HEAD, calibration_ids
+from quant import keep_freed_memory
 from torch.profiler import profile
 
 from passforge.models.llama import build
-from passforge.models.registry import read_tokens
 
 GEMMS = ("qlinear", "aten::mm", "aten::addmm", "_int_mm", "_weight_int8pack_mm", "_weight_int4pack_mm")
 
@@ -54,7 +53,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = build("llama-100m").eval().to(torch.bfloat16)
     tokens = torch.randint(0, model.config.vocab_size, (1, 512))
-    calib = read_tokens(bundled_calib_path(), _byte_source())[:65536].tolist()
+    calib = calibration_ids()
     compiled = {
         "inductor bf16": torch.compile(copy.deepcopy(model), options={"freezing": True}),
         "passforge STATIC_HEAD": torch.compile(model, backend="passforge",

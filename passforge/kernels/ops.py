@@ -153,14 +153,18 @@ def int8_weight_linear(
     return _int8_weight_linear_cpu(x, w, scales, bias)
 
 
+def _shaped_like_x(out: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear's (M, N) result for x's M = prod(x.shape[:-1]) rows, shaped (..., N) like x, plus the bias."""
+    out = out.reshape(*x.shape[:-1], out.shape[-1])
+    return out + bias if bias is not None else out
+
+
 def _int8_weight_linear_cpu(
     x: torch.Tensor, w: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
     if backend("int8_weight_linear", x, tuple(w.shape)) == "aten._weight_int8pack_mm":
         flat = x.reshape(-1, x.shape[-1])  # (M, K)
-        out = torch.ops.aten._weight_int8pack_mm(flat, w.contiguous(), scales.to(x.dtype))  # (M, N)
-        out = out.reshape(*x.shape[:-1], w.shape[0])
-        return out + bias if bias is not None else out
+        return _shaped_like_x(torch.ops.aten._weight_int8pack_mm(flat, w.contiguous(), scales.to(x.dtype)), x, bias)
     return int8_weight_linear_reference(x, w, scales, bias)
 
 
@@ -231,8 +235,7 @@ def _int8_gemm_eager(
         out = qx.new_empty((qx.shape[0], w.shape[0]), dtype=x.dtype)
         for cols in blocks:
             out[:, cols] = dequantized(cols)
-    out = out.reshape(*x.shape[:-1], w.shape[0])
-    return out + bias if bias is not None else out
+    return _shaped_like_x(out, x, bias)
 
 
 def _int8_dynamic_linear_torch(
@@ -303,15 +306,23 @@ def quantize_per_tensor_int8(x: torch.Tensor, scale: float, zero_point: int) -> 
     """``quantize_per_tensor(x, scale, zero_point, -128, 127, int8)`` bit for bit — the same fp32 ops (x times
     the inverse scale, which torch rounds to fp32 as a scalar operand; round half to even; + zero point; clamp)
     on one buffer in place: 1.5-5x faster on CPU than the decomposed op, which allocates at each step."""
-    scaled = x.float() * (1.0 / scale)  # a new buffer: the in-place steps never write into x
-    return scaled.round_().add_(zero_point).clamp_(-128, 127).to(torch.int8)
+    return _quantize_per_tensor(x, scale, zero_point, torch.int8)
 
 
 def quantize_per_tensor_uint8(x: torch.Tensor, scale: float, zero_point: int) -> torch.Tensor:
     """:func:`quantize_per_tensor_int8` plus 128, as uint8: the same integers shifted into oneDNN's u8 range
     (``clamp(round(x / s) + z + 128, 0, 255)``, exactly ``quantize_per_tensor(..., -128, 127, int8) + 128``)."""
-    scaled = x.float() * (1.0 / scale)
-    return scaled.round_().add_(zero_point + 128).clamp_(0, 255).to(torch.uint8)
+    return _quantize_per_tensor(x, scale, zero_point, torch.uint8)
+
+
+# the per-tensor quantizers' integer dtypes -> (zero point shift, lo, hi): uint8 holds the int8 values + 128
+PER_TENSOR_RANGES = {torch.int8: (0, -128, 127), torch.uint8: (128, 0, 255)}
+
+
+def _quantize_per_tensor(x: torch.Tensor, scale: float, zero_point: int, dtype: torch.dtype) -> torch.Tensor:
+    shift, lo, hi = PER_TENSOR_RANGES[dtype]
+    scaled = x.float() * (1.0 / scale)  # a new buffer: the in-place steps never write into x
+    return scaled.round_().add_(zero_point + shift).clamp_(lo, hi).to(dtype)
 
 
 @torch.library.custom_op("passforge::onednn_int8_linear", mutates_args=())
@@ -344,16 +355,6 @@ def _(
     return qx.new_empty((qx.shape[0], w.shape[0]), dtype=dtype)
 
 
-def _onednn_int8_static_linear(
-    linear: Callable[..., torch.Tensor], qx: torch.Tensor, x_scale: float, x_zero_point: int, w: torch.Tensor,
-    w_scales: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None,
-) -> torch.Tensor:
-    """``linear`` (:func:`onednn_int8_linear` or its implementation) shaped like x, plus the bias (added after
-    the rounding, as the ``_int_mm`` form does)."""
-    out = linear(qx, x_scale, x_zero_point, w, w_scales, x.dtype).reshape(*x.shape[:-1], w.shape[0])
-    return out + bias if bias is not None else out
-
-
 def _int8_static_linear_torch(
     x: torch.Tensor,
     x_scale: float,
@@ -367,7 +368,7 @@ def _int8_static_linear_torch(
         return int8_static_linear_reference(x, x_scale, x_zero_point, w, w_scales, bias)
     if implementation == "onednn.qlinear_pointwise":
         qx = quantize_per_tensor_uint8(x.reshape(-1, x.shape[-1]), x_scale, x_zero_point)
-        return _onednn_int8_static_linear(_onednn_int8_linear, qx, x_scale, x_zero_point, w, w_scales, x, bias)
+        return _shaped_like_x(_onednn_int8_linear(qx, x_scale, x_zero_point, w, w_scales, x.dtype), x, bias)
     qx = quantize_per_tensor_int8(x.reshape(-1, x.shape[-1]), x_scale, x_zero_point)  # (M, K) int8
     return _int8_gemm_eager(qx, x_zero_point, lambda cols: [x_scale * w_scales[cols].to(torch.float32)], x, w, bias)
 
@@ -461,11 +462,13 @@ def _int8_static_linear_for_inductor(
 ) -> torch.Tensor:
     """``passforge::int8_static_linear`` in ATen ops only (see :data:`INDUCTOR_DECOMPOSITIONS`); where the op
     runs oneDNN's int8 linear, the uint8 quantizer (fused by inductor into the op before) and that op."""
-    scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # the ops' quantizers, out of place
-    if backend("int8_static_linear", x, tuple(w.shape)) == "onednn.qlinear_pointwise":
-        qx = (scaled.round() + (x_zero_point + 128)).clamp(0, 255).to(torch.uint8)
-        return _onednn_int8_static_linear(onednn_int8_linear, qx, x_scale, x_zero_point, w, w_scales, x, bias)
-    qx = (scaled.round() + x_zero_point).clamp(-128, 127).to(torch.int8)
+    onednn = backend("int8_static_linear", x, tuple(w.shape)) == "onednn.qlinear_pointwise"
+    dtype = torch.uint8 if onednn else torch.int8
+    shift, lo, hi = PER_TENSOR_RANGES[dtype]
+    scaled = x.reshape(-1, x.shape[-1]).float() * (1.0 / x_scale)  # _quantize_per_tensor, out of place
+    qx = (scaled.round() + (x_zero_point + shift)).clamp(lo, hi).to(dtype)
+    if onednn:  # the linear as one extern op; its bias added after the rounding, as the eager op does
+        return _shaped_like_x(onednn_int8_linear(qx, x_scale, x_zero_point, w, w_scales, x.dtype), x, bias)
 
     def accumulate(cols: slice) -> torch.Tensor:
         acc = torch._int_mm(qx, w[cols].t())
@@ -484,8 +487,7 @@ def _int8_epilogue(
     after a ``_int_mm`` on a constant weight into oneDNN's int8 linear with int8 activations, which on CPUs
     where oneDNN has no int8 × int8 kernel (AVX-512 VNNI takes uint8 × int8) runs its reference loop: 8.5 s
     instead of 3.8 ms for one 768 → 2048 layer at M=512 (benchmarks/int8_inductor_probe.py)."""
-    out = (acc.to(torch.float32) * scale).to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
-    return out + bias if bias is not None else out
+    return _shaped_like_x((acc.to(torch.float32) * scale).to(x.dtype), x, bias)
 
 
 INDUCTOR_DECOMPOSITIONS = {
@@ -607,9 +609,8 @@ def int4pack_linear(
     (``cpu_int4_layout``: (N, K/2) tiles). The CPU int4 op ends here, and so do inductor builds, which repack
     the weights once (``runtime.inductor.int4_in_cpu_layout``); its shapes follow x's, symbolic ones too."""
     flat = x.reshape(-1, x.shape[-1]).contiguous()  # (M, K)
-    out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, tiles, group_size, scales_and_zeros)  # (M, N)
-    out = out.reshape(*x.shape[:-1], tiles.shape[0])
-    return out + bias if bias is not None else out
+    return _shaped_like_x(torch.ops.aten._weight_int4pack_mm_for_cpu(flat, tiles, group_size, scales_and_zeros), x,
+                          bias)
 
 
 @int4_weight_linear.register_fake
