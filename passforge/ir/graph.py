@@ -143,6 +143,15 @@ def high_pad(rank: int, dim: int, extra: int) -> list[int]:
     return [0, 0] * (rank - 1 - dim) + [0, extra]
 
 
+def high_padding(pad: fx.Node, rank: int, dim: int) -> int | None:
+    """How many zeros ``pad`` adds at the high end of ``dim`` of a rank-``rank`` tensor when that is all a
+    ``constant_pad_nd`` node does (the amounts :func:`high_pad` writes); None for any other node or padding."""
+    if pad.target is not torch.ops.aten.constant_pad_nd.default or (len(pad.args) > 2 and pad.args[2] != 0):
+        return None
+    amounts = list(pad.args[1])
+    return amounts[-1] if amounts and amounts == high_pad(rank, dim, amounts[-1]) else None
+
+
 def same_shape(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal shapes, symbolic dims compared by expression (never adds a guard to a ShapeEnv)."""
     return [str(d) for d in a.shape] == [str(d) for d in b.shape]

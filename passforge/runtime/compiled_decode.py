@@ -93,7 +93,6 @@ def _selects(cache: fx.Node) -> list[fx.Node]:
 NARROWED = "passforge.narrowed"  # a per-layer cache input's (dim, heads): the caller passes that view of the slot
 
 
-
 class NotCompilable(ValueError):
     """The step's caches are not read as per-layer slices; the message says how (``per_layer_cache_graph``)."""
 

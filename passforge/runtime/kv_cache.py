@@ -24,7 +24,7 @@ import torch
 from torch import fx
 
 import passforge.kernels.ops  # noqa: F401 - registers passforge::attention
-from passforge.ir.graph import add_buffer, copy_graph_module, fake_mode_of, high_pad, narrowed_slot
+from passforge.ir.graph import add_buffer, copy_graph_module, fake_mode_of, high_padding, narrowed_slot
 from passforge.passes.attention import LOCAL_WINDOW, decode_step_mask
 
 aten = torch.ops.aten
@@ -202,6 +202,5 @@ def _layer_update(part: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     val = select.meta.get("val") if isinstance(select, fx.Node) else None
     if narrowed_slot(select) is not target or not isinstance(val, torch.Tensor):  # only the first heads, step 1
         return None
-    amounts = high_pad(val.dim(), 1, val.shape[1] - target.args[3])  # zeros back to the slot's width
-    value = part.args[2] if len(part.args) > 2 else 0
-    return (update, select) if list(part.args[1]) == amounts and value == 0 else None
+    restored = high_padding(part, val.dim(), 1) == val.shape[1] - target.args[3]  # zeros back to the slot's width
+    return (update, select) if restored else None

@@ -45,7 +45,7 @@ from typing import Literal
 import torch
 from torch import fx
 
-from passforge.ir.graph import high_pad, narrowed_slot
+from passforge.ir.graph import high_padding, narrowed_slot
 
 aten = torch.ops.aten
 Kind = Literal["mlp", "heads", "hidden"]
@@ -517,8 +517,9 @@ class _Walker:
         from_end = _ndim(op) - dim  # amounts come in (before, after) pairs from the last dim
         if any(amounts[2 * (from_end - 1):2 * from_end]):
             stack = next(iter(op.users)) if len(op.users) == 1 else None
-            if self.kv_caches and _padded_slot(op, dim) and stack.target is aten.stack.default \
-                    and _returned_cache(stack, dim + 1):  # a narrower layer's slot, padded to the cache's width
+            padded_slot = self.kv_caches and stack is not None and high_padding(op, _ndim(op), dim) is not None
+            if padded_slot and stack.target is aten.stack.default and _returned_cache(stack, dim + 1):
+                # a narrower layer's slot of a returned KV cache, zero-padded to the cache's width
                 self.group.caches.append(CacheEdge(stack, list(stack.args[0]).index(op), dim + 1, unit))
                 return
             raise _Blocked(f"'{op.name}' pads the channel dim")
@@ -581,15 +582,6 @@ def _narrowed_slot(op: fx.Node) -> bool:
     select = op.args[0]
     return (isinstance(select, fx.Node) and select.target is aten.select.int and select.args[1] == 0
             and narrowed_slot(select) is op and _cache_input(select.args[0]))
-
-
-def _padded_slot(op: fx.Node, dim: int) -> bool:
-    """Whether ``op`` pads only the high end of ``dim``, with zeros: a narrower layer's slot of a returned KV
-    cache padded to the cache's width."""
-    if op.target is not aten.constant_pad_nd.default or (len(op.args) > 2 and op.args[2] != 0):
-        return False
-    amounts = list(op.args[1])
-    return bool(amounts) and amounts == high_pad(_ndim(op), dim, amounts[-1])
 
 
 def _returned_cache(stack: fx.Node, dim: int) -> bool:
