@@ -7,7 +7,7 @@ copy), passforge's ops around them (the Python side of a custom op), inductor's 
 Profiling adds overhead to every op, so the ms are inflated for calls that do little; compare categories, and
 take latencies from ``benchmarks/compile.py``.
 
-    python benchmarks/prefill_profile.py [--runs 5] [--keep-freed-memory]
+    python benchmarks/prefill_profile.py [--runs 5] [--default-allocator]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import logging
 
 import torch
 from compile import STATIC_HEAD, calibration_ids
-from quant import keep_freed_memory
+from quant import set_allocator
 from torch.profiler import profile
 
 from passforge.models.llama import build
@@ -44,10 +44,9 @@ def category(name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5, help="profiled prefills per model (averaged)")
-    parser.add_argument("--keep-freed-memory", action="store_true", help="as in benchmarks/quant.py")
+    parser.add_argument("--default-allocator", action="store_true", help="as in benchmarks/quant.py")
     args = parser.parse_args()
-    if args.keep_freed_memory:
-        keep_freed_memory()
+    print(set_allocator(args.default_allocator))
     logging.disable(logging.WARNING)
     torch._inductor.config.cpp.enable_kernel_profile = True  # inductor's kernels appear by name
     torch.manual_seed(0)

@@ -50,6 +50,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from passforge.api import optimize
 from passforge.ir.graph import example_inputs_of, param_stats, tensor_attrs
 from passforge.models.llama import PRESETS, DecodeStep, Llama, LlamaConfig, build
+from passforge.runtime import allocator
 from passforge.runtime.compiled_decode import CompiledDecodeStep
 from passforge.runtime.executor import direct_cpu_calls
 from passforge.runtime.kv_cache import donate_kv_cache
@@ -460,21 +461,16 @@ def build_rows(
     return build_each(labels, lambda label: rows[label](setup), warm_up)
 
 
-KEPT_NOTE = " glibc kept freed memory (--keep-freed-memory)."
-
-
-def keep_freed_memory() -> None:
-    """Tell glibc's malloc to serve every allocation from its heap (``M_MMAP_MAX = 0``) and keep freed memory
-    (``M_TRIM_THRESHOLD`` 1 GiB), as jemalloc and tcmalloc do and PyTorch's CPU tuning guide recommends. By
-    default a block over 32 MB (a prefill's logits: 512 × 32000 fp32 is 65 MB) is a fresh ``mmap`` on every call,
-    whose pages are faulted in again as they are first written (docs/benchmarks.md has prefill rows with and
-    without this). Whole process, every row alike."""
-    import ctypes
-
-    libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4  # malloc.h
-    if not (libc.mallopt(m_mmap_max, 0) and libc.mallopt(m_trim_threshold, 1 << 30)):
-        raise SystemExit("--keep-freed-memory: glibc's mallopt refused (not glibc?)")
+def set_allocator(default_allocator: bool) -> str:
+    """Every row runs under the allocator passforge's CPU runtime sets (``passforge.runtime.allocator``: glibc
+    keeps freed memory, as jemalloc / tcmalloc do), so rows compare like for like; ``--default-allocator``
+    leaves glibc as it is and tells passforge not to change it either. Returns the line the table's notes print."""
+    if default_allocator:
+        os.environ[allocator.ENV_SWITCH] = "0"
+        return "glibc's default malloc (--default-allocator): blocks over 32 MiB are fresh mmaps on every call."
+    if not allocator.keep_freed_memory():
+        return "glibc's default malloc: keeping freed memory is not available here."
+    return "glibc kept freed memory for every row, as passforge's CPU runtime sets it (passforge.runtime.allocator)."
 
 
 def main(rows: dict[str, Callable[[Setup], Variant]] | None = None, description: str | None = None) -> None:
@@ -488,11 +484,11 @@ def main(rows: dict[str, Callable[[Setup], Variant]] | None = None, description:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch and ORT threads")
     parser.add_argument("--only", default="", help="regex on row labels; eager fp32 (the baseline) always runs")
     parser.add_argument("--skip-compile", action="store_true", help="leave out torch.compile (minutes of compiling)")
-    parser.add_argument("--keep-freed-memory", action="store_true",
-                        help="glibc keeps freed memory for reuse, as jemalloc / tcmalloc do (every row alike)")
+    parser.add_argument("--default-allocator", action="store_true",
+                        help="leave glibc's malloc as it is (by default it keeps freed memory for every row alike, "
+                             "as passforge's CPU runtime sets it)")
     args = parser.parse_args()
-    if args.keep_freed_memory:
-        keep_freed_memory()
+    allocator_note = set_allocator(args.default_allocator)
     warnings.simplefilter("ignore")
     logging.disable(logging.WARNING)  # torchao and the ONNX exporter log at import / export time
     torch.manual_seed(0)
@@ -514,7 +510,7 @@ def main(rows: dict[str, Callable[[Setup], Variant]] | None = None, description:
     print_table(variants, logits, prefill, tok_s, read_gbs, args)
     figures = ", ".join(f"{name} {gbs:.1f}" for name, gbs in bandwidth.items())
     print(f"\nmemory bandwidth GB/s ({BANDWIDTH_MIB} MiB fp32, {args.threads} threads): {figures}; the bound uses "
-          f"the fastest read, {read_gbs:.1f}.{KEPT_NOTE * args.keep_freed_memory} Load average {load_before:.2f} "
+          f"the fastest read, {read_gbs:.1f}. {allocator_note} Load average {load_before:.2f} "
           f"before, {os.getloadavg()[0]:.2f} after. "
           f"torch {torch.__version__}.")
     for label, variant in variants.items():

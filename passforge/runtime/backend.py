@@ -63,6 +63,7 @@ from passforge.passes.base import Context, Pass
 from passforge.passes.hooks import VerifyHook
 from passforge.passes.manager import OnError, PassManager, PipelineResult
 from passforge.passes.spec import parse_pipeline
+from passforge.runtime.allocator import keep_freed_memory
 from passforge.runtime.executor import direct_cpu_calls
 from passforge.runtime.inductor import computes_on_cpu, inductor_compile
 
@@ -84,6 +85,7 @@ class BackendOptions:
     calib_data: str | os.PathLike[str] | list[int] | tuple[int, ...] | None = None
     calibration_calls: int = 8  # without calib_data: calibrate on this many real calls first
     cache_dir: str | os.PathLike[str] | None = None  # keep optimized graphs on disk (see cache_key)
+    keep_freed_memory: bool = True  # on CPU, glibc keeps freed memory for reuse (runtime/allocator.py)
 
     @classmethod
     def from_mapping(cls, options: Mapping[str, object] | None) -> BackendOptions:
@@ -95,7 +97,7 @@ class BackendOptions:
                 f"torch.compile(backend='passforge'): unknown option(s) {', '.join(unknown)}; "
                 f"the options are {', '.join(sorted(known))}"
             )
-        for key in ("inductor", "verify"):
+        for key in ("inductor", "verify", "keep_freed_memory"):
             if key in options and not isinstance(options[key], bool):
                 raise BackendError(f"options['{key}'] must be True or False, got {options[key]!r}")
         made = cls(**options)
@@ -546,6 +548,8 @@ class CompiledGraph:
             graph = self._optimize(tuple(user))
             self._save_cached(graph, user)
         self.graph = graph
+        if self.opts.keep_freed_memory and all(t.device.type == "cpu" for t in user):
+            keep_freed_memory()
         if self.opts.inductor and self.dynamic_dims:
             self.runnable = _inductor_runner(graph)
         elif self.opts.inductor:

@@ -15,6 +15,7 @@ import torch
 from torch import fx
 
 from passforge.ir.graph import copy_graph_module, describe_val, to_device
+from passforge.runtime import allocator
 from passforge.runtime.kv_cache import RingCache
 
 
@@ -57,11 +58,14 @@ class Executor:
 
     def __init__(
         self, gm: fx.GraphModule, device: str | torch.device | None = None, *,
-        runner: Callable[[fx.GraphModule], Callable[..., object]] | None = None,
+        runner: Callable[[fx.GraphModule], Callable[..., object]] | None = None, keep_freed_memory: bool = True,
     ) -> None:
         """``runner``: what runs the graph once it is on the device (e.g. ``runtime.compiled_decode``'s
-        compiled step); by default the graph itself, on CPU with passforge's ops called directly."""
+        compiled step); by default the graph itself, on CPU with passforge's ops called directly.
+        ``keep_freed_memory``: on CPU, have glibc keep freed memory for reuse (``runtime.allocator``)."""
         self.device = resolve_device(device)
+        if keep_freed_memory and self.device.type == "cpu":
+            allocator.keep_freed_memory()
         placed = to_device(gm, self.device)
         if runner is not None:
             self.gm = runner(placed)

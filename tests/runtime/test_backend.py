@@ -468,3 +468,18 @@ def test_after_a_graph_break_a_graph_without_tokens_calibrates_on_its_calls() ->
     assert all(r.status == "ok" for g in graphs for r in g.result.records)
     notes = [" ".join(r.notes) for g in graphs for r in g.result.records]
     assert any("over 2 calibration windows" in n for n in notes), notes  # the head's graph: its 2 calls
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_a_cpu_graph_keeps_freed_memory_unless_the_option_says_no(
+    monkeypatch: pytest.MonkeyPatch, tiny_lm: TinyLM, keep: bool
+) -> None:
+    calls: list[None] = []
+    monkeypatch.setattr(backend, "keep_freed_memory", lambda: calls.append(None) or True)
+    compiled, _ = _compile(tiny_lm, pipeline="cleanup", keep_freed_memory=keep)
+    with torch.no_grad():
+        compiled(_ids())
+        compiled(_ids())
+    assert len(calls) == keep  # once, when the graph is compiled
+    with pytest.raises(BackendError, match=r"keep_freed_memory.*True or False"):
+        passforge_backend(torch.fx.symbolic_trace(tiny_lm), [_ids()], options={"keep_freed_memory": "no"})
