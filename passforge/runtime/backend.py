@@ -548,7 +548,8 @@ class CompiledGraph:
             graph = self._optimize(tuple(user))
             self._save_cached(graph, user)
         self.graph = graph
-        if self.opts.keep_freed_memory and all(t.device.type == "cpu" for t in user):
+        devices = {t.device.type for t in user} | {t.device.type for _, t in tensor_attrs(graph)}
+        if self.opts.keep_freed_memory and devices == {"cpu"}:
             keep_freed_memory()
         if self.opts.inductor and self.dynamic_dims:
             self.runnable = _inductor_runner(graph)
