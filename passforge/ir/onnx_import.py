@@ -325,7 +325,8 @@ def clean(proto: onnx.ModelProto) -> gs.Graph:
 
     The user's ModelProto is not changed (shape inference and function inlining make copies). ``Transpose``
     of a 2-D initializer is not folded: it is how exporters spell a linear's weight, and the interpreter
-    reads the weight as it is (see ``onnx_interpret``).
+    reads the weight as it is (see ``onnx_interpret``). Nor are QuantizeLinear/DequantizeLinear
+    (onnx-graphsurgeon never folds them): a quantized weight stays integers, read by torch's Q/DQ ops.
     """
     onnx = _onnx()
     import onnx_graphsurgeon as gs

@@ -21,6 +21,12 @@ make the result read as captured rather than translated:
 
       MatMul(x, W[K, N]) → Add(·, b[N])        →   aten.linear(x, W_t[N, K], b)
 
+- **QDQ is torch's Q/DQ.** QuantizeLinear/DequantizeLinear become ``quantized_decomposed``'s per-tensor and
+  per-channel ops, what passforge's ``quantize`` inserts, so ``fold-quant`` and ``lower-quant`` read an
+  imported QDQ model as their own; a dequantized weight stays integers, stored (out, in) like a float one::
+
+      DQ(W_q[K, N], s[N], 0, axis=1) → MatMul    →   aten.linear(x, dequantize_per_channel(W_q_t[N, K], s, None, 0))
+
 The ops are listed in :data:`OPS` and docs/onnx.md. Imports onnx-graphsurgeon: import it only when
 importing a model.
 """
@@ -42,6 +48,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import torch
+import torch.ao.quantization.fx._decomposed  # registers torch.ops.quantized_decomposed
 import torch.nn.functional as F
 from torch import nn
 
@@ -899,6 +906,141 @@ def _einsum(node: OnnxNode, *args: Value) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Quantization: QuantizeLinear / DequantizeLinear as torch's quantized_decomposed ops
+
+
+qd = torch.ops.quantized_decomposed
+QDQ_OPS = ("QuantizeLinear", "DequantizeLinear")
+QUANTIZED_TYPES = {"int8": torch.int8, "uint8": torch.uint8, "int16": torch.int16, "uint16": torch.uint16}
+"""The integer types QuantizeLinear writes and DequantizeLinear reads, by numpy name (``torch.iinfo`` gives
+their ranges: int8 -128..127, uint8 0..255 — ONNX saturates to the type, torch clamps to quant_min/max)."""
+DEQUANTIZED_ONLY_TYPES = {"int32": torch.int32}
+"""DequantizeLinear also reads int32: ONNX Runtime's quantizer stores Gemm biases so."""
+QDQ_SUPPORTED = (
+    "passforge imports QuantizeLinear/DequantizeLinear to and from int8, uint8, int16 and uint16 (DequantizeLinear "
+    "also int32), per tensor or per axis; int4/uint4, float8 and blocked quantization (block_size > 0) are not "
+    "supported"
+)
+
+
+def _type_name(tensor: gs.Tensor) -> str | None:
+    """numpy's name for a graph tensor's element type (``int8``, ``int4``, ``float8_e4m3fn``), None if unknown;
+    onnx-graphsurgeon keeps the ONNX enum for types numpy lacks."""
+    dtype = tensor.dtype
+    if dtype is None:
+        return None
+    with contextlib.suppress(KeyError, TypeError, ValueError):
+        return (onnx.helper.tensor_dtype_to_np_dtype(dtype) if isinstance(dtype, int) else np.dtype(dtype)).name
+    return str(dtype)
+
+
+def _quantized_type_name(node: gs.Node) -> str | None:
+    """The integer side's type: DequantizeLinear's input; QuantizeLinear's zero point, else its
+    ``output_dtype``, else uint8 (the spec's default)."""
+    if node.op == "DequantizeLinear":
+        return _type_name(node.inputs[0])
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        return _type_name(node.inputs[2])
+    declared = node.attrs.get("output_dtype", 0)
+    return onnx.helper.tensor_dtype_to_np_dtype(declared).name if declared else "uint8"
+
+
+def _unsupported_type(op: str, name: str) -> str:
+    return f"{'quantizes to' if op == 'QuantizeLinear' else 'dequantizes'} {name}; {QDQ_SUPPORTED}"
+
+
+def qdq_refusal(node: gs.Node) -> str | None:
+    """Why a QuantizeLinear/DequantizeLinear cannot be imported as torch's Q/DQ ops, or None when it can (or
+    is another op). Checked while planning, before any constant is read (int4 has no torch type)."""
+    if node.op not in QDQ_OPS or normalize_domain(node.domain):
+        return None
+    block = node.attrs.get("block_size", 0)
+    if block:
+        return f"blocked quantization (block_size={block}) is not supported; {QDQ_SUPPORTED}"
+    name = _quantized_type_name(node)
+    allowed = {**QUANTIZED_TYPES, **(DEQUANTIZED_ONLY_TYPES if node.op == "DequantizeLinear" else {})}
+    return None if name is None or name in allowed else _unsupported_type(node.op, name)
+
+
+def _qdq_range(node: OnnxNode, dtype: torch.dtype) -> tuple[int, int]:
+    """``(quant_min, quant_max)`` of an integer type the node may use (checked again on the traced values: a
+    type shape inference did not know is known now)."""
+    name = str(dtype).removeprefix("torch.")
+    allowed = {**QUANTIZED_TYPES, **(DEQUANTIZED_ONLY_TYPES if node.op == "DequantizeLinear" else {})}
+    if name not in allowed:
+        raise node.fail(_unsupported_type(node.op, name))
+    info = torch.iinfo(dtype)
+    return info.min, info.max
+
+
+def _qdq_axis(node: OnnxNode, x: torch.Tensor, scale: Value) -> int | None:
+    """None for per-tensor qparams (one scale: a scalar, or a 1-element 1-D tensor as ONNX Runtime also
+    reads it), else the axis a 1-D scale runs along."""
+    if isinstance(scale, ShapeValue) or scale.numel() == 1:
+        return None
+    axis = _axis(node.attr("axis", 1), x.dim())
+    if scale.dim() != 1 or not 0 <= axis < x.dim() or scale.shape[0] != x.shape[axis]:
+        raise node.fail(
+            f"a scale of shape {list(scale.shape)} for an input of shape {list(x.shape)} along axis "
+            f"{node.attr('axis', 1)} is neither per tensor nor per axis; {QDQ_SUPPORTED}"
+        )
+    return axis
+
+
+def _tensor_qparams(scale: Value, zero_point: Value) -> tuple[object, object]:
+    """Per-tensor qparams: Python scalars when constant (the ops' default overload, what passforge's quantize
+    writes and lower-quant reads), else 0-d tensors (their ``.tensor`` overload)."""
+    if isinstance(scale, ShapeValue) and (zero_point is None or isinstance(zero_point, ShapeValue)):
+        return float(scale.values[0]), int(zero_point.values[0]) if zero_point is not None else 0
+    zero = as_tensor(zero_point) if zero_point is not None else torch.zeros((), dtype=torch.int64)
+    return as_tensor(scale).reshape(()), zero.reshape(())
+
+
+@_op("QuantizeLinear")
+def _quantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value = None) -> torch.Tensor:
+    """``saturate(round(x / scale) + zero_point)``, rounding half to even, as ``quantize_per_tensor`` or
+    ``quantize_per_channel``. torch multiplies by ``1 / scale`` where ONNX divides, so a value within an ulp
+    of a rounding boundary can land one step apart from ONNX Runtime (the inverse of onnx_qdq's note)."""
+    x = as_tensor(x)
+    declared = node.attr("output_dtype", 0)
+    dtype = zero_point.dtype if zero_point is not None else torch_dtype(declared) if declared else torch.uint8
+    quant_min, quant_max = _qdq_range(node, dtype)
+    axis = _qdq_axis(node, x, scale)
+    if axis is None:
+        scale, zero_point = _tensor_qparams(scale, zero_point)
+        per_tensor = qd.quantize_per_tensor.default if isinstance(scale, float) else qd.quantize_per_tensor.tensor
+        return per_tensor(x, scale, zero_point, quant_min, quant_max, dtype)
+    zero_points = as_tensor(zero_point) if zero_point is not None else torch.zeros(scale.shape, dtype=torch.int64)
+    return qd.quantize_per_channel(x, scale, zero_points, axis, quant_min, quant_max, dtype)
+
+
+def _widened(zero_points: Value) -> torch.Tensor:
+    """Per-channel zero points as int32: torch subtracts them in the integers' own type (int8 - int8 wraps)."""
+    if isinstance(zero_points, ShapeValue):
+        return replace(zero_points, dtype=torch.int32).tensor()
+    return zero_points.to(torch.int32)
+
+
+@_op("DequantizeLinear")
+def _dequantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value = None) -> torch.Tensor:
+    """``(x - zero_point) * scale`` in the scale's float type (or ``output_dtype``), as
+    ``dequantize_per_tensor`` or ``dequantize_per_channel``: exact, the same products ONNX Runtime computes.
+    A constant all-zero zero point arrives dropped (see ``_record``): symmetric weights then read as
+    passforge's quantize writes them, ``dequantize_per_channel(q, s, None, 0, ...)``."""
+    x = as_tensor(x)
+    quant_min, quant_max = _qdq_range(node, x.dtype)
+    declared = node.attr("output_dtype", 0)
+    out_dtype = torch_dtype(declared) if declared else scale.dtype
+    axis = _qdq_axis(node, x, scale)
+    if axis is None:
+        scale, zero_point = _tensor_qparams(scale, zero_point)
+        per_tensor = qd.dequantize_per_tensor.default if isinstance(scale, float) else qd.dequantize_per_tensor.tensor
+        return per_tensor(x, scale, zero_point, quant_min, quant_max, x.dtype, out_dtype=out_dtype)
+    zero_points = None if zero_point is None else _widened(zero_point)
+    return qd.dequantize_per_channel(x, scale, zero_points, axis, quant_min, quant_max, x.dtype, out_dtype=out_dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # com.microsoft fused ops (ONNX Runtime's transformer optimizer) and opset 23's RotaryEmbedding
 
 
@@ -1052,13 +1194,20 @@ class OnnxModule(nn.Module):
         skipped: set[int] = set()
         plan: list[OnnxNode] = []
         for node in graph.nodes:
+            if (refusal := qdq_refusal(node)) is not None:  # before its constants are read (int4 has no torch type)
+                raise _record(node).fail(refusal)
             if id(node) not in skipped:
                 plan.append(self._as_linear(node, consumers, graph, skipped, plan) or _record(node))
         used = {name for node in plan for name in node.inputs if name} | set(self._output_names)
         self._plan = [replace(node, wanted=tuple(name in used for name in node.outputs)) for node in plan]
+        quantized = _quantized_data(self._plan)
         for tensor in graph.tensors().values():
             if isinstance(tensor, gs.Constant) and tensor.name in used and tensor.name not in self._tensors:
-                self._add_constant(tensor.name, to_torch(tensor.values))
+                value = to_torch(tensor.values)
+                if tensor.name in quantized and value.numel() > 1:
+                    self._tensors[tensor.name] = self._register(tensor.name, value)
+                else:
+                    self._add_constant(tensor.name, value)
 
     def _add_constant(self, name: str, value: torch.Tensor) -> None:
         if _small(value):
@@ -1091,9 +1240,10 @@ class OnnxModule(nn.Module):
         skipped: set[int],
         plan: list[OnnxNode],
     ) -> OnnxNode | None:
-        """MatMul/Gemm by a constant 2-D weight as ``F.linear`` with the weight stored (out, in), and a
-        following bias Add folded in (see the module docstring); None when the node is not one. A
-        ``Transpose`` feeding only this node is dropped from ``plan``, an Add folded in goes to ``skipped``."""
+        """MatMul/Gemm by a constant 2-D weight, or a dequantized one (:func:`dequantized_weight`), as
+        ``F.linear`` with the weight stored (out, in), and a following bias Add folded in (see the module
+        docstring); None when the node is not one. A ``Transpose`` feeding only this node is dropped from
+        ``plan``, a dequantized weight's Q/DQ records are re-planned, an Add folded in goes to ``skipped``."""
         if node.op not in ("MatMul", "Gemm") or normalize_domain(node.domain) or len(node.inputs) < 2:
             return None
         if node.op == "Gemm" and (node.attrs.get("transA", 0) or node.attrs.get("alpha", 1.0) != 1.0):
@@ -1102,25 +1252,28 @@ class OnnxModule(nn.Module):
         stored_out_in = node.op == "Gemm" and bool(node.attrs.get("transB", 0))  # (N, K) already
         source, transpose = b, None
         producer = b.inputs[0] if isinstance(b, gs.Variable) and len(b.inputs) == 1 else None
-        if transposes_constant(producer) and len(consumers.get(b.name, [])) == 1:
+        if transposes_constant(producer) and len(consumers.get(b.name, [])) == 1 and b not in graph.outputs:
             source, transpose, stored_out_in = producer.inputs[0], producer, not stored_out_in
+        chain = dequantized_weight(b, consumers, graph) if transpose is None else []
+        source = chain[0].inputs[0] if chain else source
         if not isinstance(source, gs.Constant) or source.values.ndim != 2:
             return None
         weight = to_torch(source.values)
-        if not weight.is_floating_point():
+        dtype = _dequantized_dtype(chain[-1]) if chain else weight.dtype  # what the linear computes in
+        if not dtype.is_floating_point:
             return None
         out_features = weight.shape[0] if stored_out_in else weight.shape[1]
         bias, output = None, node.outputs[0]
         if node.op == "Gemm":
             bias = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
-            if bias is not None and not _is_bias(bias, out_features, node.attrs.get("beta", 1.0), weight.dtype):
+            if bias is not None and not _is_bias(bias, out_features, node.attrs.get("beta", 1.0), dtype):
                 return None
         else:
             users = consumers.get(output.name, [])
             add = users[0] if len(users) == 1 and output not in graph.outputs else None
             if add is not None and add.op == "Add" and not normalize_domain(add.domain):
                 other = add.inputs[1] if add.inputs[0] is output else add.inputs[0]
-                if _is_bias(other, out_features, 1.0, weight.dtype):
+                if _is_bias(other, out_features, 1.0, dtype):
                     bias, output = other, add.outputs[0]
                     skipped.add(id(add))
         if transpose is not None:
@@ -1128,7 +1281,9 @@ class OnnxModule(nn.Module):
         stored_name = source.name
         if EXPORTER_TEMPORARY.fullmatch(stored_name) and node.name in self._scopes:
             stored_name = f"{self._scopes[node.name]}.weight"  # lm_head.weight, not the exporter's val_632
-        if stored_out_in:
+        if chain:
+            weight_key = self._dequantize_out_in(chain, weight, stored_out_in, stored_name, plan)
+        elif stored_out_in:
             weight_key = self._add_tensor(source.name, weight, name=stored_name)
         else:
             weight_key = self._add_tensor(f"{source.name}::T", weight.t().contiguous(), name=stored_name)
@@ -1140,6 +1295,30 @@ class OnnxModule(nn.Module):
             )
         return OnnxNode(node.name or output.name, LINEAR, INTERNAL_DOMAIN, (node.inputs[0].name, weight_key, bias_key),
                         (output.name,), {}, (True,))  # fmt: skip
+
+    def _dequantize_out_in(
+        self, chain: list[gs.Node], weight: torch.Tensor, stored_out_in: bool, stored_name: str, plan: list[OnnxNode]
+    ) -> str:
+        """Re-plan a dequantized weight's ``[Q →] DQ`` records so that they produce the weight (out, in): a
+        (K, N) constant is stored transposed and the per-axis ``axis`` flipped (per tensor: unchanged), the
+        layout ``transpose_weights_into_dq`` undid on export::
+
+            DQ(W_q[K, N], s[N], axis=1) → MatMul    →   dequantize_per_channel(W_q_t[N, K], s, None, 0, ...) → linear
+
+        Returns the name the linear reads the dequantized weight under."""
+        source = chain[0].inputs[0]
+        key = source.name if stored_out_in else f"{source.name}::T"
+        self._add_tensor(key, weight if stored_out_in else weight.t().contiguous(), name=stored_name)
+        replanned = {}
+        for step in chain:
+            record = _record(step)
+            inputs = tuple(key if name == source.name else name for name in record.inputs)
+            attrs = dict(record.attrs)
+            if not stored_out_in:
+                attrs["axis"] = 1 - _axis(attrs.get("axis", 1), 2)
+            replanned[record.outputs] = replace(record, inputs=inputs, attrs=attrs)
+        plan[:] = [replanned.get(n.outputs, n) for n in plan]
+        return chain[-1].outputs[0].name
 
     def _add_tensor(self, key: str, value: torch.Tensor, *, name: str | None = None) -> str:
         """Register ``value`` once under ``key`` (in forward's environment), stored as ``name`` (default:
@@ -1210,6 +1389,47 @@ def transposes_constant(node: gs.Node | None) -> bool:
     return node.inputs[0].values.ndim == 2 and list(node.attrs.get("perm", [1, 0])) == [1, 0]
 
 
+def dequantized_weight(value: gs.Tensor, consumers: Mapping[str, list[gs.Node]], graph: gs.Graph) -> list[gs.Node]:
+    """``[Q, DQ]`` or ``[DQ]`` when ``value`` is a 2-D constant weight dequantized — after a quantize, for a
+    float constant — with constant per-tensor or per-axis qparams, each step read only by the next: how
+    ONNX Runtime's quantizer and passforge's exporter write a quantized linear's weight
+    (``DQ(W_q[K, N], s[N], z[N], axis=1) → MatMul``). Otherwise ``[]``. (Earlier in the sorted graph, the
+    chain's nodes have already passed :func:`qdq_refusal`.)"""
+    chain: list[gs.Node] = []
+    for op in ("DequantizeLinear", "QuantizeLinear"):
+        producer = value.inputs[0] if isinstance(value, gs.Variable) and len(value.inputs) == 1 else None
+        if producer is None or producer.op != op or normalize_domain(producer.domain):
+            return []
+        if len(consumers.get(value.name, [])) != 1 or value in graph.outputs:
+            return []
+        qparams = [t for t in producer.inputs[1:] if t.name]
+        if not all(isinstance(t, gs.Constant) and t.values.ndim <= 1 for t in qparams):
+            return []
+        chain.insert(0, producer)
+        value = producer.inputs[0]
+        if isinstance(value, gs.Constant):
+            return chain if value.values.ndim == 2 else []
+    return []
+
+
+def _dequantized_dtype(dequantize: gs.Node) -> torch.dtype:
+    """DequantizeLinear's output type: ``output_dtype``, else its scale's."""
+    declared = dequantize.attrs.get("output_dtype", 0)
+    return torch_dtype(declared) if declared else to_torch(dequantize.inputs[1].values).dtype
+
+
+def _quantized_data(plan: Sequence[OnnxNode]) -> set[str]:
+    """Names Q/DQ read as data — DequantizeLinear's integers and zero points — stored as buffers even when
+    small, if they hold more than one value (one is a per-tensor zero point, wanted as a Python int): held in
+    Python (see :class:`ShapeValue`) they would become tensors made in ``forward``, constants torch.export
+    lifts, instead of weights."""
+    return {name for node in plan if node.op in QDQ_OPS and not node.domain for name in node.inputs[::2] if name}
+
+
+def _zero_constant(tensors: Sequence[gs.Tensor]) -> bool:
+    return len(tensors) == 1 and isinstance(tensors[0], gs.Constant) and not tensors[0].values.any()
+
+
 def _consumers(graph: gs.Graph) -> dict[str, list[gs.Node]]:
     users: dict[str, list[gs.Node]] = {}
     for node in graph.nodes:
@@ -1223,4 +1443,6 @@ def _record(node: gs.Node) -> OnnxNode:
     outputs = tuple(t.name for t in node.outputs)
     name = node.name or (outputs[0] if outputs else node.op)
     inputs = tuple(t.name for t in node.inputs)
+    if node.op == "DequantizeLinear" and not normalize_domain(node.domain) and _zero_constant(node.inputs[2:3]):
+        inputs = inputs[:2]  # x - 0 is x: symmetric weights read as passforge's quantize writes them (no zero point)
     return OnnxNode(name, node.op, normalize_domain(node.domain), inputs, outputs, dict(node.attrs))

@@ -53,9 +53,13 @@ def _model(
     return helper.make_model(graph, opset_imports=opsets, ir_version=10)
 
 
-def _run_ort(model: onnx.ModelProto | Path, *inputs: torch.Tensor) -> list[torch.Tensor]:
+def _run_ort(model: onnx.ModelProto | Path, *inputs: torch.Tensor, fuse: bool = True) -> list[torch.Tensor]:
+    """``fuse=False``: ONNX Runtime's basic graph optimizations only, so QDQ models run op by op (see
+    ``_qdq_matmul_model``)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if not fuse:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "1")  # fp32: see test_onnx_export
     source = str(model) if isinstance(model, Path) else model.SerializeToString()
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -69,8 +73,10 @@ def _outputs(gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> list[torch.Tens
     return list(out) if isinstance(out, tuple) else [out]
 
 
-def _assert_matches_ort(model: onnx.ModelProto, gm: torch.fx.GraphModule, *inputs: torch.Tensor) -> None:
-    expected, actual = _run_ort(model, *inputs), _outputs(gm, *inputs)
+def _assert_matches_ort(
+    model: onnx.ModelProto, gm: torch.fx.GraphModule, *inputs: torch.Tensor, fuse: bool = True
+) -> None:
+    expected, actual = _run_ort(model, *inputs, fuse=fuse), _outputs(gm, *inputs)
     assert len(actual) == len(expected)
     for name, want, got in zip([o.name for o in model.graph.output], expected, actual):
         tol = FP32 if want.is_floating_point() else {"rtol": 0, "atol": 0}
@@ -210,6 +216,17 @@ def test_matmul_and_gemm_by_constants_become_linear():
     assert count_calls(gm, aten.add.Tensor) == 1  # GemmGeneral's + beta·C; MatMulBias's Add went into its linear
     weights = {n.target: tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.op == "get_attr"}
     assert weights["w"] == (n, k) and weights["w_nk"] == (n, k) and weights["b"] == (n,)  # (out, in), ONNX names
+
+
+def test_a_transposed_weight_that_is_also_an_output_stays_computed():
+    """A Transpose of a constant weight feeds the MatMul as a linear's (out, in) weight only when nothing else
+    reads it: here the transposed weight is a graph output too, so it must still be computed."""
+    init = {"w_nk": _randn(4, 6).numpy()}
+    nodes = [_node("Transpose", ["w_nk"], "WeightT", perm=[1, 0]), _node("MatMul", ["x", "WeightT"], "Out")]
+    model = _model(nodes, {"x": (FLOAT, [3, 6])}, ["Out", "WeightT"], init)
+    x = _randn(3, 6)
+    gm = import_onnx(model, (x,), dynamic=False)
+    _assert_matches_ort(model, gm, x)
 
 
 def test_shape_arithmetic_keeps_dims_dynamic():
@@ -443,6 +460,171 @@ def test_external_data_inside_the_folder_loads(tmp_path):
     assert gm.meta["passforge.source"] == "model.onnx"
 
 
+# ------------------------------------------------------------------------------------------- quantized (QDQ)
+
+qd = torch.ops.quantized_decomposed
+INT8, UINT8 = TensorProto.INT8, TensorProto.UINT8
+QDQ_K, QDQ_N = 16, 8
+QDQ_CALLS = ("quantize_per_tensor", "dequantize_per_tensor", "quantize_per_channel", "dequantize_per_channel")
+
+
+def _int8_per_column(weight: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 of a (K, N) MatMul weight, one scale per output column: ORT's per-channel form (axis=1)."""
+    scales = weight.abs().amax(dim=0) / 127
+    return torch.round(weight / scales).clamp(-128, 127).to(torch.int8).numpy(), scales.numpy()
+
+
+def _qdq_matmul_model() -> onnx.ModelProto:
+    """What ONNX Runtime's ``quantize_static(quant_format=QDQ, per_channel=True)`` writes for two linears:
+    activations Q → DQ per tensor (uint8 zero point 128; int8 zero point -3), int8 weights (K, N) through
+    DequantizeLinear per output channel (axis=1, zero points 0), a bias Add after the second. The quantized
+    activations are outputs too, so that the integers are compared, not only what they become.
+
+    ONNX Runtime runs QDQ models here with its fusions off (``fuse=False``): they compute integer GEMMs, a
+    speed choice of the runtime rather than what the file says, and 1.32's MatMul + Add → Gemm fusion fails
+    on this very model (3-D int8 activations: "output_dtype INT8 does not match y_zero_point type UINT8")."""
+    w_q, w_scale = _int8_per_column(_randn(QDQ_K, QDQ_N, seed=1))
+    init = {
+        "w_q": w_q, "w_scale": w_scale, "w_zero": np.zeros(QDQ_N, np.int8), "b": _randn(QDQ_N, seed=2).numpy(),
+        "xu_scale": np.array(0.03, np.float32), "xu_zero": np.array(128, np.uint8),
+        "xi_scale": np.array(0.025, np.float32), "xi_zero": np.array(-3, np.int8),
+    }  # fmt: skip
+    nodes = [
+        _node("QuantizeLinear", ["x", "xu_scale", "xu_zero"], "xu_q"),
+        _node("DequantizeLinear", ["xu_q", "xu_scale", "xu_zero"], "xu"),
+        _node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], "w_u", axis=1),
+        _node("MatMul", ["xu", "w_u"], "y_uint8"),
+        _node("QuantizeLinear", ["x", "xi_scale", "xi_zero"], "xi_q"),
+        _node("DequantizeLinear", ["xi_q", "xi_scale", "xi_zero"], "xi"),
+        _node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], "w_i", axis=1),
+        _node("MatMul", ["xi", "w_i"], "mm"), _node("Add", ["mm", "b"], "y_int8"),
+    ]  # fmt: skip
+    return _model(nodes, {"x": (FLOAT, [2, 3, QDQ_K])}, ["xu_q", "xi_q", "y_uint8", "y_int8"], init)
+
+
+def test_qdq_matmul_matches_onnxruntime():
+    """Integers exactly, floats within 1e-5: DequantizeLinear is exact in both ((q - z) · s, one fp32 product),
+    so the floats differ only by MatMul's summation order. QuantizeLinear divides by the scale where torch
+    multiplies by its reciprocal, so a value within an ulp of a rounding boundary could land one step apart
+    (one in ~262,144 random values, see onnx_qdq); none does for these seeded inputs, and the quantized
+    activations are compared exactly so that one would show."""
+    model = _qdq_matmul_model()
+    x = _randn(2, 3, QDQ_K) * 2
+    gm = import_onnx(model, (x,), dynamic=False)
+    _assert_matches_ort(model, gm, x, fuse=False)
+    xu_q, xi_q = _outputs(gm, x)[:2]
+    assert xu_q.dtype == torch.uint8 and xi_q.dtype == torch.int8
+    assert {int(xu_q.min()), int(xu_q.max()), int(xi_q.min()), int(xi_q.max())} >= {0, 255, -128, 127}  # saturated
+
+
+def test_qdq_imports_as_passforge_quantize_writes_it():
+    """Weights: the (K, N) int8 initializer stored (N, K), ``dequantize_per_channel(w, s, None, 0, ...)`` (its
+    zero points are 0: dropped, as quantize writes symmetric weights) → ``aten.linear``; activations:
+    ``quantize_per_tensor`` → ``dequantize_per_tensor`` with Python scalars. lower-quant then lowers the int8
+    layer to the static kernel and the uint8 one (not the kernel's -128..127) to the weight-only kernel."""
+    from passforge.passes.base import Context
+    from passforge.passes.manager import PassManager
+
+    model = _qdq_matmul_model()
+    x = _randn(2, 3, QDQ_K) * 2
+    gm = import_onnx(model, (x,), dynamic=False)
+    calls = {op: count_calls(gm, getattr(qd, op)) for op in QDQ_CALLS}
+    assert calls == {"quantize_per_tensor": 2, "dequantize_per_tensor": 2, "quantize_per_channel": 0,
+                     "dequantize_per_channel": 2}  # fmt: skip
+    assert count_calls(gm, aten.linear.default) == 2 and count_calls(gm, aten.add.Tensor) == 0  # bias folded in
+    for dq in (n for n in gm.graph.nodes if n.target is qd.dequantize_per_channel.default):
+        weight, scale, zero_points, axis, *qrange = dq.args
+        assert (weight.meta["val"].dtype, tuple(weight.meta["val"].shape), tuple(scale.meta["val"].shape)) == (
+            torch.int8, (QDQ_N, QDQ_K), (QDQ_N,))
+        assert (zero_points, axis, tuple(qrange)) == (None, 0, (-128, 127, torch.int8))
+    ranges = {n.args[5]: tuple(n.args[1:5]) for n in gm.graph.nodes if n.target is qd.quantize_per_tensor.default}
+    fp32 = {value: float(np.float32(value)) for value in (0.03, 0.025)}  # the file's scales, as Python floats
+    assert ranges == {torch.uint8: (fp32[0.03], 128, 0, 255), torch.int8: (fp32[0.025], -3, -128, 127)}
+    lowered = PassManager.parse("lower-quant(guard=false)").run(gm, Context(example_inputs=(x,))).graph
+    kernels = {op: count_calls(lowered, getattr(torch.ops.passforge, op)) for op in
+               ("int8_static_linear", "int8_weight_linear")}  # fmt: skip
+    assert kernels == {"int8_static_linear": 1, "int8_weight_linear": 1}
+
+
+def test_qdq_forms_match_onnxruntime():
+    """Per-axis activations with uint8 zero points up to 255 (torch subtracts them in int32, not uint8), int16 /
+    uint16, an int32 bias, no zero point (uint8) or ``output_dtype``, a 1-element 1-D scale (per tensor), a
+    scale computed at run time (the ops' tensor overload), a per-tensor weight and a Gemm(transB=1) weight
+    already (N, K). Same bounds as test_qdq_matmul_matches_onnxruntime."""
+    k, n = 6, 4
+    w_q, w_scale = _int8_per_column(_randn(k, n, seed=3))
+    init = {
+        "axis_scale": np.array([0.02, 0.03, 0.05, 0.01, 0.04, 0.02], np.float32),
+        "axis_zero": np.array([0, 255, 128, 7, 250, 3], np.uint8),
+        "s16": np.array(1e-4, np.float32), "z16": np.array(-7, np.int16), "zu16": np.array(30000, np.uint16),
+        "bias_q": np.array([-70000, 3, 0, 123456], np.int32), "bias_scale": np.array(1e-5, np.float32),
+        "one_scale": np.array([0.05], np.float32), "half": np.array(0.5, np.float32),
+        "w_q": w_q, "w_scale": w_scale, "w_tensor_scale": np.array(0.02, np.float32),
+        "w_tensor_zero": np.array(2, np.int8), "wt_q": np.ascontiguousarray(w_q.T), "wt_zero": np.zeros(n, np.int8),
+    }  # fmt: skip
+    nodes = [
+        _node("QuantizeLinear", ["x", "axis_scale", "axis_zero"], "x_axis_q", axis=-1),
+        _node("DequantizeLinear", ["x_axis_q", "axis_scale", "axis_zero"], "x_axis", axis=-1),
+        _node("QuantizeLinear", ["x", "s16", "z16"], "x_int16_q"),
+        _node("DequantizeLinear", ["x_int16_q", "s16", "z16"], "x_int16"),
+        _node("QuantizeLinear", ["x", "s16", "zu16"], "x_uint16_q"),
+        _node("DequantizeLinear", ["x_uint16_q", "s16", "zu16"], "x_uint16"),
+        _node("DequantizeLinear", ["bias_q", "bias_scale"], "bias"),
+        _node("QuantizeLinear", ["x", "one_scale"], "x_default_q"),
+        _node("QuantizeLinear", ["x", "one_scale"], "x_declared_q", output_dtype=INT8),
+        _node("ReduceMax", ["x"], "amax", keepdims=0), _node("Mul", ["amax", "half"], "computed_scale"),
+        _node("QuantizeLinear", ["x", "computed_scale"], "x_computed_q"),
+        _node("DequantizeLinear", ["x_computed_q", "computed_scale"], "x_computed"),
+        _node("DequantizeLinear", ["w_q", "w_tensor_scale", "w_tensor_zero"], "w_tensor"),
+        _node("MatMul", ["x_axis", "w_tensor"], "per_tensor_weight"),
+        _node("DequantizeLinear", ["wt_q", "w_scale", "wt_zero"], "wt", axis=0),
+        _node("Gemm", ["x2d", "wt"], "gemm_transposed", transB=1),
+    ]  # fmt: skip
+    hidden = {"amax", "computed_scale", "w_tensor", "wt"}
+    outputs = [o for node in nodes for o in node.output if o not in hidden]
+    model = _model(nodes, {"x": (FLOAT, [2, 3, k]), "x2d": (FLOAT, [3, k])}, outputs, init)
+    x, x2d = _randn(2, 3, k), _randn(3, k, seed=4)
+    gm = import_onnx(model, (x, x2d), dynamic=False)
+    _assert_matches_ort(model, gm, x, x2d, fuse=False)
+    assert count_calls(gm, qd.quantize_per_tensor.tensor) == 1 and count_calls(gm, qd.quantize_per_channel) == 1
+    assert count_calls(gm, aten.linear.default) == 2
+
+
+@pytest.mark.parametrize(
+    ("quantize", "attrs", "message"),
+    [(["x", "block_scale", "block_zero"], {"axis": 1, "block_size": 2}, "blocked quantization \\(block_size=2\\)"),
+     (["x", "scale", "fp8_zero"], {}, "quantizes to float8_e4m3fn"),
+     (["x", "scale", "int4_zero"], {}, "quantizes to int4"),
+     (["x", "scale"], {"output_dtype": TensorProto.UINT4}, "quantizes to uint4")],
+)  # fmt: skip
+def test_unsupported_qdq_names_the_node(quantize, attrs, message):
+    init = [numpy_helper.from_array(np.full((2, 2), 0.1, np.float32), "block_scale"),
+            numpy_helper.from_array(np.zeros((2, 2), np.int8), "block_zero"),
+            numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
+            helper.make_tensor("fp8_zero", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+            helper.make_tensor("int4_zero", TensorProto.INT4, [], [0])]  # fmt: skip
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", quantize, ["q"], name="act_quant", **attrs),
+         helper.make_node("DequantizeLinear", ["q", *quantize[1:]], ["y"], **{k: v for k, v in attrs.items()
+                                                                               if k != "output_dtype"})],
+        "test", [helper.make_tensor_value_info("x", FLOAT, [2, 4])], [helper.make_value_info("y", onnx.TypeProto())],
+        init,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    with pytest.raises(OnnxImportError, match=rf"node 'act_quant' \(QuantizeLinear\): {message}.*int8, uint8"):
+        import_onnx(model, (_randn(2, 4),), dynamic=False)
+
+
+def test_unsupported_dequantized_weight_names_the_node():
+    """A refused DQ on a constant weight is refused too: onnx-graphsurgeon never folds Q/DQ to float."""
+    weight = helper.make_tensor("w_q", TensorProto.INT4, [4, 2], [-8, 7, 1, 0, 3, -2, 5, -1])
+    nodes = [_node("DequantizeLinear", ["w_q", "w_scale"], "w", axis=1), _node("MatMul", ["x", "w"], "y")]
+    model = _model(nodes, {"x": (FLOAT, [3, 4])}, ["y"], {"w_scale": np.array([0.5, 0.25], np.float32)})
+    model.graph.initializer.append(weight)
+    with pytest.raises(OnnxImportError, match=r"node 'w' \(DequantizeLinear\): dequantizes int4; passforge imports"):
+        import_onnx(model, (_randn(3, 4),), dynamic=False)
+
+
 # ------------------------------------------------------------------------------------------- real exports
 
 
@@ -569,3 +751,33 @@ def test_local_functions_are_checked_inlined_and_inputs_without_a_rank_refused()
     rankless = _model([_node("Relu", ["x"], "Y")], {"x": (FLOAT, None)}, ["Y"])
     with pytest.raises(OnnxImportError, match="has no shape"):
         import_onnx(rankless)
+
+
+@pytest.mark.parametrize(
+    ("spec", "kernel"),
+    [("quantize(scheme=w8a8-static,calib_windows=2)", "int8_static_linear"),
+     ("quantize,fold-quant", "int8_weight_linear")],
+)  # fmt: skip
+def test_passforge_qdq_export_imports_back_to_its_fake_quant(llama_graph, tokens, tmp_path, spec, kernel):
+    """export_onnx's QDQ form imports back to the ops quantize inserted — weights (N, K) per channel on axis 0
+    (quantized at run time, or stored int8 after fold-quant), activations per tensor with Python scalars — as
+    many of each, with outputs within 1e-5 of the fake-quant graph's (measured 2e-7, logits of scale 0.56):
+    the file holds the activation scales as fp32 where quantize's are Python floats, which moves dequantized
+    activations by an fp32 ulp (a rounding flip would show as ~1e-3; none happens). lower-quant then lowers all
+    of the quantized linears to the int8 kernels, within its own bounds (checked by VerifyHook)."""
+    from passforge.ir.onnx_export import export_onnx
+    from passforge.passes.base import Context
+    from passforge.passes.hooks import VerifyHook
+    from passforge.passes.manager import PassManager
+
+    calib = torch.randint(0, 256, (4 * 64,), generator=torch.Generator().manual_seed(2))
+    fake_quant = PassManager.parse(spec).run(llama_graph, Context(example_inputs=(tokens,), calib_tokens=calib)).graph
+    imported = import_onnx(export_onnx(fake_quant, tmp_path / "qdq.onnx", (tokens,)), (tokens,), dynamic=False)
+    torch.testing.assert_close(_outputs(imported, tokens)[0], _outputs(fake_quant, tokens)[0], **FP32)
+    for op in QDQ_CALLS:
+        assert count_calls(imported, getattr(qd, op)) == count_calls(fake_quant, getattr(qd, op)), op
+    assert count_calls(imported, qd.dequantize_per_channel) == 2 * 7  # q k v o gate up down per layer
+    manager = PassManager.parse("fold-quant,lower-quant(guard=false)", hooks=[VerifyHook()])
+    result = manager.run(imported, Context(example_inputs=(tokens,)))
+    assert [r.status for r in result.records] == ["ok", "ok"]
+    assert count_calls(result.graph, getattr(torch.ops.passforge, kernel)) == 2 * 7
