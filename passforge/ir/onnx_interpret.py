@@ -27,6 +27,12 @@ make the result read as captured rather than translated:
 
       DQ(W_q[K, N], s[N], 0, axis=1) → MatMul    →   aten.linear(x, dequantize_per_channel(W_q_t[N, K], s, None, 0))
 
+  A blocked int4/uint4 weight (ONNX Runtime's 4-bit QDQ, passforge's w4 export) becomes passforge's w4 as
+  ``fold-quant`` stores it, so ``lower-quant`` lowers it to ``int4_weight_linear`` (int4 shifted by 8)::
+
+      DQ(W_q[K, N]:uint4, s[K/g, N], z, axis=0, block_size=g) → MatMul
+          →   aten.linear(x, dequantize_per_channel_group(unpack_int4(W_p[N, K/2]), s_t, z_t, 0, 15, uint8, g))
+
 The ops are listed in :data:`OPS` and docs/onnx.md. Imports onnx-graphsurgeon: import it only when
 importing a model.
 """
@@ -43,6 +49,7 @@ import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -54,6 +61,7 @@ from torch import nn
 
 from passforge.ir.graph import set_tensor_attr
 from passforge.ir.onnx_import import ONNX_TO_TORCH, OnnxImportError, normalize_domain, torch_dtype
+from passforge.kernels.ops import pack_int4  # also registers passforge::unpack_int4
 
 MAX_SHAPE_VALUE = 64
 """Integer constants with at most this many elements are held in Python (see :class:`ShapeValue`)."""
@@ -64,9 +72,13 @@ INTERNAL_DOMAIN = "passforge.internal"
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
-    """A numpy array (ml_dtypes' bfloat16 / float8 included) as a torch tensor sharing its memory."""
+    """A numpy array (ml_dtypes' bfloat16 / float8 included) as a torch tensor sharing its memory; ml_dtypes'
+    int4 / uint4 (how onnx reads 4-bit tensors: unpacked, one value per byte) as an int8 / uint8 copy — their
+    bytes hold the nibble only, not sign-extended, so a view would read -1 as 15."""
     array = array if array.flags.c_contiguous else array.copy()  # (np.ascontiguousarray would make 0-d 1-d)
     name = array.dtype.name
+    if name in ("int4", "uint4"):
+        return torch.from_numpy(array.astype(np.int8 if name == "int4" else np.uint8))
     if name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
     if name.startswith("float8"):
@@ -918,9 +930,14 @@ DEQUANTIZED_ONLY_TYPES = {"int32": torch.int32}
 """DequantizeLinear also reads int32: ONNX Runtime's quantizer stores Gemm biases so."""
 QDQ_SUPPORTED = (
     "passforge imports QuantizeLinear/DequantizeLinear to and from int8, uint8, int16 and uint16 (DequantizeLinear "
-    "also int32), per tensor or per axis; int4/uint4, float8 and blocked quantization (block_size > 0) are not "
-    "supported"
+    "also int32), per tensor or per axis, and int4/uint4 blocked along K (block_size > 0) on a constant "
+    "MatMul/Gemm weight; float8, 4-bit per tensor or per axis, and other blocked forms are not supported"
 )
+GROUPED_TYPES = ("uint4", "int4")
+"""The types a blocked weight may have: they become ``quantize_per_channel_group`` / ``dequantize_per_channel_group``
+in uint4 (0..15), passforge's w4, int4 shifted by 8 (see :meth:`OnnxModule._group_out_in`)."""
+INT4_SHIFT = 8
+"""int4 (-8..7) + 8 is uint4 (0..15); the zero point shifts too, so ``q - z`` is unchanged."""
 
 
 def _type_name(tensor: gs.Tensor) -> str | None:
@@ -949,17 +966,48 @@ def _unsupported_type(op: str, name: str) -> str:
     return f"{'quantizes to' if op == 'QuantizeLinear' else 'dequantizes'} {name}; {QDQ_SUPPORTED}"
 
 
-def qdq_refusal(node: gs.Node) -> str | None:
+def qdq_refusal(node: gs.Node, weight: WeightRead | None = None) -> str | None:
     """Why a QuantizeLinear/DequantizeLinear cannot be imported as torch's Q/DQ ops, or None when it can (or
-    is another op). Checked while planning, before any constant is read (int4 has no torch type)."""
+    is another op). ``weight``: the linear whose constant weight the node quantizes (:func:`weight_reads`),
+    the only place blocked and 4-bit forms are read. Checked while planning, before any constant is read."""
     if node.op not in QDQ_OPS or normalize_domain(node.domain):
         return None
     block = node.attrs.get("block_size", 0)
-    if block:
-        return f"blocked quantization (block_size={block}) is not supported; {QDQ_SUPPORTED}"
     name = _quantized_type_name(node)
+    if block or name in GROUPED_TYPES:
+        return _grouped_refusal(node, name, block, weight)
     allowed = {**QUANTIZED_TYPES, **(DEQUANTIZED_ONLY_TYPES if node.op == "DequantizeLinear" else {})}
     return None if name is None or name in allowed else _unsupported_type(node.op, name)
+
+
+def _grouped_refusal(node: gs.Node, name: str | None, block: int, weight: WeightRead | None) -> str | None:
+    """Blocked or 4-bit Q/DQ: read only as passforge's w4 weight — int4/uint4, blocks of ``block_size`` along
+    the weight's input dim K (axis 0 of MatMul's (K, N), axis 1 of Gemm(transB=1)'s (N, K)), K a multiple of
+    the block and even (two values per byte); otherwise the reason."""
+    form = f"blocked quantization (block_size={block})" if block else f"{name} per tensor or per axis"
+    if weight is None:
+        return f"{form} is read only on a constant MatMul/Gemm weight (activations are not); {QDQ_SUPPORTED}"
+    if name not in GROUPED_TYPES:
+        return f"{form} of {name} is not supported; {QDQ_SUPPORTED}"
+    if not block:
+        return f"{form} is not supported: 4-bit weights are read blocked along K; {QDQ_SUPPORTED}"
+    k_axis, linear = weight.k_axis, weight.linear.name or weight.linear.outputs[0].name  # named as _record names it
+    shape = tuple(weight.source.values.shape)
+    axis = _axis(node.attrs.get("axis", 1), 2)
+    if axis != k_axis:
+        return (f"blocks run along axis {axis} of the {list(shape)} weight of '{linear}' ({weight.linear.op}), "
+                f"its output dim; passforge's dequantize_per_channel_group groups input "
+                f"channels, so blocks must run along axis {k_axis}; {QDQ_SUPPORTED}")  # fmt: skip
+    k = shape[k_axis]
+    if block < 2 or k % block or k % 2:
+        return (f"block_size={block} on the {list(shape)} weight of '{linear}': passforge reads blocks "
+                f"of at least 2 that divide K={k}, K even (two 4-bit values per byte); {QDQ_SUPPORTED}")  # fmt: skip
+    groups = tuple(k // block if i == k_axis else size for i, size in enumerate(shape))
+    qparams = [t for t in node.inputs[1:] if t.name]
+    if any(tuple(t.values.shape) != groups for t in qparams):
+        found = [list(t.values.shape) for t in qparams]
+        return f"blocked scale/zero point of shapes {found} for a {list(shape)} weight: expected {list(groups)}"
+    return None
 
 
 def _qdq_range(node: OnnxNode, dtype: torch.dtype) -> tuple[int, int]:
@@ -971,6 +1019,16 @@ def _qdq_range(node: OnnxNode, dtype: torch.dtype) -> tuple[int, int]:
         raise node.fail(_unsupported_type(node.op, name))
     info = torch.iinfo(dtype)
     return info.min, info.max
+
+
+def _check_unblocked(node: OnnxNode) -> None:
+    """Blocked Q/DQ passed planning as a linear's weight (:func:`qdq_refusal`) but its reader did not become a
+    linear (a Gemm with transA or alpha != 1, or a bias it cannot fold): the weight would stay float math."""
+    if node.attr("block_size", 0):
+        raise node.fail(
+            f"blocked quantization (block_size={node.attr('block_size')}) is read only on the weight of a MatMul/Gemm "
+            f"that becomes a linear (not a Gemm with transA or alpha != 1, or a bias it cannot fold); {QDQ_SUPPORTED}"
+        )
 
 
 def _qdq_axis(node: OnnxNode, x: torch.Tensor, scale: Value) -> int | None:
@@ -1001,6 +1059,7 @@ def _quantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value =
     """``saturate(round(x / scale) + zero_point)``, rounding half to even, as ``quantize_per_tensor`` or
     ``quantize_per_channel``. torch multiplies by ``1 / scale`` where ONNX divides, so a value within an ulp
     of a rounding boundary can land one step apart from ONNX Runtime (the inverse of onnx_qdq's note)."""
+    _check_unblocked(node)
     x = as_tensor(x)
     declared = node.attr("output_dtype", 0)
     dtype = zero_point.dtype if zero_point is not None else torch_dtype(declared) if declared else torch.uint8
@@ -1027,6 +1086,7 @@ def _dequantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value
     ``dequantize_per_tensor`` or ``dequantize_per_channel``: exact, the same products ONNX Runtime computes.
     A constant all-zero zero point arrives dropped (see ``_record``): symmetric weights then read as
     passforge's quantize writes them, ``dequantize_per_channel(q, s, None, 0, ...)``."""
+    _check_unblocked(node)
     x = as_tensor(x)
     quant_min, quant_max = _qdq_range(node, x.dtype)
     declared = node.attr("output_dtype", 0)
@@ -1038,6 +1098,34 @@ def _dequantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value
         return per_tensor(x, scale, zero_point, quant_min, quant_max, x.dtype, out_dtype=out_dtype)
     zero_points = None if zero_point is None else _widened(zero_point)
     return qd.dequantize_per_channel(x, scale, zero_points, axis, quant_min, quant_max, x.dtype, out_dtype=out_dtype)
+
+
+GROUP_QUANTIZE, GROUP_DEQUANTIZE = "QuantizeGroups", "DequantizeGroups"
+"""Blocked Q/DQ of a linear's 4-bit weight as the planner re-writes them (out, in), uint4 (see
+:meth:`OnnxModule._group_out_in`)."""
+
+
+@_op(GROUP_QUANTIZE, domain=INTERNAL_DOMAIN)
+def _quantize_groups(
+    node: OnnxNode, weight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor
+) -> torch.Tensor:
+    """passforge's w4 quantize, ``quantize_per_channel_group(w, s, z, 0, 15, uint8, g)``, which ``fold-quant``
+    stores packed. torch rounds ``w * (1 / s) + z`` where ONNX rounds ``w / s`` and then adds ``z``: a weight
+    within an ulp of a rounding boundary, or exactly halfway with an odd zero point, lands one step apart
+    (the inverse of onnx_qdq's note; ``fold-quant`` before exporting stores the integers instead)."""
+    return qd.quantize_per_channel_group(weight, scales, zero_points, 0, 15, torch.uint8, node.attr("group_size"))
+
+
+@_op(GROUP_DEQUANTIZE, domain=INTERNAL_DOMAIN)
+def _dequantize_groups(
+    node: OnnxNode, q: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor
+) -> torch.Tensor:
+    """``dequantize_per_channel_group(q, s, z, 0, 15, uint8, g, dtype)`` — on ``unpack_int4`` of the stored
+    bytes when ``packed``, as ``fold-quant`` writes it, so ``lower-quant`` reads it as its own. Exact: the same
+    ``(q - z) * s`` ONNX Runtime computes."""
+    q = torch.ops.passforge.unpack_int4(q) if node.attr("packed") else q
+    group, dtype = node.attr("group_size"), node.attr("output_dtype")
+    return qd.dequantize_per_channel_group(q, scales, zero_points, 0, 15, torch.uint8, group, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -1193,8 +1281,9 @@ class OnnxModule(nn.Module):
         consumers = _consumers(graph)
         skipped: set[int] = set()
         plan: list[OnnxNode] = []
+        reads = weight_reads(graph, consumers)
         for node in graph.nodes:
-            if (refusal := qdq_refusal(node)) is not None:  # before its constants are read (int4 has no torch type)
+            if (refusal := qdq_refusal(node, reads.get(id(node)))) is not None:  # before its constants are read
                 raise _record(node).fail(refusal)
             if id(node) not in skipped:
                 plan.append(self._as_linear(node, consumers, graph, skipped, plan) or _record(node))
@@ -1305,7 +1394,9 @@ class OnnxModule(nn.Module):
 
             DQ(W_q[K, N], s[N], axis=1) → MatMul    →   dequantize_per_channel(W_q_t[N, K], s, None, 0, ...) → linear
 
-        Returns the name the linear reads the dequantized weight under."""
+        Returns the name the linear reads the dequantized weight under. Blocked: :meth:`_group_out_in`."""
+        if chain[-1].attrs.get("block_size", 0):
+            return self._group_out_in(chain, weight, stored_out_in, stored_name, plan)
         source = chain[0].inputs[0]
         key = source.name if stored_out_in else f"{source.name}::T"
         self._add_tensor(key, weight if stored_out_in else weight.t().contiguous(), name=stored_name)
@@ -1317,6 +1408,57 @@ class OnnxModule(nn.Module):
             if not stored_out_in:
                 attrs["axis"] = 1 - _axis(attrs.get("axis", 1), 2)
             replanned[record.outputs] = replace(record, inputs=inputs, attrs=attrs)
+        plan[:] = [replanned.get(n.outputs, n) for n in plan]
+        return chain[-1].outputs[0].name
+
+    def _group_out_in(
+        self, chain: list[gs.Node], weight: torch.Tensor, stored_out_in: bool, stored_name: str, plan: list[OnnxNode]
+    ) -> str:
+        """Re-plan a blocked 4-bit weight's ``[Q →] DQ`` (checked by :func:`qdq_refusal`) as passforge's w4: the
+        weight, scales and zero points stored (out, in) — groups along the input dim — a constant 4-bit weight
+        packed two per byte as ``fold-quant`` stores it, a float one quantized as ``quantize`` does::
+
+            DQ(W_q[K, N]:uint4, s[K/g, N], z[K/g, N], axis=0, block_size=g) → MatMul    →
+                linear(x, dequantize_per_channel_group(unpack_int4(W_p[N, K/2]), s_t[N, K/g], z_t, 0, 15, u8, g))
+            Q(W[K, N], s, z, axis=0, block_size=g) → DQ → MatMul    →
+                quantize_per_channel_group(W_t[N, K], s_t, z_t, 0, 15, u8, g) → dequantize_per_channel_group → linear
+
+        int4 (-8..7) becomes uint4 (0..15): values and zero points + 8 (an absent zero point: 0 + 8), so
+        ``q - z`` and every dequantized value are unchanged and the quantize saturates to the same -8..7.
+        Zero points are stored as int32 even when absent (``quantize`` writes them so; ``lower-quant`` reads
+        them). Returns the name the linear reads the dequantized weight under."""
+        source = chain[0].inputs[0]
+        shift = INT4_SHIFT if _quantized_type_name(chain[-1]) == "int4" else 0
+
+        def out_in(value: torch.Tensor) -> torch.Tensor:
+            return value if stored_out_in else value.t().contiguous()
+
+        stored = chain[0].op == "DequantizeLinear"  # integers in the file, not a float weight quantized here
+        if stored:
+            nibbles = out_in((weight.to(torch.int16) + shift).to(torch.uint8))
+            key = self._add_tensor(f"{source.name}::int4", pack_int4(nibbles), name=stored_name)
+        else:
+            key = self._add_tensor(
+                source.name if stored_out_in else f"{source.name}::T", out_in(weight), name=stored_name
+            )
+        replanned = {}
+        for step in chain:
+            scale, zero = step.inputs[1], step.inputs[2] if len(step.inputs) > 2 and step.inputs[2].name else None
+            scales = out_in(to_torch(scale.values))
+            scale_key = self._add_tensor(f"{scale.name}::groups", scales, name=f"{stored_name}_scale")
+            zeros = torch.zeros(scales.shape, dtype=torch.int32) if zero is None else out_in(to_torch(zero.values))
+            zero_key = self._add_tensor(f"{zero.name if zero else key}::zero_points", zeros.to(torch.int32) + shift,
+                                        name=f"{stored_name}_zero_point")  # fmt: skip
+            record = _record(step)
+            group = {"group_size": step.attrs["block_size"]}
+            if step.op == "QuantizeLinear":
+                replanned[record.outputs] = replace(record, op=GROUP_QUANTIZE, domain=INTERNAL_DOMAIN,
+                                                    inputs=(key, scale_key, zero_key), attrs=group)  # fmt: skip
+            else:
+                q = key if stored else record.inputs[0]
+                attrs = {**group, "packed": stored, "output_dtype": _dequantized_dtype(step)}
+                replanned[record.outputs] = replace(record, op=GROUP_DEQUANTIZE, domain=INTERNAL_DOMAIN,
+                                                    inputs=(q, scale_key, zero_key), attrs=attrs)  # fmt: skip
         plan[:] = [replanned.get(n.outputs, n) for n in plan]
         return chain[-1].outputs[0].name
 
@@ -1391,8 +1533,8 @@ def transposes_constant(node: gs.Node | None) -> bool:
 
 def dequantized_weight(value: gs.Tensor, consumers: Mapping[str, list[gs.Node]], graph: gs.Graph) -> list[gs.Node]:
     """``[Q, DQ]`` or ``[DQ]`` when ``value`` is a 2-D constant weight dequantized — after a quantize, for a
-    float constant — with constant per-tensor or per-axis qparams, each step read only by the next: how
-    ONNX Runtime's quantizer and passforge's exporter write a quantized linear's weight
+    float constant — with constant per-tensor, per-axis or (blocked) 2-D qparams, each step read only by the
+    next: how ONNX Runtime's quantizer and passforge's exporter write a quantized linear's weight
     (``DQ(W_q[K, N], s[N], z[N], axis=1) → MatMul``). Otherwise ``[]``. (Earlier in the sorted graph, the
     chain's nodes have already passed :func:`qdq_refusal`.)"""
     chain: list[gs.Node] = []
@@ -1403,13 +1545,36 @@ def dequantized_weight(value: gs.Tensor, consumers: Mapping[str, list[gs.Node]],
         if len(consumers.get(value.name, [])) != 1 or value in graph.outputs:
             return []
         qparams = [t for t in producer.inputs[1:] if t.name]
-        if not all(isinstance(t, gs.Constant) and t.values.ndim <= 1 for t in qparams):
+        rank = 2 if producer.attrs.get("block_size", 0) else 1
+        if not all(isinstance(t, gs.Constant) and t.values.ndim <= rank for t in qparams):
             return []
         chain.insert(0, producer)
         value = producer.inputs[0]
         if isinstance(value, gs.Constant):
             return chain if value.values.ndim == 2 else []
     return []
+
+
+class WeightRead(NamedTuple):
+    """A MatMul/Gemm reading a dequantized constant weight: the constant and the axis of its input dim K."""
+
+    linear: gs.Node
+    source: gs.Constant
+    k_axis: int
+
+
+def weight_reads(graph: gs.Graph, consumers: Mapping[str, list[gs.Node]]) -> dict[int, WeightRead]:
+    """``{id(Q or DQ node): WeightRead}`` for every step of a :func:`dequantized_weight` chain that a MatMul or
+    Gemm reads as its weight: the steps where :func:`qdq_refusal` accepts blocked 4-bit forms."""
+    reads: dict[int, WeightRead] = {}
+    for node in graph.nodes:
+        if node.op not in ("MatMul", "Gemm") or normalize_domain(node.domain) or len(node.inputs) < 2:
+            continue
+        chain = dequantized_weight(node.inputs[1], consumers, graph)
+        if chain:
+            k_axis = int(node.op == "Gemm" and bool(node.attrs.get("transB", 0)))
+            reads.update((id(step), WeightRead(node, chain[0].inputs[0], k_axis)) for step in chain)
+    return reads
 
 
 def _dequantized_dtype(dequantize: gs.Node) -> torch.dtype:
