@@ -75,13 +75,21 @@ def test_w4_lowering_of_a_small_graph_reads_the_packed_bytes_directly():
 
 
 def test_w4_bf16_lowering_stays_within_the_bf16_bound(llama_graph, tokens):
-    """Numerics in bf16: the CPU kernel rounds scales and zero offsets to bf16, which the graph does not; the
-    pass's bf16 bound (2 units of bf16 at the logits' scale) holds, checked by VerifyHook and here."""
+    """Numerics in bf16: the CPU kernel rounds scales and zero offsets to bf16, one rounding per group, which
+    the graph does not. The pass allows 4 units of bf16 at the logits' scale for w4 in bf16 (llama-100m's
+    decode step after smooth-quant measured 1.5-1.7%, over 2 units), 2 for other weight-only bf16 graphs; this
+    llama stays within 2 (0.7% measured), checked by VerifyHook and here."""
+    from passforge.passes.quantize.lower import LowerQuant
+
     folded = _run(llama_graph, f"cast(dtype=bf16),{W4}", (tokens,)).graph
+    w8 = _run(llama_graph, "cast(dtype=bf16),quantize(scheme=w8),fold-quant", (tokens,)).graph
     before = folded(tokens).float()
     gm = _run(folded, "lower-quant(guard=false)", (tokens,)).graph
     assert count_calls(gm, passforge_ops.int4_weight_linear.default) == LINEARS - 1
     torch.testing.assert_close(gm(tokens).float(), before, rtol=0, atol=2 * 2**-7 * before.abs().max().item())
+    scale = before.abs().max().item()
+    assert LowerQuant().tolerance(folded, [before]) == pytest.approx((0.0, 4 * 2**-7 * scale))
+    assert LowerQuant().tolerance(w8, [before]) == pytest.approx((0.0, 2 * 2**-7 * scale))
 
 
 @pytest.mark.parametrize("prefer", ["size", "speed"])
