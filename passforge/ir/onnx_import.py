@@ -103,7 +103,9 @@ def import_onnx(
     _check_inputs(specs, inputs, label)
     from passforge.ir.onnx_interpret import OnnxModule, module_scopes
 
-    module = OnnxModule(clean(proto), module_scopes(proto))
+    graph = clean(proto)
+    with _quiet_graphsurgeon():  # reading float8 constants logs a false "could not be converted" note
+        module = OnnxModule(graph, module_scopes(proto))
     dynamic_shapes = _dynamic_shapes(specs, inputs) if dynamic else None
     return _capture(module, inputs, dynamic_shapes, label)
 

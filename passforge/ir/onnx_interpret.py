@@ -33,6 +33,13 @@ make the result read as captured rather than translated:
       DQ(W_q[K, N]:uint4, s[K/g, N], z, axis=0, block_size=g) → MatMul
           →   aten.linear(x, dequantize_per_channel_group(unpack_int4(W_p[N, K/2]), s_t, z_t, 0, 15, uint8, g))
 
+  float8e4m3fn Q/DQ become passforge's own fp8 ops (``quantize(scheme=fp8)``'s), the scale shaped to broadcast
+  — a weight's per output channel (N, 1), an activation's per token (..., 1) as export_onnx writes it, blocked
+  along the last axis with the whole row as the block — so ``lower-quant`` lowers them to ``fp8_linear``::
+
+      DQ(W_q[K, N]:e4m3, s[N], axis=1) → MatMul    →   aten.linear(x, dequantize_fp8(W_q_t[N, K], s_rows[N, 1], dtype))
+      DQ(Q(x, s[..., 1], axis=-1, block_size=K))    →   dequantize_fp8(quantize_fp8(x, s), s, dtype)
+
 The ops are listed in :data:`OPS` and docs/onnx.md. Imports onnx-graphsurgeon: import it only when
 importing a model.
 """
@@ -69,6 +76,12 @@ DEFAULT_DOMAIN = ""
 MS_DOMAIN = "com.microsoft"
 INTERNAL_DOMAIN = "passforge.internal"
 """Ops the planner writes itself (:data:`LINEAR`); never read from a file."""
+FLOAT8_TYPES = {
+    "float8_e4m3fn": torch.float8_e4m3fn, "float8_e4m3fnuz": torch.float8_e4m3fnuz,
+    "float8_e5m2": torch.float8_e5m2, "float8_e5m2fnuz": torch.float8_e5m2fnuz,
+}  # fmt: skip
+"""ml_dtypes' float8 types (how onnx reads FLOAT8* tensors) by name, as torch's: the bytes are reinterpreted, so
+each must map to its own format (e4m3fnuz read as e4m3fn would be off by a factor of 2)."""
 
 
 def to_torch(array: np.ndarray) -> torch.Tensor:
@@ -82,8 +95,9 @@ def to_torch(array: np.ndarray) -> torch.Tensor:
     if name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
     if name.startswith("float8"):
-        dtype = torch.float8_e4m3fn if "e4m3" in name else torch.float8_e5m2
-        return torch.from_numpy(array.view(np.uint8)).view(dtype)
+        if name not in FLOAT8_TYPES:
+            raise OnnxImportError(f"{name} tensors are not supported (torch has {', '.join(FLOAT8_TYPES)})")
+        return torch.from_numpy(array.view(np.uint8)).view(FLOAT8_TYPES[name])
     if array.dtype == object:
         raise OnnxImportError("string tensors are not supported (tokenizers inside the graph are not imported)")
     return torch.from_numpy(array)
@@ -408,6 +422,8 @@ def _clip(node: OnnxNode, x: Value, low: Value = None, high: Value = None) -> to
     low, high = (None if v is None else _operand(v, x) for v in (low, high))
     if low is None and high is None:
         return x
+    if high is None and not isinstance(low, torch.Tensor):  # as torch writes it (lower-quant's fp8 token scale)
+        return torch.clamp_min(x, low)
     return torch.clamp(x, low, high)
 
 
@@ -930,9 +946,13 @@ DEQUANTIZED_ONLY_TYPES = {"int32": torch.int32}
 """DequantizeLinear also reads int32: ONNX Runtime's quantizer stores Gemm biases so."""
 QDQ_SUPPORTED = (
     "passforge imports QuantizeLinear/DequantizeLinear to and from int8, uint8, int16 and uint16 (DequantizeLinear "
-    "also int32), per tensor or per axis, and int4/uint4 blocked along K (block_size > 0) on a constant "
-    "MatMul/Gemm weight; float8, 4-bit per tensor or per axis, and other blocked forms are not supported"
+    "also int32), per tensor or per axis; float8e4m3fn with no or a zero zero point, per tensor, per axis, or "
+    "blocked along the last axis with block_size the whole row (per token); and int4/uint4 blocked along K "
+    "(block_size > 0) on a constant MatMul/Gemm weight; other float8 types, 4-bit per tensor or per axis, and other "
+    "blocked forms are not supported"
 )
+FP8 = "float8_e4m3fn"
+"""The float8 type passforge has ops for: ``passforge::quantize_fp8`` / ``dequantize_fp8``."""
 GROUPED_TYPES = ("uint4", "int4")
 """The types a blocked weight may have: they become ``quantize_per_channel_group`` / ``dequantize_per_channel_group``
 in uint4 (0..15), passforge's w4, int4 shifted by 8 (see :meth:`OnnxModule._group_out_in`)."""
@@ -974,10 +994,27 @@ def qdq_refusal(node: gs.Node, weight: WeightRead | None = None) -> str | None:
         return None
     block = node.attrs.get("block_size", 0)
     name = _quantized_type_name(node)
+    if name in FLOAT8_TYPES:
+        return _fp8_refusal(node, name)
     if block or name in GROUPED_TYPES:
         return _grouped_refusal(node, name, block, weight)
     allowed = {**QUANTIZED_TYPES, **(DEQUANTIZED_ONLY_TYPES if node.op == "DequantizeLinear" else {})}
     return None if name is None or name in allowed else _unsupported_type(node.op, name)
+
+
+def _fp8_refusal(node: gs.Node, name: str) -> str | None:
+    """float8 Q/DQ: read as passforge's fp8 ops, which are e4m3fn, saturating and offset-free; otherwise the
+    reason. The layout (per tensor, per axis, or blocks of whole rows) is checked on the traced shapes
+    (:func:`_fp8_scale`)."""
+    if name != FP8:
+        return _unsupported_type(node.op, name)
+    zero = node.inputs[2] if len(node.inputs) > 2 and node.inputs[2].name else None
+    if zero is not None and not (isinstance(zero, gs.Constant) and not zero.values.astype(np.float32).any()):
+        return (f"a float8 zero point other than a constant 0 ('{zero.name}'): ONNX's float8 quantization has no "
+                f"offset (the zero point must be 0) and passforge's fp8 ops none; {QDQ_SUPPORTED}")  # fmt: skip
+    if node.op == "QuantizeLinear" and not node.attrs.get("saturate", 1):
+        return "saturate=0 (out-of-range values become NaN) is not supported: passforge's quantize_fp8 saturates"
+    return None
 
 
 def _grouped_refusal(node: gs.Node, name: str | None, block: int, weight: WeightRead | None) -> str | None:
@@ -1021,6 +1058,29 @@ def _qdq_range(node: OnnxNode, dtype: torch.dtype) -> tuple[int, int]:
     return info.min, info.max
 
 
+def _fp8_scale(node: OnnxNode, x: torch.Tensor, scale: Value) -> torch.Tensor:
+    """A float8 Q/DQ's scale shaped to broadcast against ``x``, as passforge's fp8 ops take it: per tensor 0-d,
+    per axis a 1-D scale reshaped along its axis ((N, 1) for axis 0 of a 2-D weight), blocked only along the
+    last axis with ``block_size`` the whole row — one scale per token, (..., 1), what passforge's export writes
+    for its per-token activation scales (and what :meth:`OnnxModule._dequantize_out_in` writes for a weight's
+    per-output-channel scales)."""
+    block = node.attr("block_size", 0)
+    if not block:
+        axis = _qdq_axis(node, x, scale)
+        if axis is None:
+            return as_tensor(scale).reshape(())
+        return scale.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+    scale = as_tensor(scale)
+    row = (*x.shape[:-1], 1)
+    if _axis(node.attr("axis", 1), x.dim()) != x.dim() - 1 or block != x.shape[-1] or tuple(scale.shape) != row:
+        raise node.fail(
+            f"float8 blocks of {block} along axis {node.attr('axis', 1)} of an input of shape {list(x.shape)} with "
+            f"a scale of shape {list(scale.shape)}: passforge reads float8 blocks only along the last axis with "
+            f"block_size the whole row (one scale per row, shape {list(row)}); {QDQ_SUPPORTED}"
+        )
+    return scale
+
+
 def _check_unblocked(node: OnnxNode) -> None:
     """Blocked Q/DQ passed planning as a linear's weight (:func:`qdq_refusal`) but its reader did not become a
     linear (a Gemm with transA or alpha != 1, or a bias it cannot fold): the weight would stay float math."""
@@ -1058,11 +1118,15 @@ def _tensor_qparams(scale: Value, zero_point: Value) -> tuple[object, object]:
 def _quantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value = None) -> torch.Tensor:
     """``saturate(round(x / scale) + zero_point)``, rounding half to even, as ``quantize_per_tensor`` or
     ``quantize_per_channel``. torch multiplies by ``1 / scale`` where ONNX divides, so a value within an ulp
-    of a rounding boundary can land one step apart from ONNX Runtime (the inverse of onnx_qdq's note)."""
-    _check_unblocked(node)
+    of a rounding boundary can land one step apart from ONNX Runtime (the inverse of onnx_qdq's note).
+    float8e4m3fn: ``passforge::quantize_fp8(x, s)``, ``clamp(x / s, ±448)`` rounded to nearest even — the same
+    float32 division and saturating cast ONNX specifies, so exact (a zero point, checked 0, is dropped)."""
     x = as_tensor(x)
     declared = node.attr("output_dtype", 0)
     dtype = zero_point.dtype if zero_point is not None else torch_dtype(declared) if declared else torch.uint8
+    if dtype == torch.float8_e4m3fn:
+        return torch.ops.passforge.quantize_fp8(x, _fp8_scale(node, x, scale))
+    _check_unblocked(node)
     quant_min, quant_max = _qdq_range(node, dtype)
     axis = _qdq_axis(node, x, scale)
     if axis is None:
@@ -1085,12 +1149,15 @@ def _dequantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value
     """``(x - zero_point) * scale`` in the scale's float type (or ``output_dtype``), as
     ``dequantize_per_tensor`` or ``dequantize_per_channel``: exact, the same products ONNX Runtime computes.
     A constant all-zero zero point arrives dropped (see ``_record``): symmetric weights then read as
-    passforge's quantize writes them, ``dequantize_per_channel(q, s, None, 0, ...)``."""
-    _check_unblocked(node)
+    passforge's quantize writes them, ``dequantize_per_channel(q, s, None, 0, ...)``. float8e4m3fn:
+    ``passforge::dequantize_fp8(q, s, dtype)``, ``q * s`` in float32 (exact), then cast to ``dtype``."""
     x = as_tensor(x)
-    quant_min, quant_max = _qdq_range(node, x.dtype)
     declared = node.attr("output_dtype", 0)
     out_dtype = torch_dtype(declared) if declared else scale.dtype
+    if x.dtype == torch.float8_e4m3fn:
+        return torch.ops.passforge.dequantize_fp8(x, _fp8_scale(node, x, scale), out_dtype)
+    _check_unblocked(node)
+    quant_min, quant_max = _qdq_range(node, x.dtype)
     axis = _qdq_axis(node, x, scale)
     if axis is None:
         scale, zero_point = _tensor_qparams(scale, zero_point)
@@ -1394,12 +1461,19 @@ class OnnxModule(nn.Module):
 
             DQ(W_q[K, N], s[N], axis=1) → MatMul    →   dequantize_per_channel(W_q_t[N, K], s, None, 0, ...) → linear
 
+        float8e4m3fn per output channel: the scale is stored (N, 1) as passforge's ``quantize(scheme=fp8)`` writes
+        it — and as ``lower-quant`` reads it — and read as the equivalent whole-row blocks (axis 1, block_size K)::
+
+            DQ(W_q[K, N]:e4m3, s[N], axis=1) → MatMul    →   dequantize_fp8(W_q_t[N, K], s_rows[N, 1], dtype) → linear
+
         Returns the name the linear reads the dequantized weight under. Blocked: :meth:`_group_out_in`."""
         if chain[-1].attrs.get("block_size", 0):
             return self._group_out_in(chain, weight, stored_out_in, stored_name, plan)
         source = chain[0].inputs[0]
         key = source.name if stored_out_in else f"{source.name}::T"
-        self._add_tensor(key, weight if stored_out_in else weight.t().contiguous(), name=stored_name)
+        out_in = weight if stored_out_in else weight.t().contiguous()
+        self._add_tensor(key, out_in, name=stored_name)
+        fp8 = _quantized_type_name(chain[0]) == FP8
         replanned = {}
         for step in chain:
             record = _record(step)
@@ -1407,6 +1481,12 @@ class OnnxModule(nn.Module):
             attrs = dict(record.attrs)
             if not stored_out_in:
                 attrs["axis"] = 1 - _axis(attrs.get("axis", 1), 2)
+            scale = step.inputs[1]
+            if fp8 and attrs.get("axis", 1) == 0 and scale.values.size > 1:
+                rows = self._add_tensor(f"{scale.name}::rows", to_torch(scale.values).reshape(-1, 1),
+                                        name=f"{stored_name}_scale")  # fmt: skip
+                inputs = (inputs[0], rows, *inputs[2:])
+                attrs.update(axis=1, block_size=out_in.shape[1])
             replanned[record.outputs] = replace(record, inputs=inputs, attrs=attrs)
         plan[:] = [replanned.get(n.outputs, n) for n in plan]
         return chain[-1].outputs[0].name
@@ -1545,7 +1625,10 @@ def dequantized_weight(value: gs.Tensor, consumers: Mapping[str, list[gs.Node]],
         if len(consumers.get(value.name, [])) != 1 or value in graph.outputs:
             return []
         qparams = [t for t in producer.inputs[1:] if t.name]
-        rank = 2 if producer.attrs.get("block_size", 0) else 1
+        blocked = producer.attrs.get("block_size", 0)
+        if blocked and _quantized_type_name(producer) in FLOAT8_TYPES:
+            return []  # float8 blocks are per-row scales read as they stand (see _fp8_scale), not a w4 weight
+        rank = 2 if blocked else 1
         if not all(isinstance(t, gs.Constant) and t.values.ndim <= rank for t in qparams):
             return []
         chain.insert(0, producer)

@@ -176,8 +176,10 @@ def computes_in_low_precision(gm: fx.GraphModule) -> bool:
 
 
 def output_scale(expected: Sequence[torch.Tensor]) -> float:
-    """The largest magnitude among the floating outputs: what absolute tolerances are a fraction of."""
-    return max((float(t.abs().max()) for t in expected if t.is_floating_point() and t.numel()), default=1.0)
+    """The largest magnitude among the floating outputs: what absolute tolerances are a fraction of (float8
+    outputs read in fp32: torch has no abs / max for them)."""
+    return max((float((t.float() if t.element_size() == 1 else t).abs().max())
+                for t in expected if t.is_floating_point() and t.numel()), default=1.0)
 
 
 def _default_of(f: dataclasses.Field) -> object:

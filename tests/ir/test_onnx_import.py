@@ -594,7 +594,11 @@ def test_qdq_forms_match_onnxruntime():
     ("quantize", "attrs", "message"),
     [(["x", "block_scale", "block_zero"], {"axis": 1, "block_size": 2},
       "blocked quantization \\(block_size=2\\) is read only on a constant MatMul/Gemm weight"),
-     (["x", "scale", "fp8_zero"], {}, "quantizes to float8_e4m3fn"),
+     (["x", "scale", "e5m2_zero"], {}, "quantizes to float8_e5m2"),
+     (["x", "scale", "fp8_one"], {}, "a float8 zero point other than a constant 0 \\('fp8_one'\\)"),
+     (["x", "block_scale"], {"axis": 1, "block_size": 2, "output_dtype": TensorProto.FLOAT8E4M3FN},
+      "float8 blocks of 2 along axis 1 of an input of shape \\[2, 4\\] .* only along the last axis with block_size "
+      "the whole row"),
      (["x", "scale", "int4_zero"], {}, "int4 per tensor or per axis is read only on a constant MatMul/Gemm weight"),
      (["x", "scale"], {"output_dtype": TensorProto.UINT4}, "uint4 per tensor or per axis is read only on a constant")],
 )  # fmt: skip
@@ -602,7 +606,8 @@ def test_unsupported_qdq_names_the_node(quantize, attrs, message):
     init = [numpy_helper.from_array(np.full((2, 2), 0.1, np.float32), "block_scale"),
             numpy_helper.from_array(np.zeros((2, 2), np.int8), "block_zero"),
             numpy_helper.from_array(np.array(0.1, np.float32), "scale"),
-            helper.make_tensor("fp8_zero", TensorProto.FLOAT8E4M3FN, [], [0.0]),
+            helper.make_tensor("e5m2_zero", TensorProto.FLOAT8E5M2, [], [0.0]),
+            helper.make_tensor("fp8_one", TensorProto.FLOAT8E4M3FN, [], [1.0]),
             helper.make_tensor("int4_zero", TensorProto.INT4, [], [0])]  # fmt: skip
     graph = helper.make_graph(
         [helper.make_node("QuantizeLinear", quantize, ["q"], name="act_quant", **attrs),
@@ -614,6 +619,71 @@ def test_unsupported_qdq_names_the_node(quantize, attrs, message):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     with pytest.raises(OnnxImportError, match=rf"node 'act_quant' \(QuantizeLinear\): {message}.*int8, uint8"):
         import_onnx(model, (_randn(2, 4),), dynamic=False)
+
+
+FP8_K, FP8_N = 16, 6
+
+
+def _fp8_matmul_model() -> onnx.ModelProto:
+    """Two fp8 linears as passforge's export writes them (see onnx_qdq): activations quantized per token —
+    blocked along the last axis, block_size K, the scale ``max(amax(|x|) / 448, 2^-24)`` computed in the graph —
+    one weight stored e4m3 (K, N) with per-column scales (DQ axis=1, a zero point 0), the other a float
+    Gemm(transB=1) weight (N, K) quantized in the graph (Q → DQ axis=0) with a bias."""
+    import ml_dtypes
+
+    w = _randn(FP8_K, FP8_N, seed=1)
+    w_scale = (w.abs().amax(dim=0) / 448).numpy()
+    g = _randn(FP8_N, FP8_K, seed=2)
+    init = {
+        "w_q": (w.numpy() / w_scale).astype(ml_dtypes.float8_e4m3fn), "w_scale": w_scale,
+        "w_zero": np.zeros(FP8_N, ml_dtypes.float8_e4m3fn), "g": g.numpy(),
+        "g_scale": (g.abs().amax(dim=1) / 448).numpy(), "b": _randn(FP8_N, seed=3).numpy(),
+        "last": np.array([-1]), "fp8_max": np.array(448, np.float32), "min_scale": np.array(2.0**-24, np.float32),
+    }  # fmt: skip
+    fp8 = {"output_dtype": TensorProto.FLOAT8E4M3FN}
+    nodes = [
+        _node("Abs", ["x"], "abs"), _node("ReduceMax", ["abs", "last"], "amax", keepdims=1),
+        _node("Div", ["amax", "fp8_max"], "div"), _node("Clip", ["div", "min_scale"], "x_scale"),
+        _node("QuantizeLinear", ["x", "x_scale"], "x_q", axis=-1, block_size=FP8_K, **fp8),
+        _node("DequantizeLinear", ["x_q", "x_scale"], "x_dq", axis=-1, block_size=FP8_K),
+        _node("DequantizeLinear", ["w_q", "w_scale", "w_zero"], "w_dq", axis=1),
+        _node("MatMul", ["x_dq", "w_dq"], "y_stored"),
+        _node("QuantizeLinear", ["g", "g_scale"], "g_q", axis=0, **fp8),
+        _node("DequantizeLinear", ["g_q", "g_scale"], "g_dq", axis=0),
+        _node("Gemm", ["x_dq", "g_dq", "b"], "y_quantized", transB=1),
+    ]  # fmt: skip
+    return _model(nodes, {"x": (FLOAT, [3, FP8_K])}, ["x_q", "y_stored", "y_quantized"], init)
+
+
+def test_fp8_qdq_matches_onnxruntime_and_lowers_to_fp8_linear():
+    """float8e4m3fn Q/DQ become passforge's fp8 ops — exact: QuantizeLinear is ``x / s`` in fp32 with a
+    saturating round-to-nearest-even cast, DequantizeLinear one fp32 product, what quantize_fp8 / dequantize_fp8
+    compute — so the quantized activations match ONNX Runtime (1.32 runs fp8 Q/DQ on CPU) bit for bit and the
+    outputs within 1e-5 (MatMul's summation order). Weights are stored (N, K) with (N, 1) scales and the
+    activations keep their (3, 1) per-token scale, as quantize(scheme=fp8) writes them: fold-quant and
+    lower-quant read them as their own (both linears to fp8_linear)."""
+    from passforge.passes.base import Context
+    from passforge.passes.hooks import VerifyHook
+    from passforge.passes.manager import PassManager
+
+    model = _fp8_matmul_model()
+    x = _randn(3, FP8_K) * 3
+    x_q = _outputs(import_onnx(model, (x,), dynamic=False), x)[0]
+    want_q = _run_ort(model, x, fuse=False)[0]  # ORT's float8 reaches numpy as bytes
+    assert x_q.dtype == torch.float8_e4m3fn and torch.equal(x_q.view(torch.uint8), want_q.view(torch.uint8))
+    model.graph.output.remove(model.graph.output[0])  # VerifyHook compares float outputs only
+    gm = import_onnx(model, (x,), dynamic=False)
+    _assert_matches_ort(model, gm, x, fuse=False)
+    pf = torch.ops.passforge
+    assert (count_calls(gm, pf.quantize_fp8), count_calls(gm, pf.dequantize_fp8)) == (2, 3)
+    for dq in (n for n in gm.graph.nodes if n.target is pf.dequantize_fp8.default):
+        q, scale, dtype = (a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in dq.args)
+        assert dtype == torch.float32 and q.dtype == torch.float8_e4m3fn
+        assert (tuple(q.shape), tuple(scale.shape)) in {((FP8_N, FP8_K), (FP8_N, 1)), ((3, FP8_K), (3, 1))}
+    manager = PassManager.parse("fold-quant,lower-quant(guard=false)", hooks=[VerifyHook()])
+    result = manager.run(gm, Context(example_inputs=(x,)))
+    assert [r.status for r in result.records] == ["ok", "ok"]
+    assert count_calls(result.graph, pf.fp8_linear) == 2
 
 
 def test_unsupported_dequantized_weight_names_the_node():
@@ -877,6 +947,44 @@ def test_passforge_qdq_export_imports_back_to_its_fake_quant(llama_graph, tokens
 
 
 GROUP_CALLS = ("quantize_per_channel_group", "dequantize_per_channel_group")
+
+
+def _fp8_scales(gm: torch.fx.GraphModule) -> Counter[str]:
+    """dequantize_fp8 calls by the scale they read: a stored one (a weight's, (N, 1)) or one computed in the
+    graph (an activation's, per token)."""
+    dqs = (n for n in gm.graph.nodes if n.target is torch.ops.passforge.dequantize_fp8.default)
+    return Counter("weight" if dq.args[1].op == "get_attr" else "activation" for dq in dqs)
+
+
+@pytest.mark.parametrize("spec", ["quantize(scheme=fp8)", "quantize(scheme=fp8),fold-quant"])
+def test_passforge_fp8_export_imports_back_to_its_fake_quant(llama_graph, tokens, tmp_path, spec):
+    """export_onnx's float8e4m3fn form (weights ``[Q →] DQ(axis=1)`` on (K, N), e4m3 initializers after
+    fold-quant; activations Q → DQ blocked on the last axis, block_size K, per-token scales computed by abs →
+    amax → div → clamp_min) imports back to passforge's fp8 ops: weights (N, K) with (N, 1) scales, activations
+    with their (..., 1) scales, outputs within 1e-5 of the fake-quant graph's (measured 3e-7, logits of scale
+    0.55: the fp8 Q/DQ are the same ops on the same values, the float graph around them is reassociated by the
+    round trip; a flipped e4m3 step, 1/16 relative, would show as ~1e-3). Every weight Q/DQ comes back; the
+    activation ones come back once per distinct input — the export merges the identical quantizations of
+    q/k/v's shared input and of gate/up's (4 per layer instead of 7), and each is read by the same linears.
+    fold-quant,lower-quant(guard=false) then lowers all 14 linears to fp8_linear (VerifyHook checks its bounds)."""
+    from passforge.ir.onnx_export import export_onnx
+    from passforge.passes.base import Context
+    from passforge.passes.hooks import VerifyHook
+    from passforge.passes.manager import PassManager
+
+    fake_quant = PassManager.parse(spec).run(llama_graph, Context(example_inputs=(tokens,))).graph
+    imported = import_onnx(export_onnx(fake_quant, tmp_path / "fp8.onnx", (tokens,)), (tokens,), dynamic=False)
+    torch.testing.assert_close(_outputs(imported, tokens)[0], _outputs(fake_quant, tokens)[0], **FP32)
+    pf = torch.ops.passforge
+    weight_quantize = count_calls(fake_quant, pf.quantize_fp8) - count_calls(fake_quant, aten.clamp_min)
+    assert count_calls(imported, pf.quantize_fp8) - count_calls(imported, aten.clamp_min) == weight_quantize
+    assert _fp8_scales(fake_quant) == Counter(weight=2 * 7, activation=2 * 7)
+    assert _fp8_scales(imported) == Counter(weight=2 * 7, activation=2 * 4)
+    assert count_calls(imported, aten.clamp_min) == 2 * 4
+    manager = PassManager.parse("fold-quant,lower-quant(guard=false)", hooks=[VerifyHook()])
+    result = manager.run(imported, Context(example_inputs=(tokens,)))
+    assert [r.status for r in result.records] == ["ok", "ok"]
+    assert count_calls(result.graph, pf.fp8_linear) == 2 * 7
 
 
 @pytest.mark.parametrize("spec", ["quantize(scheme=w4,group_size=16)", "quantize(scheme=w4,group_size=16),fold-quant"])

@@ -317,3 +317,14 @@ def test_ctrl_c_in_the_closing_measurements_keeps_every_pass(llama_graph, tokens
     with pytest.raises(PipelineInterrupted, match="every pass completed, the closing measurements") as info:
         PassManager.parse("cleanup,cast", hooks=[SlowFinish()]).run(llama_graph, _ctx(tokens))
     assert [r.status for r in info.value.partial.records] == ["ok", "ok"]
+
+
+def test_output_scale_reads_float8_outputs():
+    """Tolerances are fractions of the largest output magnitude; a float8 output (an fp8 Q/DQ graph's
+    quantized activations) has no abs / max in torch, so it is read in fp32 — the largest magnitude over all
+    floating outputs, integers ignored."""
+    from passforge.passes.base import output_scale
+
+    fp8 = torch.tensor([0.5, -3.0, 2.0]).to(torch.float8_e4m3fn)
+    assert output_scale([fp8, torch.tensor([1.0, -2.5]), torch.tensor([100])]) == 3.0
+    assert output_scale([torch.tensor([7])]) == 1.0
