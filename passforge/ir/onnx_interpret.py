@@ -1023,7 +1023,8 @@ def _grouped_refusal(node: gs.Node, name: str | None, block: int, weight: Weight
     the block and even (two values per byte); otherwise the reason."""
     form = f"blocked quantization (block_size={block})" if block else f"{name} per tensor or per axis"
     if weight is None:
-        return f"{form} is read only on a constant MatMul/Gemm weight (activations are not); {QDQ_SUPPORTED}"
+        return (f"{form} is read only on a constant weight that a single MatMul/Gemm reads (not on activations, "
+                f"nor on a weight several nodes read); {QDQ_SUPPORTED}")
     if name not in GROUPED_TYPES:
         return f"{form} of {name} is not supported; {QDQ_SUPPORTED}"
     if not block:
@@ -1144,10 +1145,31 @@ def _widened(zero_points: Value) -> torch.Tensor:
     return zero_points.to(torch.int32)
 
 
+def _dequantize_wide(
+    x: torch.Tensor, scale: Value, zero_point: Value, axis: int | None, out_dtype: torch.dtype
+) -> torch.Tensor:
+    """int16 / uint16 / int32 as ONNX Runtime computes them: ``float32(q - z) * float32(s)``, then the output
+    type. torch's Q/DQ ops convert q to the output type before subtracting, which rounds 16-bit values in
+    float16 / bfloat16 and int32 values beyond 2^24 in float32, and cannot subtract an int32 zero point from
+    uint16; lower-quant lowers none of these types, so plain ATen arithmetic loses nothing."""
+    shape = [1] * x.dim()
+    if axis is not None:
+        shape[axis] = -1
+
+    def along_axis(value: Value) -> torch.Tensor:
+        return as_tensor(value).reshape(shape if axis is not None else ())
+
+    difference = x.to(torch.int64)
+    if zero_point is not None:
+        difference = difference - along_axis(zero_point).to(torch.int64)
+    return (difference.to(torch.float32) * along_axis(scale).to(torch.float32)).to(out_dtype)
+
+
 @_op("DequantizeLinear")
 def _dequantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value = None) -> torch.Tensor:
     """``(x - zero_point) * scale`` in the scale's float type (or ``output_dtype``), as
-    ``dequantize_per_tensor`` or ``dequantize_per_channel``: exact, the same products ONNX Runtime computes.
+    ``dequantize_per_tensor`` or ``dequantize_per_channel`` for int8 / uint8: exact, the same products ONNX
+    Runtime computes (wider integers: :func:`_dequantize_wide`).
     A constant all-zero zero point arrives dropped (see ``_record``): symmetric weights then read as
     passforge's quantize writes them, ``dequantize_per_channel(q, s, None, 0, ...)``. float8e4m3fn:
     ``passforge::dequantize_fp8(q, s, dtype)``, ``q * s`` in float32 (exact), then cast to ``dtype``."""
@@ -1159,6 +1181,8 @@ def _dequantize_linear(node: OnnxNode, x: Value, scale: Value, zero_point: Value
     _check_unblocked(node)
     quant_min, quant_max = _qdq_range(node, x.dtype)
     axis = _qdq_axis(node, x, scale)
+    if x.dtype not in (torch.int8, torch.uint8):
+        return _dequantize_wide(x, scale, zero_point, axis, out_dtype)
     if axis is None:
         scale, zero_point = _tensor_qparams(scale, zero_point)
         per_tensor = qd.dequantize_per_tensor.default if isinstance(scale, float) else qd.dequantize_per_tensor.tensor

@@ -590,16 +590,42 @@ def test_qdq_forms_match_onnxruntime():
     assert count_calls(gm, aten.linear.default) == 2
 
 
+def test_wide_integer_dequantize_matches_onnxruntime():
+    """int16 / uint16 / int32 DequantizeLinear as ONNX Runtime computes it, float32(q - z) * s, then the output
+    type: uint16 per axis (torch cannot subtract an int32 zero point from uint16), int16 with a float16 scale
+    (torch's op converts q to float16 first: 30001 would round to 30000) and int32 past 2^24 with a zero point
+    (float32 would round q first). Exact integers in, so the outputs must equal ONNX Runtime's."""
+    init = {
+        "u16": np.array([[1, 40000, 65535, 7]], np.uint16), "u16_scale": np.array([1e-3] * 4, np.float32),
+        "u16_zero": np.array([30000, 1, 65000, 5], np.uint16),
+        "i16": np.array([30001, -30001, 2049, 12345], np.int16), "half_scale": np.array(0.5, np.float16),
+        "i16_zero": np.array(3, np.int16),
+        "i32": np.array([2**24 + 1, -(2**24) - 3, 5], np.int32), "i32_scale": np.array(1.0, np.float32),
+        "i32_zero": np.array(1, np.int32),
+    }  # fmt: skip
+    nodes = [
+        _node("DequantizeLinear", ["u16", "u16_scale", "u16_zero"], "U16Axis", axis=1),
+        _node("DequantizeLinear", ["i16", "half_scale", "i16_zero"], "I16Half"),
+        _node("DequantizeLinear", ["i32", "i32_scale", "i32_zero"], "I32Wide"),
+        _node("Identity", ["x"], "X"),
+    ]
+    model = _model(nodes, {"x": (FLOAT, [1])}, ["U16Axis", "I16Half", "I32Wide", "X"], init)
+    x = torch.zeros(1)
+    expected, actual = _run_ort(model, x, fuse=False), _outputs(import_onnx(model, (x,), dynamic=False), x)
+    for want, got in zip(expected, actual):
+        assert got.dtype == want.dtype and torch.equal(got, want), (got, want)
+
+
 @pytest.mark.parametrize(
     ("quantize", "attrs", "message"),
     [(["x", "block_scale", "block_zero"], {"axis": 1, "block_size": 2},
-      "blocked quantization \\(block_size=2\\) is read only on a constant MatMul/Gemm weight"),
+      "blocked quantization \\(block_size=2\\) is read only on a constant weight that a single MatMul/Gemm reads"),
      (["x", "scale", "e5m2_zero"], {}, "quantizes to float8_e5m2"),
      (["x", "scale", "fp8_one"], {}, "a float8 zero point other than a constant 0 \\('fp8_one'\\)"),
      (["x", "block_scale"], {"axis": 1, "block_size": 2, "output_dtype": TensorProto.FLOAT8E4M3FN},
       "float8 blocks of 2 along axis 1 of an input of shape \\[2, 4\\] .* only along the last axis with block_size "
       "the whole row"),
-     (["x", "scale", "int4_zero"], {}, "int4 per tensor or per axis is read only on a constant MatMul/Gemm weight"),
+     (["x", "scale", "int4_zero"], {}, "int4 per tensor or per axis is read only on a constant weight that a single"),
      (["x", "scale"], {"output_dtype": TensorProto.UINT4}, "uint4 per tensor or per axis is read only on a constant")],
 )  # fmt: skip
 def test_unsupported_qdq_names_the_node(quantize, attrs, message):
