@@ -982,6 +982,11 @@ def _quantized_type_name(node: gs.Node) -> str | None:
     return onnx.helper.tensor_dtype_to_np_dtype(declared).name if declared else "uint8"
 
 
+def _integer_types(op: str) -> dict[str, torch.dtype]:
+    """The integer types ``op`` may quantize to (QuantizeLinear) or read (DequantizeLinear: int32 too)."""
+    return {**QUANTIZED_TYPES, **(DEQUANTIZED_ONLY_TYPES if op == "DequantizeLinear" else {})}
+
+
 def _unsupported_type(op: str, name: str) -> str:
     return f"{'quantizes to' if op == 'QuantizeLinear' else 'dequantizes'} {name}; {QDQ_SUPPORTED}"
 
@@ -998,8 +1003,7 @@ def qdq_refusal(node: gs.Node, weight: WeightRead | None = None) -> str | None:
         return _fp8_refusal(node, name)
     if block or name in GROUPED_TYPES:
         return _grouped_refusal(node, name, block, weight)
-    allowed = {**QUANTIZED_TYPES, **(DEQUANTIZED_ONLY_TYPES if node.op == "DequantizeLinear" else {})}
-    return None if name is None or name in allowed else _unsupported_type(node.op, name)
+    return None if name is None or name in _integer_types(node.op) else _unsupported_type(node.op, name)
 
 
 def _fp8_refusal(node: gs.Node, name: str) -> str | None:
@@ -1052,11 +1056,17 @@ def _qdq_range(node: OnnxNode, dtype: torch.dtype) -> tuple[int, int]:
     """``(quant_min, quant_max)`` of an integer type the node may use (checked again on the traced values: a
     type shape inference did not know is known now)."""
     name = str(dtype).removeprefix("torch.")
-    allowed = {**QUANTIZED_TYPES, **(DEQUANTIZED_ONLY_TYPES if node.op == "DequantizeLinear" else {})}
-    if name not in allowed:
+    if name not in _integer_types(node.op):
         raise node.fail(_unsupported_type(node.op, name))
     info = torch.iinfo(dtype)
     return info.min, info.max
+
+
+def _along_axis(value: Value, axis: int | None, rank: int) -> torch.Tensor:
+    """A qparam shaped to broadcast against a rank-``rank`` input: per tensor 0-d, per axis its 1-D values
+    along ``axis``."""
+    tensor = as_tensor(value)
+    return tensor.reshape(()) if axis is None else tensor.reshape([-1 if d == axis else 1 for d in range(rank)])
 
 
 def _fp8_scale(node: OnnxNode, x: torch.Tensor, scale: Value) -> torch.Tensor:
@@ -1067,10 +1077,7 @@ def _fp8_scale(node: OnnxNode, x: torch.Tensor, scale: Value) -> torch.Tensor:
     per-output-channel scales)."""
     block = node.attr("block_size", 0)
     if not block:
-        axis = _qdq_axis(node, x, scale)
-        if axis is None:
-            return as_tensor(scale).reshape(())
-        return scale.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+        return _along_axis(scale, _qdq_axis(node, x, scale), x.dim())
     scale = as_tensor(scale)
     row = (*x.shape[:-1], 1)
     if _axis(node.attr("axis", 1), x.dim()) != x.dim() - 1 or block != x.shape[-1] or tuple(scale.shape) != row:
@@ -1152,17 +1159,10 @@ def _dequantize_wide(
     type. torch's Q/DQ ops convert q to the output type before subtracting, which rounds 16-bit values in
     float16 / bfloat16 and int32 values beyond 2^24 in float32, and cannot subtract an int32 zero point from
     uint16; lower-quant lowers none of these types, so plain ATen arithmetic loses nothing."""
-    shape = [1] * x.dim()
-    if axis is not None:
-        shape[axis] = -1
-
-    def along_axis(value: Value) -> torch.Tensor:
-        return as_tensor(value).reshape(shape if axis is not None else ())
-
     difference = x.to(torch.int64)
     if zero_point is not None:
-        difference = difference - along_axis(zero_point).to(torch.int64)
-    return (difference.to(torch.float32) * along_axis(scale).to(torch.float32)).to(out_dtype)
+        difference = difference - _along_axis(zero_point, axis, x.dim()).to(torch.int64)
+    return (difference.to(torch.float32) * _along_axis(scale, axis, x.dim()).to(torch.float32)).to(out_dtype)
 
 
 @_op("DequantizeLinear")
@@ -1373,11 +1373,12 @@ class OnnxModule(nn.Module):
         skipped: set[int] = set()
         plan: list[OnnxNode] = []
         reads = weight_reads(graph, consumers)
+        read_by_step = {id(step): read for read in reads.values() for step in read.chain}
         for node in graph.nodes:
-            if (refusal := qdq_refusal(node, reads.get(id(node)))) is not None:  # before its constants are read
+            if (refusal := qdq_refusal(node, read_by_step.get(id(node)))) is not None:  # before constants are read
                 raise _record(node).fail(refusal)
             if id(node) not in skipped:
-                plan.append(self._as_linear(node, consumers, graph, skipped, plan) or _record(node))
+                plan.append(self._as_linear(node, consumers, graph, skipped, plan, reads) or _record(node))
         used = {name for node in plan for name in node.inputs if name} | set(self._output_names)
         self._plan = [replace(node, wanted=tuple(name in used for name in node.outputs)) for node in plan]
         quantized = _quantized_data(self._plan)
@@ -1419,8 +1420,9 @@ class OnnxModule(nn.Module):
         graph: gs.Graph,
         skipped: set[int],
         plan: list[OnnxNode],
+        reads: Mapping[int, WeightRead],
     ) -> OnnxNode | None:
-        """MatMul/Gemm by a constant 2-D weight, or a dequantized one (:func:`dequantized_weight`), as
+        """MatMul/Gemm by a constant 2-D weight, or a dequantized one (``reads``: :func:`weight_reads`), as
         ``F.linear`` with the weight stored (out, in), and a following bias Add folded in (see the module
         docstring); None when the node is not one. A ``Transpose`` feeding only this node is dropped from
         ``plan``, a dequantized weight's Q/DQ records are re-planned, an Add folded in goes to ``skipped``."""
@@ -1434,7 +1436,7 @@ class OnnxModule(nn.Module):
         producer = b.inputs[0] if isinstance(b, gs.Variable) and len(b.inputs) == 1 else None
         if transposes_constant(producer) and len(consumers.get(b.name, [])) == 1 and b not in graph.outputs:
             source, transpose, stored_out_in = producer.inputs[0], producer, not stored_out_in
-        chain = dequantized_weight(b, consumers, graph) if transpose is None else []
+        chain = reads[id(node)].chain if transpose is None and id(node) in reads else []
         source = chain[0].inputs[0] if chain else source
         if not isinstance(source, gs.Constant) or source.values.ndim != 2:
             return None
@@ -1463,10 +1465,8 @@ class OnnxModule(nn.Module):
             stored_name = f"{self._scopes[node.name]}.weight"  # lm_head.weight, not the exporter's val_632
         if chain:
             weight_key = self._dequantize_out_in(chain, weight, stored_out_in, stored_name, plan)
-        elif stored_out_in:
-            weight_key = self._add_tensor(source.name, weight, name=stored_name)
         else:
-            weight_key = self._add_tensor(f"{source.name}::T", weight.t().contiguous(), name=stored_name)
+            weight_key = self._add_out_in(source.name, weight, stored_out_in, stored_name)
         bias_key = ""
         if bias is not None:
             flat = to_torch(bias.values)
@@ -1494,9 +1494,7 @@ class OnnxModule(nn.Module):
         if chain[-1].attrs.get("block_size", 0):
             return self._group_out_in(chain, weight, stored_out_in, stored_name, plan)
         source = chain[0].inputs[0]
-        key = source.name if stored_out_in else f"{source.name}::T"
-        out_in = weight if stored_out_in else weight.t().contiguous()
-        self._add_tensor(key, out_in, name=stored_name)
+        key = self._add_out_in(source.name, weight, stored_out_in, stored_name)
         fp8 = _quantized_type_name(chain[0]) == FP8
         replanned = {}
         for step in chain:
@@ -1510,7 +1508,7 @@ class OnnxModule(nn.Module):
                 rows = self._add_tensor(f"{scale.name}::rows", to_torch(scale.values).reshape(-1, 1),
                                         name=f"{stored_name}_scale")  # fmt: skip
                 inputs = (inputs[0], rows, *inputs[2:])
-                attrs.update(axis=1, block_size=out_in.shape[1])
+                attrs.update(axis=1, block_size=weight.shape[1 if stored_out_in else 0])  # K
             replanned[record.outputs] = replace(record, inputs=inputs, attrs=attrs)
         plan[:] = [replanned.get(n.outputs, n) for n in plan]
         return chain[-1].outputs[0].name
@@ -1542,9 +1540,7 @@ class OnnxModule(nn.Module):
             nibbles = out_in((weight.to(torch.int16) + shift).to(torch.uint8))
             key = self._add_tensor(f"{source.name}::int4", pack_int4(nibbles), name=stored_name)
         else:
-            key = self._add_tensor(
-                source.name if stored_out_in else f"{source.name}::T", out_in(weight), name=stored_name
-            )
+            key = self._add_out_in(source.name, weight, stored_out_in, stored_name)
         replanned = {}
         for step in chain:
             scale, zero = step.inputs[1], step.inputs[2] if len(step.inputs) > 2 and step.inputs[2].name else None
@@ -1565,6 +1561,13 @@ class OnnxModule(nn.Module):
                                                     inputs=(q, scale_key, zero_key), attrs=attrs)  # fmt: skip
         plan[:] = [replanned.get(n.outputs, n) for n in plan]
         return chain[-1].outputs[0].name
+
+    def _add_out_in(self, key: str, weight: torch.Tensor, stored_out_in: bool, name: str) -> str:
+        """Register a linear's 2-D weight (out, in): as it is when the file stores it so, else transposed under
+        ``key::T``; returns the key forward reads it under."""
+        if stored_out_in:
+            return self._add_tensor(key, weight, name=name)
+        return self._add_tensor(f"{key}::T", weight.t().contiguous(), name=name)
 
     def _add_tensor(self, key: str, value: torch.Tensor, *, name: str | None = None) -> str:
         """Register ``value`` once under ``key`` (in forward's environment), stored as ``name`` (default:
@@ -1663,16 +1666,19 @@ def dequantized_weight(value: gs.Tensor, consumers: Mapping[str, list[gs.Node]],
 
 
 class WeightRead(NamedTuple):
-    """A MatMul/Gemm reading a dequantized constant weight: the constant and the axis of its input dim K."""
+    """A MatMul/Gemm reading a dequantized constant weight: its ``[Q →] DQ`` chain, the constant, and the axis
+    of its input dim K."""
 
     linear: gs.Node
+    chain: list[gs.Node]
     source: gs.Constant
     k_axis: int
 
 
 def weight_reads(graph: gs.Graph, consumers: Mapping[str, list[gs.Node]]) -> dict[int, WeightRead]:
-    """``{id(Q or DQ node): WeightRead}`` for every step of a :func:`dequantized_weight` chain that a MatMul or
-    Gemm reads as its weight: the steps where :func:`qdq_refusal` accepts blocked 4-bit forms."""
+    """``{id(MatMul or Gemm): WeightRead}`` for every one that reads a :func:`dequantized_weight` as its weight,
+    found once for the planner: the chains ``_as_linear`` stores (out, in), and the steps where
+    :func:`qdq_refusal` accepts blocked 4-bit forms."""
     reads: dict[int, WeightRead] = {}
     for node in graph.nodes:
         if node.op not in ("MatMul", "Gemm") or normalize_domain(node.domain) or len(node.inputs) < 2:
@@ -1680,7 +1686,7 @@ def weight_reads(graph: gs.Graph, consumers: Mapping[str, list[gs.Node]]) -> dic
         chain = dequantized_weight(node.inputs[1], consumers, graph)
         if chain:
             k_axis = int(node.op == "Gemm" and bool(node.attrs.get("transB", 0)))
-            reads.update((id(step), WeightRead(node, chain[0].inputs[0], k_axis)) for step in chain)
+            reads[id(node)] = WeightRead(node, chain, chain[0].inputs[0], k_axis)
     return reads
 
 

@@ -48,7 +48,7 @@ def why_not() -> str | None:
     """Why :func:`keep_freed_memory` leaves malloc alone in this process, or None when it acts."""
     if not enabled_by_environment():
         return f"{ENV_SWITCH}=0"
-    if not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"):
+    if not _on_glibc():
         return "not Linux with glibc (preload jemalloc or tcmalloc for the same effect)"
     tuned = [name for name in _USER_MALLOC_ENV if name in os.environ]
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
@@ -63,6 +63,7 @@ def why_not() -> str | None:
     return None
 
 
+@functools.cache
 def _libc() -> ctypes.CDLL | None:
     try:
         return ctypes.CDLL("libc.so.6")
@@ -99,5 +100,9 @@ def keep_freed_memory() -> bool:
 def release_freed_memory() -> bool:
     """Hand the free pages of glibc's heaps back to the system (``malloc_trim(0)``), e.g. after a burst of
     long prompts in a process that keeps freed memory. Returns whether any memory was released."""
-    libc = _libc() if platform.libc_ver()[0] == "glibc" else None
+    libc = _libc() if _on_glibc() else None
     return bool(libc is not None and libc.malloc_trim(0))
+
+
+def _on_glibc() -> bool:
+    return sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"

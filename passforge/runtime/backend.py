@@ -548,8 +548,7 @@ class CompiledGraph:
             graph = self._optimize(tuple(user))
             self._save_cached(graph, user)
         self.graph = graph
-        devices = {t.device.type for t in user} | {t.device.type for _, t in tensor_attrs(graph)}
-        if self.opts.keep_freed_memory and devices == {"cpu"}:
+        if self.opts.keep_freed_memory and _all_on_cpu(graph, user):
             keep_freed_memory()
         if self.opts.inductor and self.dynamic_dims:
             self.runnable = _inductor_runner(graph)
@@ -637,6 +636,11 @@ def _donate_updates(graph: fx.GraphModule, count: int) -> fx.GraphModule:
         return graph
     donated.recompile()
     return donated
+
+
+def _all_on_cpu(graph: fx.GraphModule, user: list[torch.Tensor]) -> bool:
+    """Whether the graph's inputs and weights are all on the CPU (and it has some)."""
+    return ({t.device.type for t in user} | {t.device.type for _, t in tensor_attrs(graph)}) == {"cpu"}
 
 
 def _run_graph(graph: Callable[..., Sequence[torch.Tensor]], inputs: list[torch.Tensor]) -> Sequence[torch.Tensor]:
